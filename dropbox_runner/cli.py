@@ -1,0 +1,315 @@
+"""The `dropbox-runner` command line (CONTRACT.md section 5).
+
+Core code raises RunnerError; only this module turns errors into one sentence and an exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import importlib.util
+import json
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from dropbox_runner.config import EngineKind, ModelConfig, is_embedded_path, load_registry, resolve_model_path
+from dropbox_runner.errors import RunnerError
+from dropbox_runner.fsutil import fsync_dir, write_json
+from dropbox_runner.layout import Layout, resolve_root
+
+EXIT_FAILURE = 1
+
+
+def root_option(f: Callable) -> Callable:
+    @click.option("--root", "root", type=click.Path(file_okay=False), default=None,
+                  help="The root folder (default: $DROPBOX_RUNNER_ROOT, else the current directory).")
+    @click.option("--debug", is_flag=True, help="Show tracebacks.")
+    @functools.wraps(f)
+    def wrapper(root: str | None, debug: bool, **kwargs: Any) -> Any:
+        layout = Layout(resolve_root(root))
+        try:
+            return f(layout, **kwargs)
+        except RunnerError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+        except OSError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc.strerror or exc} ({exc.filename or ''}).", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dropbox-runner")
+def main() -> None:
+    """A crash-safe batch runner around vLLM, driven by folders.
+
+    Drop OpenAI Batch JSONL files into inbox/<model>/; results appear in outbox/<name>/.
+    """
+
+
+def starter_yaml() -> str:
+    return importlib.resources.files("dropbox_runner").joinpath("models.default.yaml").read_text("utf-8")
+
+
+@main.command()
+@root_option
+def init(layout: Layout) -> None:
+    """Make the folder layout and a starter models.yaml (never overwrites)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if layout.models_yaml.exists():
+        click.echo(f"{layout.models_yaml} exists; left as it is.")
+    else:
+        layout.models_yaml.write_text(starter_yaml(), encoding="utf-8")
+        click.echo(f"wrote {layout.models_yaml}")
+    registry = load_registry(layout.root)
+    layout.make(list(registry.models))
+    click.echo(f"ready: drop files into {layout.inbox}/<model>/ ({', '.join(registry.models)})")
+
+
+@main.command()
+@root_option
+@click.option("--once", is_flag=True, help="Process what the inbox and queue hold, then exit 0.")
+@click.option("--poll", is_flag=True, help="Poll the inbox instead of using inotify.")
+@click.option("--poll-interval", type=click.FloatRange(min=0.05), default=None, help="Seconds between polls.")
+@click.option("--settle", type=click.FloatRange(min=0), default=None,
+              help="Seconds a file must stay unchanged before it is taken (settle_seconds).")
+def run(layout: Layout, once: bool, poll: bool, poll_interval: float | None, settle: float | None) -> None:
+    """Run the daemon: take drops, run them model by model, publish results."""
+    from dropbox_runner.daemon import Daemon, setup_logging
+
+    registry = load_registry(layout.root)
+    if poll:
+        registry.settings.poll = True
+    if poll_interval is not None:
+        registry.settings.poll_interval = poll_interval
+    if settle is not None:
+        registry.settings.settle_seconds = settle
+    layout.state.mkdir(parents=True, exist_ok=True)
+    setup_logging(layout)
+    sys.exit(Daemon(layout, registry, once=once).run())
+
+
+@main.command()
+@root_option
+@click.argument("ref", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable document.")
+@click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
+@click.option("--all", "show_all", is_flag=True, help="Show every finished job, not only the recent ones.")
+def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all: bool) -> None:
+    """Every job with its models, progress, tokens/s and ETA; with NAME|ID, one job in detail."""
+    from dropbox_runner import status as st
+    from dropbox_runner.journal import Journal
+
+    journal = Journal(layout)
+
+    def render() -> str:
+        if ref:
+            spec = journal.find(ref)
+            job = st.job_view(journal, spec.id, time.time())
+            return orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(journal, job)
+        doc = st.collect(layout, show_all=show_all)
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_table(doc, bars=watch)
+
+    if not watch:
+        click.echo(render())
+        return
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            text = render()
+            if tty:
+                click.echo("\x1b[H\x1b[2J" + text, nl=True)
+            else:
+                click.echo(text + "\n")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@root_option
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model", default=None, help="Run every line with this model.")
+@click.option("--models", "models", default=None, help="Run every line with each of these models (a,b).")
+@click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
+def submit(layout: Layout, files: tuple[Path, ...], model: str | None, models: str | None,
+           priority: int | None) -> None:
+    """Put files into the inbox safely: manifest first, then the file under a hidden name, then a rename."""
+    if bool(model) == bool(models):
+        raise click.UsageError("give exactly one of --model M or --models A,B.")
+    registry = load_registry(layout.root)
+    names = [model] if model else [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in registry.models]
+    if unknown:
+        raise RunnerError(f"unknown model {unknown[0]!r}; known models: {', '.join(registry.models)}.")
+    layout.make(list(registry.models))
+    for src in files:
+        folder = layout.inbox / model if model else layout.inbox
+        stem = src.name[: -len(".jsonl")] if src.name.endswith(".jsonl") else src.stem
+        stem = _free_stem(folder, stem.lstrip(".") or "batch")
+        if models or priority is not None:
+            manifest: dict[str, Any] = {"priority": priority or 0}
+            if models:
+                manifest["models"] = names
+            write_json(folder / f"{stem}.manifest.json", manifest)
+        hidden = folder / f".{stem}.jsonl.submit"
+        with open(src, "rb") as fin, open(hidden, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.rename(hidden, folder / f"{stem}.jsonl")
+        fsync_dir(folder)
+        click.echo(f"submitted {src} as {(folder / (stem + '.jsonl')).relative_to(layout.root)} for "
+                   f"{', '.join(names)}; results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)")
+
+
+def _free_stem(folder: Path, stem: str) -> str:
+    candidate, n = stem, 1
+    while (folder / f"{candidate}.jsonl").exists() or (folder / f"{candidate}.manifest.json").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def _job_operation(layout: Layout, ref: str, op: str) -> None:
+    from dropbox_runner import control
+    from dropbox_runner.daemon import acquire_root
+    from dropbox_runner.errors import LockHeld
+    from dropbox_runner.journal import Journal
+
+    journal = Journal(layout)
+    spec = journal.find(ref)
+    try:
+        lock = acquire_root(layout)
+    except LockHeld:
+        control.request(journal, op, spec.id)
+        click.echo(f"{op} of {spec.name} ({spec.id}) requested; the running daemon carries it out.")
+        return
+    try:
+        if op == "cancel":
+            models = control.cancel_queued(journal, spec, None)
+            click.echo(f"cancelled {spec.name} ({spec.id}): {', '.join(models) or 'nothing was left to run'}.")
+        else:
+            if not all(t.status.final for t in journal.tasks(spec)):
+                raise RunnerError(f"{spec.name} is not finished yet; retry it once it is.")
+            models = control.retry(journal, spec)
+            click.echo(f"retry of {spec.name} ({spec.id}): "
+                       f"{'failed lines of ' + ', '.join(models) + ' queued' if models else 'no line had failed'}.")
+    finally:
+        lock.release()
+
+
+@main.command()
+@root_option
+@click.argument("ref")
+def cancel(layout: Layout, ref: str) -> None:
+    """Cancel a job: what is done is published, the rest fails as batch_cancelled."""
+    _job_operation(layout, ref, "cancel")
+
+
+@main.command()
+@root_option
+@click.argument("ref")
+def retry(layout: Layout, ref: str) -> None:
+    """Re-run only the failed lines of a finished job, then republish."""
+    _job_operation(layout, ref, "retry")
+
+
+def safetensors_bytes(folder: Path) -> int:
+    """Weight bytes from the safetensors headers, without loading them."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
+    """A sentence saying why this entry cannot load, or None."""
+    if model.engine == EngineKind.ECHO:
+        return None
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'dropbox-runner[cpu]' or '[cuda]')"
+    path = resolve_model_path(layout.root, model)
+    if path is None:
+        return f"the package of {model.path!r} is not installed"
+    if not path.startswith("/"):
+        return None  # a hub id: checked when it loads
+    folder = Path(path)
+    if not folder.exists():
+        return None if is_embedded_path(layout.root, model.path) else f"{folder} does not exist"
+    if not (folder / "config.json").exists():
+        return f"{folder} has no config.json"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return f"{folder} has no weights (*.safetensors)"
+    return None
+
+
+@main.command()
+@root_option
+@click.option("--check", is_flag=True, help="Verify each entry without loading it.")
+def models(layout: Layout, check: bool) -> None:
+    """List the models of models.yaml."""
+    registry = load_registry(layout.root)
+    failed = 0
+    for name, m in registry.models.items():
+        line = f"{name:<20} engine={m.engine.value:<5} task={m.task.value:<8} path={m.path or '-'}"
+        if check:
+            problem = check_model(layout, name, m)
+            if problem:
+                failed += 1
+                line += f"  FAIL: {problem}"
+            else:
+                resolved = resolve_model_path(layout.root, m)
+                size = safetensors_bytes(Path(resolved)) if resolved and Path(resolved).is_dir() else 0
+                line += f"  ok{f' ({size / 2**20:.1f} MiB of weights)' if size else ''}"
+        click.echo(line)
+    if failed:
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@root_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def validate(layout: Layout, file: Path) -> None:
+    """Check a JSONL file offline: one line per problem; exit 1 if any."""
+    from dropbox_runner.requests import IdSet, LineError, iter_raw_lines, parse_line
+
+    problems = total = 0
+    seen = IdSet()
+    with open(file, "rb") as f:
+        for raw in iter_raw_lines(f):
+            total += 1
+            if raw.data is not None:
+                try:
+                    raw.data.decode("utf-8")
+                except UnicodeDecodeError:
+                    click.echo(f"line {raw.line}: not UTF-8 text")
+                    problems += 1
+                    continue
+            result = parse_line(raw, seen)
+            if isinstance(result, LineError):
+                problems += 1
+                click.echo(f"line {result.line}: {result.message}")
+    if total == 0:
+        click.echo("the file has no request line")
+        problems += 1
+    click.echo(f"{total} lines, {total - problems} valid, {problems} problems")
+    if problems:
+        sys.exit(EXIT_FAILURE)

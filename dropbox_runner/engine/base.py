@@ -1,0 +1,97 @@
+"""The interface every engine offers the model process: submit requests, step, collect finished ones.
+
+An engine never blocks on a full window: the worker keeps at most `capacity` requests in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dropbox_runner.requests import Request
+
+
+@dataclass(slots=True)
+class Finished:
+    index: int
+    custom_id: str
+    status_code: int  # 200, or 4xx/5xx with `error`
+    body: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # {"message", "param", "type", "code"}
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestRejected(Exception):
+    """The request cannot run on this model: a 400 naming the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Engine(Protocol):
+    model_name: str
+    capacity: int
+
+    def submit(self, req: Request) -> None: ...
+
+    def step(self) -> list[Finished]: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def abort_all(self) -> None: ...
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [
+            {"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+             "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+            for c in choices
+        ],
+        "usage": usage(pt, ct),
+    }
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [
+            {"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
+             "finish_reason": c["finish_reason"]}
+            for c in choices
+        ],
+        "usage": usage(pt, ct),
+    }
+
+
+def embedding_body(model: str, vectors: list[list[float]], pt: int) -> dict[str, Any]:
+    return {
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": pt, "total_tokens": pt},
+    }
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content: a string, or the text parts of a list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def requested_max_tokens(body: dict[str, Any]) -> int | None:
+    return body.get("max_completion_tokens") or body.get("max_tokens")

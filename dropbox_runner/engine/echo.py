@@ -1,0 +1,111 @@
+"""The echo engine: no model, a deterministic reply derived from the request, for tests and dry runs.
+
+The reply is "echo: " + the last user text, one token per word, cut at `max_tokens` and `stop`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import signal
+import time
+from hashlib import blake2b
+from typing import Any
+
+from dropbox_runner.engine.base import (
+    Finished,
+    chat_body,
+    completion_body,
+    embedding_body,
+    message_text,
+    requested_max_tokens,
+)
+from dropbox_runner.requests import Request
+
+DEFAULT_MAX_TOKENS = 16
+EMBED_DIM = 8
+
+
+def echo_reply(text: str, body: dict[str, Any]) -> tuple[str, int, str]:
+    """(reply, completion tokens, finish_reason) for a prompt text and a request body."""
+    words = ("echo: " + text).split()
+    limit = requested_max_tokens(body) or DEFAULT_MAX_TOKENS
+    finish = "length" if len(words) > limit else "stop"
+    reply = " ".join(words[:limit])
+    stops = body.get("stop")
+    for s in [stops] if isinstance(stops, str) else stops or []:
+        if s and s in reply:
+            reply, finish = reply[: reply.index(s)], "stop"
+    return reply, len(reply.split()), finish
+
+
+def echo_embedding(text: str) -> list[float]:
+    raw = blake2b(text.encode(), digest_size=EMBED_DIM).digest()
+    vec = [b - 127.5 for b in raw]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [round(v / norm, 6) for v in vec]
+
+
+class EchoEngine:
+    def __init__(self, model_name: str, engine_args: dict[str, Any]) -> None:
+        self.model_name = model_name
+        self.delay = float(engine_args.get("delay_ms", 0)) / 1000
+        self.capacity = int(engine_args.get("max_in_flight", 256))
+        self.crash_on = engine_args.get("crash_on")
+        self._due: list[tuple[float, int, Finished]] = []
+        self._seq = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._due)
+
+    def submit(self, req: Request) -> None:
+        finished = self._answer(req)
+        self._seq += 1
+        heapq.heappush(self._due, (time.monotonic() + self.delay, self._seq, finished))
+
+    def _answer(self, req: Request) -> Finished:
+        body = req.body
+        if req.kind == "embedding":
+            inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
+            self._maybe_crash(" ".join(inputs))
+            pt = sum(len(t.split()) for t in inputs)
+            out = embedding_body(self.model_name, [echo_embedding(t) for t in inputs], pt)
+            return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt)
+        if req.kind == "chat":
+            messages = body["messages"]
+            text = next((message_text(m.get("content")) for m in reversed(messages) if m["role"] == "user"), "")
+            pt = sum(len(message_text(m.get("content")).split()) for m in messages)
+        else:
+            prompt = body["prompt"]
+            text = prompt if isinstance(prompt, str) else " ".join(prompt)
+            pt = len(text.split())
+        self._maybe_crash(text)
+        reply, ct, finish = echo_reply(text, body)
+        n = body.get("n") or 1
+        choices = [{"index": i, "text": reply, "finish_reason": finish} for i in range(n)]
+        make = chat_body if req.kind == "chat" else completion_body
+        out = make(f"{req.index}", self.model_name, choices, pt, ct * n)
+        return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt, completion_tokens=ct * n)
+
+    def _maybe_crash(self, text: str) -> None:
+        # Test hook: imitate a request that kills the model process (a CUDA fault, an OOM kill).
+        if self.crash_on and self.crash_on in text:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def step(self) -> list[Finished]:
+        if not self._due:
+            return []
+        now = time.monotonic()
+        wait = self._due[0][0] - now
+        if wait > 0:
+            time.sleep(min(wait, 0.05))
+            now = time.monotonic()
+        done = []
+        while self._due and self._due[0][0] <= now:
+            done.append(heapq.heappop(self._due)[2])
+        return done
+
+    def abort_all(self) -> None:
+        self._due.clear()

@@ -1,0 +1,233 @@
+"""The vLLM engine: one LLM per model process, fed request by request through add_request/step.
+
+Maps each line's body to SamplingParams (or PoolingParams for embeddings) and answers with
+OpenAI bodies; a request vLLM refuses fails alone with a 400.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dropbox_runner.engine.base import (
+    Finished,
+    RequestRejected,
+    chat_body,
+    completion_body,
+    embedding_body,
+    requested_max_tokens,
+)
+from dropbox_runner.requests import Request
+
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "stop_token_ids", "bad_words", "allowed_token_ids", "truncate_prompt_tokens",
+)
+
+
+@dataclass
+class _Pending:
+    req: Request
+    parts: int
+    prompt_tokens: int
+    results: dict[int, Any] = field(default_factory=dict)
+
+
+class VllmEngine:
+    def __init__(self, model_name: str, path: str, task: str, engine_args: dict[str, Any]) -> None:
+        from vllm import LLM
+
+        self.model_name = model_name
+        self.task = task
+        args = dict(engine_args)
+        if task == "embed":
+            args.setdefault("runner", "pooling")
+        self.llm = LLM(model=path, **args)
+        self.engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        config = self.engine.vllm_config
+        self.max_model_len = config.model_config.max_model_len
+        # Two full batches in flight: one running, one waiting, so the scheduler never starves.
+        self.capacity = 2 * config.scheduler_config.max_num_seqs
+        self._pending: dict[int, _Pending] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- requests -> engine ---------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        from vllm.inputs import TokensPrompt
+
+        prompts = self._prompt_ids(req)
+        pt = sum(len(p) for p in prompts)
+        for ids in prompts:
+            if len(ids) > self.max_model_len:
+                raise RequestRejected(
+                    f"the prompt has {len(ids)} tokens, more than this model's context of "
+                    f"{self.max_model_len} tokens", PAYLOAD_PARAM[req.kind],
+                )
+        if req.kind == "embedding":
+            params = [self._pooling_params()] * len(prompts)
+        else:
+            params = [self._sampling_params(req, len(ids)) for ids in prompts]
+        n = 1 if req.kind == "embedding" else (req.body.get("n") or 1)
+        pending = _Pending(req, len(prompts) * n, pt)
+        self._pending[req.index] = pending
+        part = 0
+        for ids, p in zip(prompts, params, strict=True):
+            for i in range(n):
+                if n > 1:
+                    p = p.clone()
+                    if p.seed is not None:
+                        p.seed += i
+                self.engine.add_request(f"{req.index}:{part}", TokensPrompt(prompt_token_ids=ids), p)
+                part += 1
+
+    def _prompt_ids(self, req: Request) -> list[list[int]]:
+        body = req.body
+        if req.kind == "chat":
+            kwargs = dict(body.get("chat_template_kwargs") or {})
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    body["messages"], tokenize=False,
+                    add_generation_prompt=body.get("add_generation_prompt", True),
+                    continue_final_message=body.get("continue_final_message", False), **kwargs,
+                )
+            except Exception as exc:  # the template itself rejects the conversation
+                raise RequestRejected(f"the chat template rejected the messages: {exc}", "messages") from exc
+            return [self.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))]
+        payload = body["prompt"] if req.kind == "completion" else body["input"]
+        texts = [payload] if isinstance(payload, str) else payload
+        return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+
+    def _pooling_params(self):
+        from vllm import PoolingParams
+
+        return PoolingParams(task="embed")
+
+    def _sampling_params(self, req: Request, prompt_len: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        body = req.body
+        room = self.max_model_len - prompt_len
+        max_tokens = requested_max_tokens(body)
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise RequestRejected(
+                f"max_tokens is {max_tokens} but the prompt of {prompt_len} tokens leaves room for {room} "
+                f"in this model's context of {self.max_model_len}", "max_tokens",
+            )
+        kwargs: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        kwargs.setdefault("temperature", 1.0)
+        kwargs["max_tokens"] = max_tokens
+        if body.get("stop") is not None:
+            kwargs["stop"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
+        if body.get("logit_bias"):
+            kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+        logprobs = body.get("logprobs")
+        if req.kind == "chat" and logprobs:
+            kwargs["logprobs"] = body.get("top_logprobs") or 0
+        elif req.kind == "completion" and logprobs is not None and logprobs is not False:
+            kwargs["logprobs"] = int(logprobs)
+        rf = body.get("response_format") or {}
+        if rf.get("type") == "json_object":
+            kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        elif rf.get("type") == "json_schema":
+            kwargs["structured_outputs"] = StructuredOutputsParams(
+                json=rf["json_schema"]["schema"], disable_any_whitespace=True
+            )
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:  # VLLMValidationError is a ValueError
+            param = getattr(exc, "parameter", None)
+            raise RequestRejected(f"vLLM refused the sampling parameters: {exc}", param) from exc
+
+    # -- engine -> results ----------------------------------------------------------------------
+    def step(self) -> list[Finished]:
+        done: list[Finished] = []
+        for out in self.engine.step():
+            if not out.finished:
+                continue
+            index, _, part = out.request_id.partition(":")
+            pending = self._pending.get(int(index))
+            if pending is None:
+                continue
+            pending.results[int(part)] = out
+            if len(pending.results) == pending.parts:
+                del self._pending[int(index)]
+                done.append(self._finish(pending))
+        return done
+
+    def _finish(self, p: _Pending) -> Finished:
+        req = p.req
+        outs = [p.results[i] for i in range(p.parts)]
+        if req.kind == "embedding":
+            vectors = [o.outputs.data.tolist() for o in outs]
+            body = embedding_body(self.model_name, vectors, p.prompt_tokens)
+            return Finished(req.index, req.custom_id, 200, body, prompt_tokens=p.prompt_tokens)
+        choices = []
+        completion_tokens = 0
+        for i, o in enumerate(outs):
+            c = o.outputs[0]
+            completion_tokens += len(c.token_ids)
+            choice = {"index": i, "text": c.text, "finish_reason": c.finish_reason or "stop"}
+            if c.logprobs is not None:
+                choice["logprobs"] = (
+                    self._chat_logprobs(c, req.body.get("top_logprobs") or 0) if req.kind == "chat"
+                    else self._completion_logprobs(c)
+                )
+            choices.append(choice)
+        rid = f"{os.getpid():x}{time.monotonic_ns():x}"
+        make = chat_body if req.kind == "chat" else completion_body
+        body = make(rid, self.model_name, choices, p.prompt_tokens, completion_tokens)
+        return Finished(
+            req.index, req.custom_id, 200, body, prompt_tokens=p.prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    def _token(self, token_id: int, lp: Any) -> str:
+        return lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, c: Any, top: int) -> dict[str, Any]:
+        content = []
+        for token_id, entry in zip(c.token_ids, c.logprobs, strict=False):
+            lp = entry[token_id]
+            tok = self._token(token_id, lp)
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top]
+            content.append({
+                "token": tok, "logprob": max(lp.logprob, -9999.0), "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": (t := self._token(tid, x)), "logprob": max(x.logprob, -9999.0),
+                     "bytes": list(t.encode())}
+                    for tid, x in ranked
+                ],
+            })
+        return {"content": content, "refusal": None}
+
+    def _completion_logprobs(self, c: Any) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        offset = 0
+        for token_id, entry in zip(c.token_ids, c.logprobs, strict=False):
+            lp = entry[token_id]
+            tok = self._token(token_id, lp)
+            tokens.append(tok)
+            token_logprobs.append(lp.logprob)
+            top.append({self._token(tid, x): x.logprob for tid, x in entry.items()})
+            offsets.append(offset)
+            offset += len(tok)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def abort_all(self) -> None:
+        ids = [f"{i}:{k}" for i, p in self._pending.items() for k in range(p.parts)]
+        if ids:
+            self.engine.abort_request(ids)
+        self._pending.clear()
+
+
+PAYLOAD_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}

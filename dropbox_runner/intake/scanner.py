@@ -1,0 +1,169 @@
+"""Which inbox files are complete drops: ignored names, regular files only, the settle rule.
+
+A candidate is ready once its size and mtime (and its manifest's) have not changed for
+`settle_seconds`, and, with `require_ready_marker`, once `<name>.jsonl.ready` exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dropbox_runner.config import Settings
+
+log = logging.getLogger("dropbox_runner.intake")
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", "~")
+MANIFEST_SUFFIXES = (".manifest.json", ".manifest.yaml", ".manifest.yml")
+
+
+def is_ignored_name(name: str) -> bool:
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Drop:
+    path: Path
+    model_folder: str | None  # inbox/<model>/ drops; None for root-level drops
+    manifest: Path | None
+    reject: str | None = None  # set when the drop is to be taken only to be rejected
+
+    @property
+    def name(self) -> str:
+        return self.path.name[: -len(".jsonl")]
+
+
+@dataclass
+class _Watch:
+    signature: tuple
+    stable_since: float
+    first_seen: float
+
+
+def find_manifest(folder: Path, stem: str) -> Path | None:
+    for suffix in MANIFEST_SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.is_file() and not p.is_symlink():
+            return p
+    return None
+
+
+def _regular(path: Path) -> os.stat_result | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+class Scanner:
+    def __init__(self, inbox: Path, settings: Settings, known_models: list[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inbox = inbox
+        self.settings = settings
+        self.known_models = known_models
+        self.clock = clock
+        self._watch: dict[Path, _Watch] = {}
+        self._told: set[Path] = set()
+        self.unsettled = 0
+
+    @property
+    def pending(self) -> int:
+        """Candidates seen but not yet settled: the daemon keeps scanning while there are any."""
+        return self.unsettled
+
+    def _tell_once(self, path: Path, why: str) -> None:
+        if path not in self._told:
+            self._told.add(path)
+            log.info("ignored %s: %s", path, why)
+
+    def candidates(self) -> list[tuple[Path, str | None]]:
+        found: list[tuple[Path, str | None]] = []
+        try:
+            entries = list(os.scandir(self.inbox))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            if is_ignored_name(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    subs = list(os.scandir(entry.path))
+                except OSError:
+                    continue
+                for sub in subs:
+                    self._consider(Path(sub.path), entry.name, sub, found)
+            else:
+                self._consider(Path(entry.path), None, entry, found)
+        return found
+
+    def _consider(self, path: Path, folder: str | None, entry: os.DirEntry, found: list) -> None:
+        name = entry.name
+        if is_ignored_name(name) or name.endswith(MANIFEST_SUFFIXES) or name.endswith(".jsonl.ready"):
+            return
+        if not name.endswith(".jsonl"):
+            if entry.is_dir(follow_symlinks=False):
+                self._tell_once(path, "a folder inside a model folder")
+            else:
+                self._tell_once(path, "only *.jsonl files are drops")
+            return
+        if not entry.is_file(follow_symlinks=False):
+            self._tell_once(path, "not a regular file (symlink, FIFO, device or folder)")
+            return
+        if name == ".jsonl":
+            return
+        found.append((path, folder))
+
+    def scan(self) -> list[Drop]:
+        """The drops that are complete now; others are remembered until they settle."""
+        now = self.clock()
+        ready: list[Drop] = []
+        alive: set[Path] = set()
+        self.unsettled = 0
+        for path, folder in self.candidates():
+            st = _regular(path)
+            if st is None:
+                continue
+            alive.add(path)
+            stem = path.name[: -len(".jsonl")]
+            manifest = find_manifest(path.parent, stem)
+            mst = _regular(manifest) if manifest else None
+            sig = (st.st_size, st.st_mtime_ns, st.st_ino, mst and (mst.st_size, mst.st_mtime_ns))
+            w = self._watch.get(path)
+            if w is None:
+                w = self._watch[path] = _Watch(sig, now, now)
+            elif w.signature != sig:
+                w.signature, w.stable_since = sig, now
+            if now - w.stable_since < self.settings.settle_seconds:
+                self.unsettled += 1
+                continue
+            if self.settings.require_ready_marker and not (path.parent / f"{path.name}.ready").exists():
+                continue
+            drop = self._decide(path, folder, manifest, now - w.first_seen)
+            if drop is not None:
+                ready.append(drop)
+        for gone in set(self._watch) - alive:
+            del self._watch[gone]
+        return ready
+
+    def _decide(self, path: Path, folder: str | None, manifest: Path | None, age: float) -> Drop | None:
+        if folder is not None and folder not in self.known_models:
+            known = ", ".join(self.known_models) or "none"
+            return Drop(path, folder, manifest,
+                        f"inbox/{folder}/ is not a model of models.yaml (known models: {known})")
+        if folder is None and manifest is None:
+            if age < self.settings.manifest_grace_seconds:
+                return None
+            return Drop(path, None, None,
+                        f"{path.name} was dropped at the top of the inbox without a manifest; put it in "
+                        f"inbox/<model>/ or add {path.name[:-6]}.manifest.json with "
+                        '{"models": ["<model>", ...]}')
+        return Drop(path, folder, manifest)
+
+    def forget(self, path: Path) -> None:
+        self._watch.pop(path, None)

@@ -1,0 +1,182 @@
+"""The queue journal: immutable job specs, one record per (job, model) task, and queue entries.
+
+A job is a folder `state/jobs/<id>/`; a finished one moves whole to `state/archive/<id>/`. Queue
+entries in `state/queue/` are named so that lexical order is queue order (priority, then arrival).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from dropbox_runner.errors import JobNotFound
+from dropbox_runner.fsutil import fsync_dir, read_json, write_json
+from dropbox_runner.layout import Layout
+from dropbox_runner.lifecycle import Status, transition
+
+PRIORITY_SPAN = 500_000
+
+
+class JobSpec(BaseModel):
+    """Written once when a drop is taken; never changed."""
+
+    id: str
+    name: str  # the drop's file name without .jsonl
+    outbox: str  # folder name under outbox/ (name, or name.2, ...)
+    source: str  # where the drop came from, relative to the inbox
+    models: list[str]
+    priority: int = 0
+    created_at: float
+    sha256: str = ""
+    total: int = 0  # non-blank lines
+    valid: int = 0
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    rejected: list[str] = Field(default_factory=list)  # reasons the whole file was rejected
+    line_errors: list[dict[str, Any]] = Field(default_factory=list)  # first bad lines, for batch.json
+    dedupe_of: str | None = None
+
+
+class TaskRecord(BaseModel):
+    """The mutable state of one model's run of a job."""
+
+    job_id: str
+    model: str
+    status: Status = Status.QUEUED
+    queue_key: str
+    in_progress_at: float | None = None
+    started_at: float | None = None  # first request went to the loaded model
+    completed_at: float | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+    crashes: int = 0
+    suspect_crashes: dict[int, int] = Field(default_factory=dict)
+    poison: list[int] = Field(default_factory=list)
+    isolate: int = 0
+    retries: int = 0
+    outcome: Status | None = None  # the final status publishing is for (kept across a crash)
+
+    def move(self, status: Status) -> None:
+        self.status = transition(self.status, status)
+
+
+def new_job_id() -> str:
+    return f"batch_{time.time_ns():x}{secrets.token_hex(3)}"
+
+
+def queue_key(priority: int, created_ns: int, job_id: str, model: str) -> str:
+    rank = min(max(PRIORITY_SPAN - priority, 0), 2 * PRIORITY_SPAN)
+    return f"{rank:07d}-{created_ns:020d}-{job_id}-{model}"
+
+
+class Journal:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.layout.job_dir(job_id)
+
+    def input_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "input.jsonl"
+
+    def log_path(self, job_id: str, model: str) -> Path:
+        return self.job_dir(job_id) / f"{model}.log"
+
+    def spec(self, job_id: str) -> JobSpec:
+        return JobSpec.model_validate(read_json(self.job_dir(job_id) / "spec.json"))
+
+    def create(self, spec: JobSpec) -> list[TaskRecord]:
+        """Write the spec and every task record, then the queue entries: the job is queued."""
+        d = self.layout.jobs / spec.id
+        d.mkdir(exist_ok=True)
+        write_json(d / "spec.json", spec.model_dump())
+        created_ns = int(spec.created_at * 1e9)
+        tasks = [
+            TaskRecord(job_id=spec.id, model=m, queue_key=queue_key(spec.priority, created_ns + i, spec.id, m))
+            for i, m in enumerate(spec.models)
+        ]
+        for t in tasks:
+            self.save_task(t)
+        for t in tasks:
+            self.enqueue(t)
+        return tasks
+
+    def iter_job_ids(self, *, archived: bool = True) -> Iterator[str]:
+        for folder in (self.layout.jobs, self.layout.archive) if archived else (self.layout.jobs,):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith("batch_") and (folder / name / "spec.json").exists():
+                    yield name
+
+    def find(self, ref: str) -> JobSpec:
+        """A job by id, by outbox folder name or by drop name (the newest of that name)."""
+        if ref.startswith("batch_") and ((self.layout.jobs / ref).exists() or (self.layout.archive / ref).exists()):
+            return self.spec(ref)
+        matches = [s for s in (self.spec(j) for j in self.iter_job_ids()) if ref in (s.outbox, s.name, s.id)]
+        if not matches:
+            raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
+        exact = [s for s in matches if s.outbox == ref]
+        return (exact or sorted(matches, key=lambda s: s.created_at))[-1]
+
+    def archive(self, job_id: str) -> None:
+        src = self.layout.jobs / job_id
+        if src.exists():
+            os.replace(src, self.layout.archive / job_id)
+            fsync_dir(self.layout.jobs)
+            fsync_dir(self.layout.archive)
+
+    def unarchive(self, job_id: str) -> None:
+        src = self.layout.archive / job_id
+        if src.exists():
+            os.replace(src, self.layout.jobs / job_id)
+            fsync_dir(self.layout.archive)
+
+    def forget(self, job_id: str) -> None:
+        shutil.rmtree(self.layout.jobs / job_id, ignore_errors=True)
+
+    # -- tasks --------------------------------------------------------------------------------------
+    def task_path(self, job_id: str, model: str) -> Path:
+        return self.job_dir(job_id) / f"{model}.task.json"
+
+    def task(self, job_id: str, model: str) -> TaskRecord:
+        return TaskRecord.model_validate(read_json(self.task_path(job_id, model)))
+
+    def tasks(self, spec: JobSpec) -> list[TaskRecord]:
+        return [self.task(spec.id, m) for m in spec.models]
+
+    def save_task(self, task: TaskRecord) -> None:
+        write_json(self.task_path(task.job_id, task.model), task.model_dump(mode="json"))
+
+    def enqueue(self, task: TaskRecord) -> None:
+        write_json(self.layout.queue / task.queue_key, {"job_id": task.job_id, "model": task.model})
+
+    def dequeue(self, task: TaskRecord) -> None:
+        try:
+            (self.layout.queue / task.queue_key).unlink()
+            fsync_dir(self.layout.queue)
+        except FileNotFoundError:
+            pass
+
+    def queued(self) -> list[tuple[str, str, str]]:
+        """(queue key, job id, model) of every queue entry, in queue order."""
+        out = []
+        for key in sorted(os.listdir(self.layout.queue)):
+            if key.startswith("."):
+                continue
+            try:
+                entry = read_json(self.layout.queue / key)
+            except (FileNotFoundError, ValueError):
+                continue
+            out.append((key, entry["job_id"], entry["model"]))
+        return out

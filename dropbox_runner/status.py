@@ -1,0 +1,165 @@
+"""What `dropbox-runner status` shows, read from state/ alone: jobs, models, progress, the daemon.
+
+Works whether or not the daemon runs; counts and rates come from the committed markers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections import deque
+from typing import Any
+
+from dropbox_runner.fsutil import read_json_or_none
+from dropbox_runner.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.layout import Layout
+from dropbox_runner.lifecycle import Status, job_status
+from dropbox_runner.results.log import Marker, read_marker
+
+RECENT_FINISHED = 20
+
+
+def daemon_state(layout: Layout) -> dict[str, Any]:
+    """Whether a daemon holds the root, its snapshot, and its last words if it is gone."""
+    snapshot = read_json_or_none(layout.snapshot) or {}
+    running = False
+    if layout.lock.exists():
+        fd = os.open(layout.lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            running = True
+        finally:
+            os.close(fd)
+    last_words = None
+    if not running and layout.log.exists():
+        with open(layout.log, encoding="utf-8", errors="replace") as f:
+            tail = deque(f, maxlen=1)
+        last_words = tail[0].rstrip() if tail else None
+    return {"running": running, "snapshot": snapshot, "last_words": last_words}
+
+
+def model_row(spec: JobSpec, task: TaskRecord, marker: Marker | None, now: float) -> dict[str, Any]:
+    m = marker or Marker()
+    end = task.completed_at if task.status.final else (m.updated_at or now)
+    elapsed = (end or now) - m.started_at if m.started_at else 0.0
+    tps = m.completion_tokens / elapsed if elapsed > 0 else 0.0
+    rate = m.count / elapsed if elapsed > 0 else 0.0
+    remaining = spec.total - m.count
+    eta = remaining / rate if rate > 0 and not task.status.final else None
+    return {
+        "model": task.model, "status": task.status.value, "done": m.count, "total": spec.total,
+        "failed": m.failed + (remaining if task.status.final else 0), "tokens_per_second": round(tps, 1),
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+        "checkpoint_age_seconds": round(now - m.updated_at, 1) if m.updated_at else None,
+        "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
+        "load_seconds": task.load_seconds, "error": task.error,
+    }
+
+
+def job_view(journal: Journal, job_id: str, now: float) -> dict[str, Any]:
+    spec = journal.spec(job_id)
+    tasks = journal.tasks(spec) if not spec.rejected else []
+    models = [model_row(spec, t, read_marker(journal.log_path(spec.id, t.model)), now) for t in tasks]
+    status = Status.FAILED if spec.rejected else job_status([t.status for t in tasks])
+    return {
+        "id": spec.id, "name": spec.name, "outbox": f"outbox/{spec.outbox}/", "status": status.value,
+        "created_at": spec.created_at, "total": spec.total, "priority": spec.priority,
+        "models": models, "rejected": spec.rejected, "dedupe_of": spec.dedupe_of,
+    }
+
+
+def collect(layout: Layout, *, show_all: bool = False) -> dict[str, Any]:
+    journal = Journal(layout)
+    now = time.time()
+    active = sorted(journal.iter_job_ids(archived=False), reverse=True)
+    try:
+        finished = sorted(os.listdir(layout.archive), reverse=True)
+    except FileNotFoundError:
+        finished = []
+    hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
+    finished = finished if show_all else finished[:RECENT_FINISHED]
+    jobs = [job_view(journal, j, now) for j in active + finished if j.startswith("batch_")]
+    return {"root": str(layout.root), "daemon": daemon_state(layout), "jobs": jobs, "hidden_finished": hidden,
+            "queue_length": len([k for k in os.listdir(layout.queue) if not k.startswith(".")])
+            if layout.queue.exists() else 0}
+
+
+def _fmt_eta(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt_age(s: float | None) -> str:
+    return "-" if s is None else f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m"
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def daemon_line(state: dict[str, Any]) -> str:
+    snap = state["snapshot"]
+    if not state["running"]:
+        words = f" Its last words: {state['last_words']}" if state["last_words"] else ""
+        return f"The daemon is not running.{words}"
+    parts = [f"daemon pid {snap.get('pid')} on {snap.get('host')}"]
+    if snap.get("loaded_model"):
+        parts.append(f"model {snap['loaded_model']} loaded in {snap.get('load_seconds') or 0:.1f}s")
+    elif snap.get("loading_model"):
+        parts.append(f"loading {snap['loading_model']}")
+    parts.append(f"watching the inbox ({snap.get('watch_mode')})")
+    return "; ".join(parts) + "."
+
+
+def render_table(doc: dict[str, Any], bars: bool = False) -> str:
+    lines = [daemon_line(doc["daemon"])]
+    if not doc["jobs"]:
+        lines.append("No jobs yet: drop a .jsonl file into inbox/<model>/.")
+        return "\n".join(lines)
+    header = f"{'JOB':<28} {'MODEL':<16} {'STATUS':<12} {'DONE/TOTAL':>13} {'FAILED':>7} {'TOK/S':>9} {'ETA':>7} {'CKPT':>6}"
+    lines.append(header)
+    for job in doc["jobs"]:
+        if job["rejected"]:
+            lines.append(f"{job['name'][:28]:<28} {'-':<16} {'failed':<12} rejected: {job['rejected'][0]}")
+            continue
+        for i, m in enumerate(job["models"]):
+            name = job["name"][:28] if i == 0 else ""
+            done = f"{m['done']}/{m['total']}"
+            line = (f"{name:<28} {m['model'][:16]:<16} {m['status']:<12} {done:>13} {m['failed']:>7} "
+                    f"{m['tokens_per_second']:>9.1f} {_fmt_eta(m['eta_seconds']):>7} "
+                    f"{_fmt_age(m['checkpoint_age_seconds']):>6}")
+            if bars:
+                line += " " + bar(m["done"], m["total"])
+            lines.append(line)
+    if doc["hidden_finished"]:
+        lines.append(f"... {doc['hidden_finished']} older finished jobs (--all shows them)")
+    return "\n".join(lines)
+
+
+def render_detail(journal: Journal, job: dict[str, Any]) -> str:
+    lines = [f"{job['name']} ({job['id']}): {job['status']}", f"  results: {job['outbox']}"]
+    if job["dedupe_of"]:
+        lines.append(f"  same input as {job['dedupe_of']}: its results were republished")
+    for reason in job["rejected"]:
+        lines.append(f"  rejected: {reason}")
+    for m in job["models"]:
+        lines.append(
+            f"  {m['model']}: {m['status']}, {m['done']}/{m['total']} done, {m['failed']} failed, "
+            f"{m['tokens_per_second']} tok/s, ETA {_fmt_eta(m['eta_seconds'])}, "
+            f"load {m['load_seconds'] if m['load_seconds'] is not None else '-'}s"
+        )
+        lines.append(f"    output: {job['outbox']}{m['model']}.jsonl")
+        if m["failed"]:
+            lines.append(f"    errors: {job['outbox']}{m['model']}.errors.jsonl")
+        if m["error"]:
+            lines.append(f"    error: {m['error']}")
+    spec = journal.spec(job["id"])
+    for e in spec.line_errors[:10]:
+        lines.append(f"  line {e['line']}: {e['message']}")
+    return "\n".join(lines)

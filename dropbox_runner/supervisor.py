@@ -1,0 +1,141 @@
+"""The daemon's handle on one model process: start it, send commands, read its events, end it.
+
+Never imports vLLM: the model lives in `python -m dropbox_runner.engine.worker`, in its own process
+group so that ending it ends every process vLLM started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from dropbox_runner.config import ModelConfig, resolve_model_path
+from dropbox_runner.layout import Layout
+
+log = logging.getLogger("dropbox_runner.supervisor")
+
+
+class ModelProcess:
+    def __init__(self, layout: Layout, name: str, config: ModelConfig) -> None:
+        self.layout = layout
+        self.name = name
+        self.config = config
+        self.loaded = False
+        self.load_seconds: float | None = None
+        self.capacity = 0
+        self.started_at = time.time()
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        with open(layout.engine_log, "ab") as engine_log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dropbox_runner.engine.worker"],
+                stdin=subprocess.PIPE, stdout=engine_log, stderr=engine_log, pass_fds=(write_fd,),
+                start_new_session=True, env=env, cwd=layout.root,
+            )
+        os.close(write_fd)
+        self._events = os.fdopen(read_fd, "rb", buffering=0)
+        self._buffer = b""
+        self.send({
+            "event_fd": write_fd, "model": name, "engine": config.engine.value, "task": config.task.value,
+            "path": resolve_model_path(layout.root, config), "engine_args": config.engine_args,
+        })
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, obj: dict[str, Any]) -> bool:
+        try:
+            self.proc.stdin.write(orjson.dumps(obj) + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def events(self, timeout: float) -> list[dict[str, Any]]:
+        """Events that arrived within `timeout` seconds (an empty list at EOF: check `alive`)."""
+        ready, _, _ = select.select([self._events], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self._events.fileno(), 1 << 16)
+        if not chunk:
+            self.proc.wait()
+            return []
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [orjson.loads(line) for line in lines if line]
+
+    def exit_description(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def end(self, timeout: float) -> float:
+        """Ask, then terminate, then kill the whole group; returns when every process of it is gone."""
+        t0 = time.monotonic()
+        if self.alive():
+            self.send({"op": "stop"})
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(signal.SIGKILL)
+                    self.proc.wait()
+        self._signal_group(signal.SIGKILL)  # vLLM's engine processes, if any outlived the worker
+        self._wait_group_gone()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self._events.close()
+        return time.monotonic() - t0
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _wait_group_gone(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and group_members(self.proc.pid):
+            time.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids still alive in a process group (zombies excluded), read from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry))
+    return members
