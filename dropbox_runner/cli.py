@@ -29,8 +29,13 @@ EXIT_FAILURE = 1
 
 
 def root_option(f: Callable) -> Callable:
-    @click.option("--root", "root", type=click.Path(file_okay=False), default=None,
-                  help="The root folder (default: $DROPBOX_RUNNER_ROOT, else the current directory).")
+    @click.option(
+        "--root",
+        "root",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="The root folder (default: $DROPBOX_RUNNER_ROOT, else the current directory).",
+    )
     @click.option("--debug", is_flag=True, help="Show tracebacks.")
     @functools.wraps(f)
     def wrapper(root: str | None, debug: bool, **kwargs: Any) -> Any:
@@ -84,8 +89,12 @@ def init(layout: Layout) -> None:
 @click.option("--once", is_flag=True, help="Process what the inbox and queue hold, then exit 0.")
 @click.option("--poll", is_flag=True, help="Poll the inbox instead of using inotify.")
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=None, help="Seconds between polls.")
-@click.option("--settle", type=click.FloatRange(min=0), default=None,
-              help="Seconds a file must stay unchanged before it is taken (settle_seconds).")
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds a file must stay unchanged before it is taken (settle_seconds).",
+)
 def run(layout: Layout, once: bool, poll: bool, poll_interval: float | None, settle: float | None) -> None:
     """Run the daemon: take drops, run them model by model, publish results."""
     from dropbox_runner.daemon import Daemon, setup_logging
@@ -119,9 +128,17 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
         if ref:
             spec = journal.find(ref)
             job = st.job_view(journal, spec.id, time.time())
-            return orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(journal, job)
+            return (
+                orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
+                if as_json
+                else st.render_detail(journal, job)
+            )
         doc = st.collect(layout, show_all=show_all)
-        return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_table(doc, bars=watch)
+        return (
+            orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+            if as_json
+            else st.render_table(doc, bars=watch)
+        )
 
     if not watch:
         click.echo(render())
@@ -141,12 +158,15 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
 
 @main.command()
 @root_option
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option("--model", "model", default=None, help="Run every line with this model.")
 @click.option("--models", "models", default=None, help="Run every line with each of these models (a,b).")
 @click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
-def submit(layout: Layout, files: tuple[Path, ...], model: str | None, models: str | None,
-           priority: int | None) -> None:
+def submit(
+    layout: Layout, files: tuple[Path, ...], model: str | None, models: str | None, priority: int | None
+) -> None:
     """Put files into the inbox safely: manifest first, then the file under a hidden name, then a rename."""
     if bool(model) == bool(models):
         raise click.UsageError("give exactly one of --model M or --models A,B.")
@@ -173,8 +193,10 @@ def submit(layout: Layout, files: tuple[Path, ...], model: str | None, models: s
             os.fsync(fout.fileno())
         os.rename(hidden, folder / f"{stem}.jsonl")
         fsync_dir(folder)
-        click.echo(f"submitted {src} as {(folder / (stem + '.jsonl')).relative_to(layout.root)} for "
-                   f"{', '.join(names)}; results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)")
+        click.echo(
+            f"submitted {src} as {(folder / (stem + '.jsonl')).relative_to(layout.root)} for "
+            f"{', '.join(names)}; results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)"
+        )
 
 
 def _free_stem(folder: Path, stem: str) -> str:
@@ -202,13 +224,17 @@ def _job_operation(layout: Layout, ref: str, op: str) -> None:
     try:
         if op == "cancel":
             models = control.cancel_queued(journal, spec, None)
-            click.echo(f"cancelled {spec.name} ({spec.id}): {', '.join(models) or 'nothing was left to run'}.")
+            click.echo(
+                f"cancelled {spec.name} ({spec.id}): {', '.join(models) or 'nothing was left to run'}."
+            )
         else:
             if not all(t.status.final for t in journal.tasks(spec)):
                 raise RunnerError(f"{spec.name} is not finished yet; retry it once it is.")
             models = control.retry(journal, spec)
-            click.echo(f"retry of {spec.name} ({spec.id}): "
-                       f"{'failed lines of ' + ', '.join(models) + ' queued' if models else 'no line had failed'}.")
+            click.echo(
+                f"retry of {spec.name} ({spec.id}): "
+                f"{'failed lines of ' + ', '.join(models) + ' queued' if models else 'no line had failed'}."
+            )
     finally:
         lock.release()
 
@@ -236,7 +262,9 @@ def safetensors_bytes(folder: Path) -> int:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        total += sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+        )
     return total
 
 

@@ -114,9 +114,7 @@ def load_registry(root: Path) -> Registry:
     if isinstance(raw.get("models"), dict):
         for name, entry in raw["models"].items():
             if not MODEL_NAME_RE.match(str(name)):
-                raise ConfigError(
-                    f"{path}: models.{name}: bad model name; use 1 to 64 of A-Z a-z 0-9 . _ -."
-                )
+                raise ConfigError(f"{path}: models.{name}: bad model name; use 1 to 64 of A-Z a-z 0-9 . _ -.")
             if entry is None:
                 raise ConfigError(f"{path}: models.{name}: empty entry; give at least `path` or `engine`.")
     try:

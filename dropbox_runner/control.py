@@ -20,8 +20,9 @@ from dropbox_runner.results.publish import publish_task, write_batch_json
 log = logging.getLogger("dropbox_runner.control")
 
 
-def finalize_task(journal: Journal, spec: JobSpec, task: TaskRecord, outcome: Status,
-                  error: str | None = None) -> None:
+def finalize_task(
+    journal: Journal, spec: JobSpec, task: TaskRecord, outcome: Status, error: str | None = None
+) -> None:
     """Publish a task's results and record its final status; the job finishes with its last task."""
     if task.status != Status.FINALIZING:
         task.move(Status.FINALIZING)
@@ -35,8 +36,15 @@ def finalize_task(journal: Journal, spec: JobSpec, task: TaskRecord, outcome: St
     journal.save_task(task)
     journal.dequeue(task)
     marker = read_marker(journal.log_path(spec.id, task.model))
-    log.info("published outbox/%s/%s.jsonl: %s, %d of %d done, %d failed", spec.outbox, task.model,
-             outcome.value, marker.count if marker else 0, spec.total, marker.failed if marker else 0)
+    log.info(
+        "published outbox/%s/%s.jsonl: %s, %d of %d done, %d failed",
+        spec.outbox,
+        task.model,
+        outcome.value,
+        marker.count if marker else 0,
+        spec.total,
+        marker.failed if marker else 0,
+    )
     tasks = journal.tasks(spec)
     if all(t.status.final for t in tasks):
         finish_job(journal, spec, tasks)
@@ -59,8 +67,9 @@ def cancel_queued(journal: Journal, spec: JobSpec, running: TaskRecord | None) -
     """Cancel every task of a job that is not running; returns their models. The running one is the caller's."""
     cancelled = []
     for task in journal.tasks(spec):
-        if task.status == Status.QUEUED and not (running and running.model == task.model
-                                                  and running.job_id == task.job_id):
+        if task.status == Status.QUEUED and not (
+            running and running.model == task.model and running.job_id == task.job_id
+        ):
             finalize_task(journal, spec, task, Status.CANCELLED)
             cancelled.append(task.model)
     return cancelled
@@ -94,4 +103,6 @@ def retry(journal: Journal, spec: JobSpec) -> list[str]:
 
 
 def request(journal: Journal, op: str, job_id: str) -> None:
-    write_json(journal.layout.control / f"{op}-{job_id}.json", {"op": op, "job_id": job_id, "at": time.time()})
+    write_json(
+        journal.layout.control / f"{op}-{job_id}.json", {"op": op, "job_id": job_id, "at": time.time()}
+    )

@@ -95,9 +95,14 @@ class Daemon:
         lock = acquire_root(self.layout)
         try:
             self.layout.make(list(self.registry.models))
-            write_json(self.layout.daemon_info, {
-                "pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
-            })
+            write_json(
+                self.layout.daemon_info,
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started_at": time.time(),
+                },
+            )
             self._install_signals()
             self._prepare_models()
             self.sweep()
@@ -126,18 +131,30 @@ class Daemon:
         """Build the embedded tiny models on first use (in a child process: it imports torch)."""
         from dropbox_runner.config import is_embedded_path
 
-        missing = [name for name, m in self.registry.models.items()
-                   if m.path and is_embedded_path(self.layout.root, m.path)
-                   and not (self.layout.root / m.path / "config.json").exists()]
+        missing = [
+            name
+            for name, m in self.registry.models.items()
+            if m.path
+            and is_embedded_path(self.layout.root, m.path)
+            and not (self.layout.root / m.path / "config.json").exists()
+        ]
         if missing:
             import subprocess
             import sys
 
             names = [Path(self.registry.models[n].path).name for n in missing]
             log.info("building the embedded models %s (first use)", ", ".join(names))
-            subprocess.run([sys.executable, "-m", "dropbox_runner.engine.tinymodels",
-                            str(self.layout.root / "models"), *names], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "dropbox_runner.engine.tinymodels",
+                    str(self.layout.root / "models"),
+                    *names,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
     def _shutdown(self) -> None:
         if self.current is not None and self.proc is not None and self.proc.alive() and self.sent:
@@ -175,7 +192,9 @@ class Daemon:
                     control.finalize_task(self.journal, spec, task, task.outcome or Status.COMPLETED)
                 elif task.status.final:
                     self.journal.dequeue(task)
-            tasks = self.journal.tasks(spec) if self.journal.job_dir(job_id).parent == self.layout.jobs else []
+            tasks = (
+                self.journal.tasks(spec) if self.journal.job_dir(job_id).parent == self.layout.jobs else []
+            )
             if tasks and all(t.status.final for t in tasks):
                 control.finish_job(self.journal, spec, tasks)
             elif tasks:
@@ -199,8 +218,13 @@ class Daemon:
             self._snapshot()
 
     def _idle(self) -> bool:
-        return (self.current is None and self.scanner.pending == 0 and not self.journal.queued()
-                and not any(self.layout.control.iterdir()) and not any(self.layout.claims.iterdir()))
+        return (
+            self.current is None
+            and self.scanner.pending == 0
+            and not self.journal.queued()
+            and not any(self.layout.control.iterdir())
+            and not any(self.layout.claims.iterdir())
+        )
 
     def _intake(self) -> None:
         now = time.monotonic()
@@ -291,12 +315,22 @@ class Daemon:
             task.load_seconds = self.proc.load_seconds
             self.journal.save_task(task)
         model = self.registry.models[task.model]
-        self.proc.send({"op": "run", "task": {
-            "job_id": spec.id, "model": task.model, "input": str(self.journal.input_path(spec.id)),
-            "log": str(self.journal.log_path(spec.id, task.model)), "total": spec.total,
-            "defaults": [spec.defaults, model.defaults], "commit_interval_ms": self.settings.commit_interval_ms,
-            "poison": task.poison, "isolate": task.isolate,
-        }})
+        self.proc.send(
+            {
+                "op": "run",
+                "task": {
+                    "job_id": spec.id,
+                    "model": task.model,
+                    "input": str(self.journal.input_path(spec.id)),
+                    "log": str(self.journal.log_path(spec.id, task.model)),
+                    "total": spec.total,
+                    "defaults": [spec.defaults, model.defaults],
+                    "commit_interval_ms": self.settings.commit_interval_ms,
+                    "poison": task.poison,
+                    "isolate": task.isolate,
+                },
+            }
+        )
         self.sent = True
 
     def _pump(self, timeout: float) -> None:
@@ -313,7 +347,11 @@ class Daemon:
     def _event(self, ev: dict) -> None:
         kind = ev["ev"]
         if kind == "loaded":
-            self.proc.loaded, self.proc.load_seconds, self.proc.capacity = True, ev["load_seconds"], ev["capacity"]
+            self.proc.loaded, self.proc.load_seconds, self.proc.capacity = (
+                True,
+                ev["load_seconds"],
+                ev["capacity"],
+            )
             log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev["load_seconds"], ev["capacity"])
             if self.current is not None and not self.stopping:
                 self._send_run()
@@ -323,8 +361,12 @@ class Daemon:
             for note in ev["notes"]:
                 log.warning("recovery of %s/%s: %s", self.current.job_id, self.current.model, note)
             if ev["kept"]:
-                log.info("resuming %s/%s after %d committed results", self.current.job_id,
-                         self.current.model, ev["kept"])
+                log.info(
+                    "resuming %s/%s after %d committed results",
+                    self.current.job_id,
+                    self.current.model,
+                    ev["kept"],
+                )
         elif kind == "running":
             self.last_running = ev["index"]
         elif kind == "progress":
@@ -350,8 +392,15 @@ class Daemon:
             self.last_progress_log = now
             elapsed = (ev["updated_at"] or 0) - (ev["started_at"] or 0)
             tps = ev["completion_tokens"] / elapsed if elapsed > 0 else 0.0
-            log.info("progress %s/%s: %d/%d done, %d failed, %.0f tok/s", spec.name, task.model,
-                     ev["count"], spec.total, ev["failed"], tps)
+            log.info(
+                "progress %s/%s: %d/%d done, %d failed, %.0f tok/s",
+                spec.name,
+                task.model,
+                ev["count"],
+                spec.total,
+                ev["failed"],
+                tps,
+            )
 
     def _finish_current(self, outcome: Status, error: str | None = None) -> None:
         task, spec = self.current, self.current_spec
@@ -377,7 +426,9 @@ class Daemon:
         for _, job_id, m in self.journal.queued():
             if m == model:
                 spec = self.journal.spec(job_id)
-                control.finalize_task(self.journal, spec, self.journal.task(job_id, m), Status.FAILED, message)
+                control.finalize_task(
+                    self.journal, spec, self.journal.task(job_id, m), Status.FAILED, message
+                )
 
     def _model_died(self) -> None:
         proc, self.proc = self.proc, None
@@ -391,11 +442,16 @@ class Daemon:
             self._load_failed(f"the model process {why} while loading")
             return
         task.crashes += 1
-        log.error("the model process of %s %s during %s (crash %d)", proc.name, why, task.job_id, task.crashes)
+        log.error(
+            "the model process of %s %s during %s (crash %d)", proc.name, why, task.job_id, task.crashes
+        )
         if self.last_running is not None and task.isolate:
             task.poison.append(self.last_running)
-            log.error("line %d of %s crashed the model process twice; it fails alone with engine_crash",
-                      self.last_running, task.job_id)
+            log.error(
+                "line %d of %s crashed the model process twice; it fails alone with engine_crash",
+                self.last_running,
+                task.job_id,
+            )
         task.isolate = max(proc.capacity, 1)
         if task.crashes > MAX_CRASHES_WITHOUT_PROGRESS + len(task.poison):
             self._finish_current(Status.FAILED, f"the model process crashed {task.crashes} times ({why})")
@@ -410,16 +466,22 @@ class Daemon:
             return
         self.last_snapshot = now
         info = read_json(self.layout.daemon_info) if self.layout.daemon_info.exists() else {}
-        write_json(self.layout.snapshot, {
-            **info,
-            "updated_at": time.time(),
-            "stopped_at": time.time() if stopped else None,
-            "watch_mode": self.watcher.mode if self.watcher else None,
-            "loaded_model": self.proc.name if self.proc and self.proc.loaded else None,
-            "loading_model": self.proc.name if self.proc and not self.proc.loaded else None,
-            "model_pid": self.proc.pid if self.proc else None,
-            "load_seconds": self.proc.load_seconds if self.proc else None,
-            "running": {"job_id": self.current.job_id, "model": self.current.model} if self.current else None,
-            "queue_length": len(os.listdir(self.layout.queue)),
-            "swaps": self.swaps[-20:],
-        }, durable=False)
+        write_json(
+            self.layout.snapshot,
+            {
+                **info,
+                "updated_at": time.time(),
+                "stopped_at": time.time() if stopped else None,
+                "watch_mode": self.watcher.mode if self.watcher else None,
+                "loaded_model": self.proc.name if self.proc and self.proc.loaded else None,
+                "loading_model": self.proc.name if self.proc and not self.proc.loaded else None,
+                "model_pid": self.proc.pid if self.proc else None,
+                "load_seconds": self.proc.load_seconds if self.proc else None,
+                "running": {"job_id": self.current.job_id, "model": self.current.model}
+                if self.current
+                else None,
+                "queue_length": len(os.listdir(self.layout.queue)),
+                "swaps": self.swaps[-20:],
+            },
+            durable=False,
+        )

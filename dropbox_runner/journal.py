@@ -100,7 +100,9 @@ class Journal:
         write_json(d / "spec.json", spec.model_dump())
         created_ns = int(spec.created_at * 1e9)
         tasks = [
-            TaskRecord(job_id=spec.id, model=m, queue_key=queue_key(spec.priority, created_ns + i, spec.id, m))
+            TaskRecord(
+                job_id=spec.id, model=m, queue_key=queue_key(spec.priority, created_ns + i, spec.id, m)
+            )
             for i, m in enumerate(spec.models)
         ]
         for t in tasks:
@@ -121,7 +123,9 @@ class Journal:
 
     def find(self, ref: str) -> JobSpec:
         """A job by id, by outbox folder name or by drop name (the newest of that name)."""
-        if ref.startswith("batch_") and ((self.layout.jobs / ref).exists() or (self.layout.archive / ref).exists()):
+        if ref.startswith("batch_") and (
+            (self.layout.jobs / ref).exists() or (self.layout.archive / ref).exists()
+        ):
             return self.spec(ref)
         matches = [s for s in (self.spec(j) for j in self.iter_job_ids()) if ref in (s.outbox, s.name, s.id)]
         if not matches:

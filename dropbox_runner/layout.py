@@ -88,8 +88,16 @@ class Layout:
         return self.state / "engine.log"
 
     def make(self, model_names: list[str] = ()) -> None:
-        for d in (self.inbox, self.outbox, self.jobs, self.archive, self.queue, self.claims,
-                  self.control, self.dedupe):
+        for d in (
+            self.inbox,
+            self.outbox,
+            self.jobs,
+            self.archive,
+            self.queue,
+            self.claims,
+            self.control,
+            self.dedupe,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         for name in model_names:
             (self.inbox / name).mkdir(exist_ok=True)

@@ -23,23 +23,62 @@ MAX_N = 128
 BOM = b"\xef\xbb\xbf"
 
 # Fields that change generation and that we map to the engine.
-HONOURED = frozenset({
-    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
-    "response_format",
-})
+HONOURED = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "n",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+    }
+)
 # vLLM's own sampling extras, passed through as its OpenAI server takes them.
-VLLM_EXTRAS = frozenset({
-    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
-    "include_stop_str_in_output", "stop_token_ids", "length_penalty", "bad_words", "allowed_token_ids",
-    "logit_bias", "truncate_prompt_tokens", "chat_template_kwargs", "add_generation_prompt",
-    "continue_final_message", "add_special_tokens", "echo", "structured_outputs",
-})
+VLLM_EXTRAS = frozenset(
+    {
+        "ignore_eos",
+        "min_tokens",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "include_stop_str_in_output",
+        "stop_token_ids",
+        "length_penalty",
+        "bad_words",
+        "allowed_token_ids",
+        "logit_bias",
+        "truncate_prompt_tokens",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+        "echo",
+        "structured_outputs",
+    }
+)
 # Fields that do not change generation.
-INFORMATIONAL = frozenset({
-    "model", "user", "metadata", "store", "service_tier", "stream_options", "encoding_format",
-    "parallel_tool_calls", "request_id", "priority",
-})
+INFORMATIONAL = frozenset(
+    {
+        "model",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "stream_options",
+        "encoding_format",
+        "parallel_tool_calls",
+        "request_id",
+        "priority",
+    }
+)
 PAYLOAD = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 SAMPLING_FOR = {"chat", "completion"}
 
@@ -121,7 +160,9 @@ def _check_number(body: dict, key: str, lo: float | None, hi: float | None, inte
         return None
     v = body[key]
     if isinstance(v, bool) or not isinstance(v, int | float) or (integer and not isinstance(v, int)):
-        return f"`{key}` must be {'an integer' if integer else 'a number'}, got {orjson.dumps(v).decode()[:40]}"
+        return (
+            f"`{key}` must be {'an integer' if integer else 'a number'}, got {orjson.dumps(v).decode()[:40]}"
+        )
     if lo is not None and v < lo:
         return f"`{key}` must be at least {lo}, got {v}"
     if hi is not None and v > hi:
@@ -186,8 +227,10 @@ def _check_body(kind: str, body: dict[str, Any]) -> tuple[str, str] | None:
         if problem:
             return key, problem
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         return "stop", "`stop` must be a string or a list of strings"
     rf = body.get("response_format")
@@ -222,14 +265,19 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
     kind = URLS.get(url)
     if kind is None:
         return LineError(
-            raw.index, raw.line, cid,
-            f"unknown url {url!r}; use one of {', '.join(URLS)}", "url",
+            raw.index,
+            raw.line,
+            cid,
+            f"unknown url {url!r}; use one of {', '.join(URLS)}",
+            "url",
         )
     body = obj.get("body")
     if not isinstance(body, dict):
         return LineError(raw.index, raw.line, cid, "line has no `body` object", "body")
     if defaults and kind in SAMPLING_FOR:
-        body = merged_body(body, *({k: v for k, v in d.items() if k in HONOURED | VLLM_EXTRAS} for d in defaults))
+        body = merged_body(
+            body, *({k: v for k, v in d.items() if k in HONOURED | VLLM_EXTRAS} for d in defaults)
+        )
     problem = _check_body(kind, body)
     if problem:
         return LineError(raw.index, raw.line, cid, problem[1], problem[0])

@@ -23,8 +23,9 @@ def queued_at(key: str) -> float:
     return int(key.split("-", 2)[1]) / 1e9
 
 
-def pick(entries: list[tuple[str, str, str]], loaded: str | None, max_delay: float,
-         now: float | None = None) -> Choice | None:
+def pick(
+    entries: list[tuple[str, str, str]], loaded: str | None, max_delay: float, now: float | None = None
+) -> Choice | None:
     if not entries:
         return None
     now = time.time() if now is None else now
@@ -39,5 +40,7 @@ def pick(entries: list[tuple[str, str, str]], loaded: str | None, max_delay: flo
         if entry[0].split("-", 1)[0] != rank:
             break
         if entry[2] == loaded:
-            return Choice(*entry, reason=f"{loaded} is loaded; {head[1]}/{head[2]} waits ({waited:.0f}s so far)")
+            return Choice(
+                *entry, reason=f"{loaded} is loaded; {head[1]}/{head[2]} waits ({waited:.0f}s so far)"
+            )
     return Choice(*head, reason=f"no queued work for {loaded}")

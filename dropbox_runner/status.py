@@ -50,12 +50,17 @@ def model_row(spec: JobSpec, task: TaskRecord, marker: Marker | None, now: float
     remaining = spec.total - m.count
     eta = remaining / rate if rate > 0 and not task.status.final else None
     return {
-        "model": task.model, "status": task.status.value, "done": m.count, "total": spec.total,
-        "failed": m.failed + (remaining if task.status.final else 0), "tokens_per_second": round(tps, 1),
+        "model": task.model,
+        "status": task.status.value,
+        "done": m.count,
+        "total": spec.total,
+        "failed": m.failed + (remaining if task.status.final else 0),
+        "tokens_per_second": round(tps, 1),
         "eta_seconds": round(eta, 1) if eta is not None else None,
         "checkpoint_age_seconds": round(now - m.updated_at, 1) if m.updated_at else None,
         "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
-        "load_seconds": task.load_seconds, "error": task.error,
+        "load_seconds": task.load_seconds,
+        "error": task.error,
     }
 
 
@@ -65,9 +70,16 @@ def job_view(journal: Journal, job_id: str, now: float) -> dict[str, Any]:
     models = [model_row(spec, t, read_marker(journal.log_path(spec.id, t.model)), now) for t in tasks]
     status = Status.FAILED if spec.rejected else job_status([t.status for t in tasks])
     return {
-        "id": spec.id, "name": spec.name, "outbox": f"outbox/{spec.outbox}/", "status": status.value,
-        "created_at": spec.created_at, "total": spec.total, "priority": spec.priority,
-        "models": models, "rejected": spec.rejected, "dedupe_of": spec.dedupe_of,
+        "id": spec.id,
+        "name": spec.name,
+        "outbox": f"outbox/{spec.outbox}/",
+        "status": status.value,
+        "created_at": spec.created_at,
+        "total": spec.total,
+        "priority": spec.priority,
+        "models": models,
+        "rejected": spec.rejected,
+        "dedupe_of": spec.dedupe_of,
     }
 
 
@@ -82,9 +94,15 @@ def collect(layout: Layout, *, show_all: bool = False) -> dict[str, Any]:
     hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
     finished = finished if show_all else finished[:RECENT_FINISHED]
     jobs = [job_view(journal, j, now) for j in active + finished if j.startswith("batch_")]
-    return {"root": str(layout.root), "daemon": daemon_state(layout), "jobs": jobs, "hidden_finished": hidden,
-            "queue_length": len([k for k in os.listdir(layout.queue) if not k.startswith(".")])
-            if layout.queue.exists() else 0}
+    return {
+        "root": str(layout.root),
+        "daemon": daemon_state(layout),
+        "jobs": jobs,
+        "hidden_finished": hidden,
+        "queue_length": len([k for k in os.listdir(layout.queue) if not k.startswith(".")])
+        if layout.queue.exists()
+        else 0,
+    }
 
 
 def _fmt_eta(s: float | None) -> str:
@@ -131,9 +149,11 @@ def render_table(doc: dict[str, Any], bars: bool = False) -> str:
         for i, m in enumerate(job["models"]):
             name = job["name"][:28] if i == 0 else ""
             done = f"{m['done']}/{m['total']}"
-            line = (f"{name:<28} {m['model'][:16]:<16} {m['status']:<12} {done:>13} {m['failed']:>7} "
-                    f"{m['tokens_per_second']:>9.1f} {_fmt_eta(m['eta_seconds']):>7} "
-                    f"{_fmt_age(m['checkpoint_age_seconds']):>6}")
+            line = (
+                f"{name:<28} {m['model'][:16]:<16} {m['status']:<12} {done:>13} {m['failed']:>7} "
+                f"{m['tokens_per_second']:>9.1f} {_fmt_eta(m['eta_seconds']):>7} "
+                f"{_fmt_age(m['checkpoint_age_seconds']):>6}"
+            )
             if bars:
                 line += " " + bar(m["done"], m["total"])
             lines.append(line)

@@ -39,16 +39,27 @@ class ModelProcess:
         with open(layout.engine_log, "ab") as engine_log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dropbox_runner.engine.worker"],
-                stdin=subprocess.PIPE, stdout=engine_log, stderr=engine_log, pass_fds=(write_fd,),
-                start_new_session=True, env=env, cwd=layout.root,
+                stdin=subprocess.PIPE,
+                stdout=engine_log,
+                stderr=engine_log,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env=env,
+                cwd=layout.root,
             )
         os.close(write_fd)
         self._events = os.fdopen(read_fd, "rb", buffering=0)
         self._buffer = b""
-        self.send({
-            "event_fd": write_fd, "model": name, "engine": config.engine.value, "task": config.task.value,
-            "path": resolve_model_path(layout.root, config), "engine_args": config.engine_args,
-        })
+        self.send(
+            {
+                "event_fd": write_fd,
+                "model": name,
+                "engine": config.engine.value,
+                "task": config.task.value,
+                "path": resolve_model_path(layout.root, config),
+                "engine_args": config.engine_args,
+            }
+        )
 
     @property
     def pid(self) -> int:

@@ -47,17 +47,25 @@ class Engine(Protocol):
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
 def chat_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "id": f"chatcmpl-{rid}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
         "choices": [
-            {"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-             "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+            {
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+            }
             for c in choices
         ],
         "usage": usage(pt, ct),
@@ -66,10 +74,17 @@ def chat_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: 
 
 def completion_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
     return {
-        "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model,
+        "id": f"cmpl-{rid}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
         "choices": [
-            {"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
-             "finish_reason": c["finish_reason"]}
+            {
+                "index": c["index"],
+                "text": c["text"],
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+            }
             for c in choices
         ],
         "usage": usage(pt, ct),
@@ -78,7 +93,8 @@ def completion_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int
 
 def embedding_body(model: str, vectors: list[list[float]], pt: int) -> dict[str, Any]:
     return {
-        "object": "list", "model": model,
+        "object": "list",
+        "model": model,
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": pt, "total_tokens": pt},
     }

@@ -75,7 +75,9 @@ class EchoEngine:
             return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt)
         if req.kind == "chat":
             messages = body["messages"]
-            text = next((message_text(m.get("content")) for m in reversed(messages) if m["role"] == "user"), "")
+            text = next(
+                (message_text(m.get("content")) for m in reversed(messages) if m["role"] == "user"), ""
+            )
             pt = sum(len(message_text(m.get("content")).split()) for m in messages)
         else:
             prompt = body["prompt"]

@@ -22,7 +22,7 @@ CORPUS = (
     "The quick brown fox jumps over the lazy dog. A batch runner takes files from an inbox and "
     "writes results to an outbox. Language models answer questions, label data and embed text. "
     "Hello world! How are you today? Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? "
-    "Red blue green yellow. {\"key\": \"value\", \"list\": [1, 2, 3]} true false null"
+    'Red blue green yellow. {"key": "value", "list": [1, 2, 3]} true false null'
 )
 ARCHITECTURES = {
     "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", 0),
@@ -38,12 +38,17 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=1024,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
         additional_special_tokens=["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -61,10 +66,18 @@ def build(dest: Path, name: str) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
     )
     model = getattr(transformers, model_cls)(config)
     staging = dest / f".{name}.building.{os.getpid()}"

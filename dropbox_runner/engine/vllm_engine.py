@@ -22,9 +22,23 @@ from dropbox_runner.engine.base import (
 from dropbox_runner.requests import Request
 
 SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
-    "include_stop_str_in_output", "stop_token_ids", "bad_words", "allowed_token_ids", "truncate_prompt_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "stop_token_ids",
+    "bad_words",
+    "allowed_token_ids",
+    "truncate_prompt_tokens",
 )
 
 
@@ -68,7 +82,8 @@ class VllmEngine:
             if len(ids) > self.max_model_len:
                 raise RequestRejected(
                     f"the prompt has {len(ids)} tokens, more than this model's context of "
-                    f"{self.max_model_len} tokens", PAYLOAD_PARAM[req.kind],
+                    f"{self.max_model_len} tokens",
+                    PAYLOAD_PARAM[req.kind],
                 )
         if req.kind == "embedding":
             params = [self._pooling_params()] * len(prompts)
@@ -93,9 +108,11 @@ class VllmEngine:
             kwargs = dict(body.get("chat_template_kwargs") or {})
             try:
                 text = self.tokenizer.apply_chat_template(
-                    body["messages"], tokenize=False,
+                    body["messages"],
+                    tokenize=False,
                     add_generation_prompt=body.get("add_generation_prompt", True),
-                    continue_final_message=body.get("continue_final_message", False), **kwargs,
+                    continue_final_message=body.get("continue_final_message", False),
+                    **kwargs,
                 )
             except Exception as exc:  # the template itself rejects the conversation
                 raise RequestRejected(f"the chat template rejected the messages: {exc}", "messages") from exc
@@ -121,7 +138,8 @@ class VllmEngine:
         elif max_tokens > room:
             raise RequestRejected(
                 f"max_tokens is {max_tokens} but the prompt of {prompt_len} tokens leaves room for {room} "
-                f"in this model's context of {self.max_model_len}", "max_tokens",
+                f"in this model's context of {self.max_model_len}",
+                "max_tokens",
             )
         kwargs: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         kwargs.setdefault("temperature", 1.0)
@@ -137,7 +155,9 @@ class VllmEngine:
             kwargs["logprobs"] = int(logprobs)
         rf = body.get("response_format") or {}
         if rf.get("type") == "json_object":
-            kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+            kwargs["structured_outputs"] = StructuredOutputsParams(
+                json_object=True, disable_any_whitespace=True
+            )
         elif rf.get("type") == "json_schema":
             kwargs["structured_outputs"] = StructuredOutputsParams(
                 json=rf["json_schema"]["schema"], disable_any_whitespace=True
@@ -179,7 +199,8 @@ class VllmEngine:
             choice = {"index": i, "text": c.text, "finish_reason": c.finish_reason or "stop"}
             if c.logprobs is not None:
                 choice["logprobs"] = (
-                    self._chat_logprobs(c, req.body.get("top_logprobs") or 0) if req.kind == "chat"
+                    self._chat_logprobs(c, req.body.get("top_logprobs") or 0)
+                    if req.kind == "chat"
                     else self._completion_logprobs(c)
                 )
             choices.append(choice)
@@ -187,7 +208,11 @@ class VllmEngine:
         make = chat_body if req.kind == "chat" else completion_body
         body = make(rid, self.model_name, choices, p.prompt_tokens, completion_tokens)
         return Finished(
-            req.index, req.custom_id, 200, body, prompt_tokens=p.prompt_tokens,
+            req.index,
+            req.custom_id,
+            200,
+            body,
+            prompt_tokens=p.prompt_tokens,
             completion_tokens=completion_tokens,
         )
 
@@ -200,14 +225,21 @@ class VllmEngine:
             lp = entry[token_id]
             tok = self._token(token_id, lp)
             ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top]
-            content.append({
-                "token": tok, "logprob": max(lp.logprob, -9999.0), "bytes": list(tok.encode()),
-                "top_logprobs": [
-                    {"token": (t := self._token(tid, x)), "logprob": max(x.logprob, -9999.0),
-                     "bytes": list(t.encode())}
-                    for tid, x in ranked
-                ],
-            })
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": max(lp.logprob, -9999.0),
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": (t := self._token(tid, x)),
+                            "logprob": max(x.logprob, -9999.0),
+                            "bytes": list(t.encode()),
+                        }
+                        for tid, x in ranked
+                    ],
+                }
+            )
         return {"content": content, "refusal": None}
 
     def _completion_logprobs(self, c: Any) -> dict[str, Any]:
@@ -221,7 +253,12 @@ class VllmEngine:
             top.append({self._token(tid, x): x.logprob for tid, x in entry.items()})
             offsets.append(offset)
             offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
     def abort_all(self) -> None:
         ids = [f"{i}:{k}" for i, p in self._pending.items() for k in range(p.parts)]

@@ -106,11 +106,17 @@ class TaskRun:
     def run(self) -> str:
         recovery = self.log.recover()
         self.lifeline.active_log = self.log
-        self.channel.send("resumed", kept=recovery.kept, dropped_bytes=recovery.dropped_bytes, notes=recovery.notes)
+        self.channel.send(
+            "resumed", kept=recovery.kept, dropped_bytes=recovery.dropped_bytes, notes=recovery.notes
+        )
         for index in self.task.get("poison") or ():
             if index < self.log.total and not self.log.done[index]:
-                self._record_failure(index, None, "engine_crash",
-                                     "this request crashed the model process twice; it was not run again")
+                self._record_failure(
+                    index,
+                    None,
+                    "engine_crash",
+                    "this request crashed the model process twice; it was not run again",
+                )
         committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         committer.start()
         try:
@@ -163,8 +169,14 @@ class TaskRun:
         try:
             self.engine.submit(req)
         except RequestRejected as exc:
-            self._record(Finished(req.index, req.custom_id, 400,
-                                  error={"message": str(exc), "param": exc.param, "code": "invalid_request"}))
+            self._record(
+                Finished(
+                    req.index,
+                    req.custom_id,
+                    400,
+                    error={"message": str(exc), "param": exc.param, "code": "invalid_request"},
+                )
+            )
 
     def _collect(self) -> None:
         for finished in self.engine.step():
@@ -190,8 +202,14 @@ class TaskRun:
             self.log.append(fin.index, True, fin.prompt_tokens, fin.completion_tokens, payload)
         else:
             err = fin.error or {}
-            payload = error_line(fin.custom_id, fin.status_code, err.get("message", "request failed"), ids,
-                                 param=err.get("param"), code=err.get("code"))
+            payload = error_line(
+                fin.custom_id,
+                fin.status_code,
+                err.get("message", "request failed"),
+                ids,
+                param=err.get("param"),
+                code=err.get("code"),
+            )
             self.log.append(fin.index, False, 0, 0, payload)
 
     def _record_line_error(self, e: LineError) -> None:
@@ -205,8 +223,11 @@ class TaskRun:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
+    )
     spec = orjson.loads(sys.stdin.buffer.readline())
     channel = Channel(int(spec["event_fd"]))
     lifeline = Lifeline()
@@ -217,7 +238,9 @@ def main() -> int:
         log.exception("model %s failed to load", spec["model"])
         channel.send("load_failed", reason=load_failure_reason(exc))
         return 3
-    channel.send("loaded", load_seconds=round(time.time() - started, 3), capacity=engine.capacity, pid=os.getpid())
+    channel.send(
+        "loaded", load_seconds=round(time.time() - started, 3), capacity=engine.capacity, pid=os.getpid()
+    )
     while True:
         cmd = lifeline.commands.get()
         if cmd["op"] == "stop":

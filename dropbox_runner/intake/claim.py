@@ -46,8 +46,12 @@ class Claimer:
     def claim(self, drop: Drop) -> JobSpec | None:
         job_id = new_job_id()
         record = {
-            "job_id": job_id, "source": str(drop.path), "manifest": str(drop.manifest) if drop.manifest else None,
-            "model_folder": drop.model_folder, "reject": drop.reject, "created_at": time.time(),
+            "job_id": job_id,
+            "source": str(drop.path),
+            "manifest": str(drop.manifest) if drop.manifest else None,
+            "model_folder": drop.model_folder,
+            "reject": drop.reject,
+            "created_at": time.time(),
         }
         write_json(self.layout.claims / f"{job_id}.json", record)
         _crash_point("after_intent")
@@ -99,8 +103,9 @@ class Claimer:
         source = Path(record["source"])
         name = source.name[: -len(".jsonl")]
         rel_source = os.path.relpath(source, self.layout.inbox)
-        spec = JobSpec(id=job_id, name=name, outbox="", source=rel_source, models=[],
-                       created_at=record["created_at"])
+        spec = JobSpec(
+            id=job_id, name=name, outbox="", source=rel_source, models=[], created_at=record["created_at"]
+        )
         reasons = [record["reject"]] if record.get("reject") else []
         manifest = next(job_dir.glob("manifest.*"), None)
         if manifest is not None:
@@ -114,8 +119,10 @@ class Claimer:
         input_path = job_dir / "input.jsonl"
         size = input_path.stat().st_size
         if not reasons and size > self.registry.settings.max_file_bytes:
-            reasons.append(f"the file is {size} bytes, larger than max_file_bytes "
-                           f"({self.registry.settings.max_file_bytes})")
+            reasons.append(
+                f"the file is {size} bytes, larger than max_file_bytes "
+                f"({self.registry.settings.max_file_bytes})"
+            )
         if not reasons:
             summary = summarize(input_path)
             spec.sha256, spec.total, spec.valid = summary.sha256, summary.total, summary.valid
@@ -126,9 +133,12 @@ class Claimer:
                 reasons.append(f"the file is not UTF-8 text (line {summary.not_utf8_line})")
             elif summary.valid == 0:
                 reasons.append(
-                    "the file has no valid request line" + (f"; first problem: line {summary.errors[0].line}: "
-                                                            f"{summary.errors[0].message}" if summary.errors else
-                                                            " (it is empty)")
+                    "the file has no valid request line"
+                    + (
+                        f"; first problem: line {summary.errors[0].line}: {summary.errors[0].message}"
+                        if summary.errors
+                        else " (it is empty)"
+                    )
                 )
         spec.rejected = reasons
         spec.outbox = self._outbox_folder(name, job_id)
@@ -142,8 +152,14 @@ class Claimer:
             self._dedupe(spec)
             tasks = self.journal.create(spec)
             write_batch_json(self.journal, spec, tasks)
-            log.info("took %s as %s: %d lines for %s -> outbox/%s/", rel_source, job_id, spec.total,
-                     ", ".join(spec.models), spec.outbox)
+            log.info(
+                "took %s as %s: %d lines for %s -> outbox/%s/",
+                rel_source,
+                job_id,
+                spec.total,
+                ", ".join(spec.models),
+                spec.outbox,
+            )
         (self.layout.claims / f"{job_id}.json").unlink(missing_ok=True)
         fsync_dir(self.layout.claims)
         return spec
@@ -196,5 +212,7 @@ class Claimer:
 
 def record_completed(journal: Journal, spec: JobSpec) -> None:
     """Index a completed job for dedupe."""
-    write_json(journal.layout.dedupe / f"{dedupe_key(spec.sha256, spec.models)}.json",
-               {"job_id": spec.id, "status": Status.COMPLETED.value})
+    write_json(
+        journal.layout.dedupe / f"{dedupe_key(spec.sha256, spec.models)}.json",
+        {"job_id": spec.id, "status": Status.COMPLETED.value},
+    )

@@ -34,7 +34,7 @@ def read_manifest(path: Path) -> Manifest | str:
         kind = "JSON" if path.name.endswith(".json") else "YAML"
         return f"manifest {path.name} is not valid {kind} ({str(exc).splitlines()[0][:120]})"
     if not isinstance(raw, dict):
-        return f"manifest {path.name} must be an object like {{\"models\": [\"tiny-llama\"]}}"
+        return f'manifest {path.name} must be an object like {{"models": ["tiny-llama"]}}'
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:

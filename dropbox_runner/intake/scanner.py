@@ -62,8 +62,13 @@ def _regular(path: Path) -> os.stat_result | None:
 
 
 class Scanner:
-    def __init__(self, inbox: Path, settings: Settings, known_models: list[str],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        settings: Settings,
+        known_models: list[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.inbox = inbox
         self.settings = settings
         self.known_models = known_models
@@ -144,7 +149,8 @@ class Scanner:
                 continue
             if self.settings.require_ready_marker and not (path.parent / f"{path.name}.ready").exists():
                 continue
-            drop = self._decide(path, folder, manifest, now - w.first_seen)
+            # The grace counts from the file's last change, so a restart does not start it over.
+            drop = self._decide(path, folder, manifest, time.time() - st.st_mtime)
             if drop is not None:
                 ready.append(drop)
         for gone in set(self._watch) - alive:
@@ -154,15 +160,23 @@ class Scanner:
     def _decide(self, path: Path, folder: str | None, manifest: Path | None, age: float) -> Drop | None:
         if folder is not None and folder not in self.known_models:
             known = ", ".join(self.known_models) or "none"
-            return Drop(path, folder, manifest,
-                        f"inbox/{folder}/ is not a model of models.yaml (known models: {known})")
+            return Drop(
+                path,
+                folder,
+                manifest,
+                f"inbox/{folder}/ is not a model of models.yaml (known models: {known})",
+            )
         if folder is None and manifest is None:
             if age < self.settings.manifest_grace_seconds:
                 return None
-            return Drop(path, None, None,
-                        f"{path.name} was dropped at the top of the inbox without a manifest; put it in "
-                        f"inbox/<model>/ or add {path.name[:-6]}.manifest.json with "
-                        '{"models": ["<model>", ...]}')
+            return Drop(
+                path,
+                None,
+                None,
+                f"{path.name} was dropped at the top of the inbox without a manifest; put it in "
+                f"inbox/<model>/ or add {path.name[:-6]}.manifest.json with "
+                '{"models": ["<model>", ...]}',
+            )
         return Drop(path, folder, manifest)
 
     def forget(self, path: Path) -> None:

@@ -42,10 +42,15 @@ def publish_compare(journal: Journal, spec: JobSpec) -> None:
         files = {m: stack.enter_context(open(p, "rb")) for m, p in paths.items()}
         for rows in zip(*files.values(), strict=False):
             parsed = [orjson.loads(r) for r in rows]
-            out.write(orjson.dumps({
-                "custom_id": next((p.get("custom_id") for p in parsed if p.get("custom_id")), None),
-                "answers": {m: answer_of(p) for m, p in zip(files, parsed, strict=True)},
-            }) + b"\n")
+            out.write(
+                orjson.dumps(
+                    {
+                        "custom_id": next((p.get("custom_id") for p in parsed if p.get("custom_id")), None),
+                        "answers": {m: answer_of(p) for m, p in zip(files, parsed, strict=True)},
+                    }
+                )
+                + b"\n"
+            )
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, out_dir / "compare.jsonl")

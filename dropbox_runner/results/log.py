@@ -45,7 +45,14 @@ def read_marker(log_path: Path) -> Marker | None:
 
 def encode_record(index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload)
-    return b"%d %s %d %d %08x %s\n" % (index, b"o" if ok else b"e", prompt_tokens, completion_tokens, crc, payload)
+    return b"%d %s %d %d %08x %s\n" % (
+        index,
+        b"o" if ok else b"e",
+        prompt_tokens,
+        completion_tokens,
+        crc,
+        payload,
+    )
 
 
 @dataclass(slots=True)
@@ -158,7 +165,9 @@ class ResultLog:
         return rec
 
     # -- writing --------------------------------------------------------------------------------
-    def append(self, index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes) -> None:
+    def append(
+        self, index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes
+    ) -> None:
         """Buffer one result; it becomes durable at the next commit."""
         data = encode_record(index, ok, prompt_tokens, completion_tokens, payload)
         with self._io_lock:
@@ -183,7 +192,7 @@ class ResultLog:
             os.lseek(self._fd, self.marker.bytes, os.SEEK_SET)
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
             m = self.marker
             m.bytes += len(data)
@@ -240,7 +249,9 @@ def rewrite_without_failures(path: Path, total: int) -> int:
             f.flush()
             os.fsync(f.fileno())
         m = Marker(
-            bytes=fresh.stat().st_size, count=len(kept), started_at=log.marker.started_at,
+            bytes=fresh.stat().st_size,
+            count=len(kept),
+            started_at=log.marker.started_at,
             prompt_tokens=sum(r.prompt_tokens for r in kept),
             completion_tokens=sum(r.completion_tokens for r in kept),
         )

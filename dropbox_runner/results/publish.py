@@ -110,7 +110,8 @@ def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[
         "output_file": f"{task.model}.jsonl",
         "error_file": f"{task.model}.errors.jsonl",
         "usage": {
-            "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
             "total_tokens": m.prompt_tokens + m.completion_tokens,
         },
         "tokens_per_second": round(tps, 2),
@@ -135,13 +136,19 @@ def batch_object(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> di
             counts[k] += entry["request_counts"][k]
     if spec.rejected:
         counts = {"total": spec.total, "completed": 0, "failed": spec.total}
-    done_at = max((t.completed_at or 0 for t in tasks), default=0) or (spec.created_at if spec.rejected else None)
+    done_at = max((t.completed_at or 0 for t in tasks), default=0) or (
+        spec.created_at if spec.rejected else None
+    )
     starts = [t.in_progress_at for t in tasks if t.in_progress_at]
     errors = [{"code": "invalid_file", "message": r, "line": None} for r in spec.rejected]
     errors += spec.line_errors
     return {
-        "id": spec.id, "object": "batch", "endpoint": None, "input_file": f"{spec.name}.jsonl",
-        "completion_window": "24h", "status": status.value,
+        "id": spec.id,
+        "object": "batch",
+        "endpoint": None,
+        "input_file": f"{spec.name}.jsonl",
+        "completion_window": "24h",
+        "status": status.value,
         "output_folder": spec.outbox,
         "created_at": int(spec.created_at),
         "in_progress_at": _int(min(starts)) if starts else None,
@@ -149,7 +156,8 @@ def batch_object(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> di
         "completed_at": _int(done_at) if status == Status.COMPLETED else None,
         "failed_at": _int(done_at) if status == Status.FAILED else None,
         "cancelled_at": _int(done_at) if status == Status.CANCELLED else None,
-        "expires_at": None, "expired_at": None,
+        "expires_at": None,
+        "expired_at": None,
         "request_counts": counts,
         "models": models,
         "metadata": spec.metadata,
@@ -159,7 +167,9 @@ def batch_object(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> di
     }
 
 
-def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord] | None = None) -> dict[str, Any]:
+def write_batch_json(
+    journal: Journal, spec: JobSpec, tasks: list[TaskRecord] | None = None
+) -> dict[str, Any]:
     obj = batch_object(journal, spec, tasks if tasks is not None else journal.tasks(spec))
     out_dir = journal.layout.outbox / spec.outbox
     out_dir.mkdir(parents=True, exist_ok=True)

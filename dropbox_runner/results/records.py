@@ -17,29 +17,46 @@ def request_ids(job_id: str, model: str, index: int) -> tuple[str, str]:
 
 
 def success_line(custom_id: str, body: dict[str, Any], ids: tuple[str, str]) -> bytes:
-    return orjson.dumps({
-        "id": ids[0], "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": ids[1], "body": body},
-        "error": None,
-    })
+    return orjson.dumps(
+        {
+            "id": ids[0],
+            "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": ids[1], "body": body},
+            "error": None,
+        }
+    )
 
 
 def error_line(
-    custom_id: str | None, status_code: int, message: str, ids: tuple[str, str], *,
-    type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+    custom_id: str | None,
+    status_code: int,
+    message: str,
+    ids: tuple[str, str],
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
 ) -> bytes:
-    return orjson.dumps({
-        "id": ids[0], "custom_id": custom_id,
-        "response": {
-            "status_code": status_code, "request_id": ids[1],
-            "body": {"error": {"message": message, "type": type, "param": param, "code": code}},
-        },
-        "error": None,
-    })
+    return orjson.dumps(
+        {
+            "id": ids[0],
+            "custom_id": custom_id,
+            "response": {
+                "status_code": status_code,
+                "request_id": ids[1],
+                "body": {"error": {"message": message, "type": type, "param": param, "code": code}},
+            },
+            "error": None,
+        }
+    )
 
 
 def failure_line(custom_id: str | None, code: str, message: str, ids: tuple[str, str]) -> bytes:
-    return orjson.dumps({
-        "id": ids[0], "custom_id": custom_id, "response": None,
-        "error": {"code": code, "message": message},
-    })
+    return orjson.dumps(
+        {
+            "id": ids[0],
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    )

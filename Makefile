@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each makes .venv if missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-fast lint format bench docs clean-demo
+
+$(STAMP):
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
+	# The torchvision/torchaudio/torchcodec pip brings are built for another torch and break imports.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/dropbox-runner init
+	cp examples/compare.manifest.json inbox/
+	cp examples/compare.jsonl inbox/
+	cp examples/tiny-llama/chat.jsonl inbox/tiny-llama/
+	cp examples/minilm/sentences.jsonl inbox/minilm/
+	$(BIN)/dropbox-runner run --once
+	$(BIN)/dropbox-runner status
+	@echo
+	@echo "Results are in outbox/: one folder per drop, one <model>.jsonl per model, batch.json for the job."
+	@ls -d outbox/*/ | sed 's/^/  /'
+
+test: install lint
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not vllm"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+docs: install
+	$(PY) -m dropbox_runner.clidoc > docs/cli.md
+
+bench: install
+	$(PY) bench/run.py

@@ -1,0 +1,117 @@
+"""Shared fixtures: a fresh root per test (echo models), helpers to drop files and run the daemon.
+
+The daemon runs as a real subprocess (`python -m dropbox_runner run`), as users run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ECHO_YAML = """
+settings:
+  settle_seconds: 0.2
+  rescan_seconds: 5
+  commit_interval_ms: 50
+  manifest_grace_seconds: 1
+models:
+  echo: {engine: echo}
+  echo2: {engine: echo}
+  slow: {engine: echo, engine_args: {delay_ms: 2, max_in_flight: 64}}
+  crashy: {engine: echo, engine_args: {crash_on: POISON, max_in_flight: 8}}
+"""
+
+
+def chat_line(i: int, text: str | None = None, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": text or f"question number {i}"}], **body},
+    }
+
+
+def write_jsonl(path: Path, lines: Iterable[dict[str, Any] | str | bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write(line if isinstance(line, bytes) else line.encode())
+            f.write(b"\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def daemon_cmd(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "dropbox_runner", "run", "--root", str(root), *args]
+
+
+def run_once(root: Path, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(daemon_cmd(root, "--once", *args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+class Daemon:
+    """A daemon started in the background for the length of a test."""
+
+    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
+        self.root = root
+        self.log = open(root / "daemon.test.log", "ab")
+        self.proc = subprocess.Popen(daemon_cmd(root, *args), stdout=self.log, stderr=self.log,
+                                     env={**os.environ, **(env or {})})
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return (self.root / "daemon.test.log").read_text(errors="replace")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 60, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+
+
+def batch_json(root: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / "outbox" / name / "batch.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def finished(root: Path, name: str) -> bool:
+    b = batch_json(root, name)
+    return bool(b and b["status"] in ("completed", "failed", "cancelled"))
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    (r / "models.yaml").write_text(ECHO_YAML)
+    for d in ("inbox/echo", "inbox/echo2", "inbox/slow", "inbox/crashy", "outbox", "state"):
+        (r / d).mkdir(parents=True)
+    monkeypatch.setenv("DROPBOX_RUNNER_ROOT", str(r))
+    return r
