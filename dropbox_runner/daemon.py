@@ -26,7 +26,7 @@ from dropbox_runner.intake.watcher import Watcher, should_poll
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status
-from dropbox_runner.results.log import read_marker
+from dropbox_runner.results.log import read_fed_mark, read_marker
 from dropbox_runner.results.publish import write_batch_json
 from dropbox_runner.supervisor import ModelProcess
 
@@ -302,6 +302,7 @@ class Daemon:
     def _load(self, model: str) -> None:
         log.info("loading %s", model)
         self.proc = ModelProcess(self.layout, model, self.registry.models[model])
+        self._snapshot(force=True)
 
     def _end_model(self, why: str) -> None:
         proc, self.proc = self.proc, None
@@ -327,7 +328,7 @@ class Daemon:
                     "defaults": [spec.defaults, model.defaults],
                     "commit_interval_ms": self.settings.commit_interval_ms,
                     "poison": task.poison,
-                    "isolate": task.isolate,
+                    "isolate_until": task.isolate_until,
                 },
             }
         )
@@ -342,6 +343,10 @@ class Daemon:
             if self.proc is not proc:
                 return
         if not proc.alive() and self.proc is proc:
+            for ev in proc.drain():
+                self._event(ev)
+                if self.proc is not proc:
+                    return
             self._model_died()
 
     def _event(self, ev: dict) -> None:
@@ -353,6 +358,7 @@ class Daemon:
                 ev["capacity"],
             )
             log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev["load_seconds"], ev["capacity"])
+            self._snapshot(force=True)
             if self.current is not None and not self.stopping:
                 self._send_run()
         elif kind == "load_failed":
@@ -405,7 +411,7 @@ class Daemon:
     def _finish_current(self, outcome: Status, error: str | None = None) -> None:
         task, spec = self.current, self.current_spec
         self.current = self.current_spec = None
-        task.isolate = 0
+        task.isolate_until = -1
         control.finalize_task(self.journal, spec, task, outcome, error)
 
     def _requeue_current(self, why: str) -> None:
@@ -445,14 +451,17 @@ class Daemon:
         log.error(
             "the model process of %s %s during %s (crash %d)", proc.name, why, task.job_id, task.crashes
         )
-        if self.last_running is not None and task.isolate:
+        if self.last_running is not None and self.last_running <= task.isolate_until:
             task.poison.append(self.last_running)
             log.error(
                 "line %d of %s crashed the model process twice; it fails alone with engine_crash",
                 self.last_running,
                 task.job_id,
             )
-        task.isolate = max(proc.capacity, 1)
+        else:
+            # Every line fed before the crash is a suspect: run them one at a time next.
+            fed = read_fed_mark(self.journal.log_path(task.job_id, task.model))
+            task.isolate_until = max(task.isolate_until, fed)
         if task.crashes > MAX_CRASHES_WITHOUT_PROGRESS + len(task.poison):
             self._finish_current(Status.FAILED, f"the model process crashed {task.crashes} times ({why})")
             return

@@ -57,9 +57,8 @@ class TaskRecord(BaseModel):
     load_seconds: float | None = None
     error: str | None = None
     crashes: int = 0
-    suspect_crashes: dict[int, int] = Field(default_factory=dict)
     poison: list[int] = Field(default_factory=list)
-    isolate: int = 0
+    isolate_until: int = -1  # after a crash: run lines one at a time up to this index, to find the culprit
     retries: int = 0
     outcome: Status | None = None  # the final status publishing is for (kept across a crash)
 

@@ -89,6 +89,20 @@ class ModelProcess:
         *lines, self._buffer = self._buffer.split(b"\n")
         return [orjson.loads(line) for line in lines if line]
 
+    def drain(self) -> list[dict[str, Any]]:
+        """Every event still in the pipe of a process that has ended (it may have written just before)."""
+        events: list[dict[str, Any]] = []
+        while True:
+            ready, _, _ = select.select([self._events], [], [], 0.5)
+            if not ready:
+                return events
+            chunk = os.read(self._events.fileno(), 1 << 16)
+            if not chunk:
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return events + [orjson.loads(line) for line in lines if line]
+
     def exit_description(self) -> str:
         code = self.proc.poll()
         if code is None:

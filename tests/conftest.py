@@ -27,13 +27,16 @@ models:
   echo: {engine: echo}
   echo2: {engine: echo}
   slow: {engine: echo, engine_args: {delay_ms: 2, max_in_flight: 64}}
+  paced: {engine: echo, engine_args: {delay_ms: 10, max_in_flight: 16}}
   crashy: {engine: echo, engine_args: {crash_on: POISON, max_in_flight: 8}}
 """
 
 
 def chat_line(i: int, text: str | None = None, **body: Any) -> dict[str, Any]:
     return {
-        "custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "custom_id": f"q-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
         "body": {"messages": [{"role": "user", "content": text or f"question number {i}"}], **body},
     }
 
@@ -57,9 +60,16 @@ def daemon_cmd(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "dropbox_runner", "run", "--root", str(root), *args]
 
 
-def run_once(root: Path, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(daemon_cmd(root, "--once", *args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run_once(
+    root: Path, *args: str, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        daemon_cmd(root, "--once", *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -70,8 +80,9 @@ class Daemon:
     def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
         self.root = root
         self.log = open(root / "daemon.test.log", "ab")
-        self.proc = subprocess.Popen(daemon_cmd(root, *args), stdout=self.log, stderr=self.log,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            daemon_cmd(root, *args), stdout=self.log, stderr=self.log, env={**os.environ, **(env or {})}
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)
@@ -111,7 +122,7 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     r = tmp_path / "root"
     r.mkdir()
     (r / "models.yaml").write_text(ECHO_YAML)
-    for d in ("inbox/echo", "inbox/echo2", "inbox/slow", "inbox/crashy", "outbox", "state"):
+    for d in ("inbox/echo", "inbox/echo2", "inbox/slow", "inbox/crashy", "inbox/paced", "outbox", "state"):
         (r / d).mkdir(parents=True)
     monkeypatch.setenv("DROPBOX_RUNNER_ROOT", str(r))
     return r

@@ -14,17 +14,20 @@ from dropbox_runner.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("yaml_text", "expected"), [
-    ("models:\n  a: {engine: echo, colour: red}\n", "models.a.colour: unknown key"),
-    ("models:\n  'bad name!': {engine: echo}\n", "models.bad name!: bad model name"),
-    ("models:\n  a: {engine: tensorrt}\n", "models.a.engine: Input should be 'vllm' or 'echo'"),
-    ("models:\n  a: {path: /nowhere/at/all}\n", "models.a.path: '/nowhere/at/all' does not exist"),
-    ("models:\n  a: {engine: vllm}\n", "models.a.path: missing"),
-    ("settings: {settle_seconds: -1}\nmodels: {}\n", "settings.settle_seconds: Input should be greater"),
-    ("settings: {colour: red}\n", "settings.colour: unknown key"),
-    ("models: [1, 2\n", "not valid YAML"),
-    ("models:\n  a: {engine: echo, engine_args: {temperature: 3}}\n", "models.a.engine_args.temperature"),
-])
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("models:\n  a: {engine: echo, colour: red}\n", "models.a.colour: unknown key"),
+        ("models:\n  'bad name!': {engine: echo}\n", "models.bad name!: bad model name"),
+        ("models:\n  a: {engine: tensorrt}\n", "models.a.engine: Input should be 'vllm' or 'echo'"),
+        ("models:\n  a: {path: /nowhere/at/all}\n", "models.a.path: '/nowhere/at/all' does not exist"),
+        ("models:\n  a: {engine: vllm}\n", "models.a.path: missing"),
+        ("settings: {settle_seconds: -1}\nmodels: {}\n", "settings.settle_seconds: Input should be greater"),
+        ("settings: {colour: red}\n", "settings.colour: unknown key"),
+        ("models: [1, 2\n", "not valid YAML"),
+        ("models:\n  a: {engine: echo, engine_args: {temperature: 3}}\n", "models.a.engine_args.temperature"),
+    ],
+)
 def test_bad_models_yaml_names_file_and_key(tmp_path: Path, yaml_text: str, expected: str) -> None:
     (tmp_path / "models.yaml").write_text(yaml_text)
     with pytest.raises(ConfigError) as err:
@@ -35,8 +38,12 @@ def test_bad_models_yaml_names_file_and_key(tmp_path: Path, yaml_text: str, expe
 
 def test_daemon_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("models:\n  a: {engine: echo, colour: red}\n")
-    proc = subprocess.run([sys.executable, "-m", "dropbox_runner", "run", "--once", "--root", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dropbox_runner", "run", "--once", "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "models.a.colour: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr

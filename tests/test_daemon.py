@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from conftest import Daemon, batch_json, chat_line, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def test_model_folder_drop_is_answered_in_input_order(root: Path) -> None:
@@ -27,8 +27,16 @@ def test_model_folder_drop_is_answered_in_input_order(root: Path) -> None:
 
 
 def test_bad_lines_fail_in_place_and_the_rest_runs(root: Path) -> None:
-    lines = [chat_line(0), "{not json", {"custom_id": "x", "url": "/v1/nope", "body": {}}, chat_line(1),
-             chat_line(1), chat_line(2, max_tokens=-3), "", {"url": "/v1/completions", "body": {"prompt": "a"}}]
+    lines = [
+        chat_line(0),
+        "{not json",
+        {"custom_id": "x", "url": "/v1/nope", "body": {}},
+        chat_line(1),
+        chat_line(1),
+        chat_line(2, max_tokens=-3),
+        "",
+        {"url": "/v1/completions", "body": {"prompt": "a"}},
+    ]
     write_jsonl(root / "inbox/echo/mixed.jsonl", lines)
     run_once(root)
     out = read_jsonl(root / "outbox/mixed/echo.jsonl")
@@ -47,8 +55,11 @@ def test_bad_lines_fail_in_place_and_the_rest_runs(root: Path) -> None:
 
 
 def test_manifest_fans_out_to_models_that_align_and_compare(root: Path) -> None:
-    (root / "inbox/pair.manifest.json").write_text(json.dumps({
-        "models": ["echo", "echo2"], "defaults": {"max_tokens": 2}, "metadata": {"team": "search"}}))
+    (root / "inbox/pair.manifest.json").write_text(
+        json.dumps(
+            {"models": ["echo", "echo2"], "defaults": {"max_tokens": 2}, "metadata": {"team": "search"}}
+        )
+    )
     write_jsonl(root / "inbox/pair.jsonl", [chat_line(0), "garbage", chat_line(2, max_tokens=3)])
     run_once(root)
     a = read_jsonl(root / "outbox/pair/echo.jsonl")
@@ -58,8 +69,10 @@ def test_manifest_fans_out_to_models_that_align_and_compare(root: Path) -> None:
     assert a[2]["response"]["body"]["usage"]["completion_tokens"] == 3, "the line's body wins"
     assert b[0]["response"]["body"]["model"] == "echo2"
     compare = read_jsonl(root / "outbox/pair/compare.jsonl")
-    assert compare[0] == {"custom_id": "q-0", "answers": {"echo": {"text": "echo: question"},
-                                                          "echo2": {"text": "echo: question"}}}
+    assert compare[0] == {
+        "custom_id": "q-0",
+        "answers": {"echo": {"text": "echo: question"}, "echo2": {"text": "echo: question"}},
+    }
     assert "error" in compare[1]["answers"]["echo"]
     batch = batch_json(root, "pair")
     assert batch["metadata"] == {"team": "search"}
@@ -77,7 +90,9 @@ def test_repeat_names_get_numbered_folders_and_identical_drops_are_deduped(root:
     assert "loading echo" not in proc.stderr, "a deduped drop does not load the model"
     first = read_jsonl(root / "outbox/same/echo.jsonl")
     second = read_jsonl(root / "outbox/same.2/echo.jsonl")
-    assert [x["response"]["body"]["choices"] for x in first] == [x["response"]["body"]["choices"] for x in second]
+    assert [x["response"]["body"]["choices"] for x in first] == [
+        x["response"]["body"]["choices"] for x in second
+    ]
     assert batch_json(root, "same.2")["status"] == "completed"
     assert batch_json(root, "same.2")["dedupe_of"] == batch_json(root, "same")["id"]
 
@@ -117,8 +132,12 @@ def test_second_daemon_exits_naming_the_first(root: Path) -> None:
     first = Daemon(root)
     try:
         wait_for(lambda: (root / "state/status.json").exists(), what="first daemon up")
-        second = subprocess.run([sys.executable, "-m", "dropbox_runner", "run", "--root", str(root)],
-                                capture_output=True, text=True, timeout=30)
+        second = subprocess.run(
+            [sys.executable, "-m", "dropbox_runner", "run", "--root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert second.returncode == 1
         assert f"pid {first.proc.pid}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -127,19 +146,21 @@ def test_second_daemon_exits_naming_the_first(root: Path) -> None:
 
 
 def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path) -> None:
-    write_jsonl(root / "inbox/slow/long.jsonl", [chat_line(i) for i in range(3000)])
+    write_jsonl(root / "inbox/paced/long.jsonl", [chat_line(i) for i in range(3000)])
     d = Daemon(root)
-    wait_for(lambda: (batch_json(root, "long") or {}).get("request_counts", {}).get("completed", 0) > 200,
-             what="progress")
+    wait_for(
+        lambda: (batch_json(root, "long") or {}).get("request_counts", {}).get("completed", 0) > 200,
+        what="progress",
+    )
     assert d.kill(signal.SIGTERM) == 0
     assert "stopped" in d.output()
-    task = json.loads(next((root / "state/jobs").glob("*/slow.task.json")).read_text())
+    task = json.loads(next((root / "state/jobs").glob("*/paced.task.json")).read_text())
     assert task["status"] == "queued"
-    marker = json.loads(next((root / "state/jobs").glob("*/slow.marker")).read_text())
+    marker = json.loads(next((root / "state/jobs").glob("*/paced.marker")).read_text())
     assert 0 < marker["count"] < 3000
     proc = run_once(root)
     assert f"after {marker['count']} committed results" in proc.stderr
-    out = read_jsonl(root / "outbox/long/slow.jsonl")
+    out = read_jsonl(root / "outbox/long/paced.jsonl")
     assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(3000)]
 
 
@@ -161,6 +182,7 @@ def test_status_follows_a_running_job(root: Path) -> None:
     write_jsonl(root / "inbox/slow/watch.jsonl", [chat_line(i) for i in range(4000)])
     d = Daemon(root)
     try:
+
         def done() -> int:
             doc = json.loads(CliRunner().invoke(main, ["status", "--json"]).output)
             jobs = [j for j in doc["jobs"] if j["name"] == "watch"]

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+
 from dropbox_runner.config import Settings
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import filesystem_type, should_poll
@@ -51,8 +51,16 @@ def test_ignored_names_and_non_regular_files(tmp_path: Path) -> None:
     (tmp_path / "echo").mkdir()
     outside = tmp_path.parent / f"{tmp_path.name}-outside.jsonl"
     outside.write_text("{}\n")
-    names = [".a.jsonl.XyZ123", "b.jsonl.tmp", "c.jsonl.part", "d.partial", "e.filepart", "f.jsonl~",
-             ".hidden.jsonl", "notes.txt"]
+    names = [
+        ".a.jsonl.XyZ123",
+        "b.jsonl.tmp",
+        "c.jsonl.part",
+        "d.partial",
+        "e.filepart",
+        "f.jsonl~",
+        ".hidden.jsonl",
+        "notes.txt",
+    ]
     for n in names:
         (tmp_path / "echo" / n).write_text("{}\n")
     (tmp_path / "echo/link.jsonl").symlink_to(outside)
@@ -89,7 +97,9 @@ def test_filesystem_type_from_mountinfo(tmp_path: Path) -> None:
     assert should_poll(True, Path("/")) and not should_poll(False, Path("/"))
 
 
-def test_slow_cp_rsync_rename_mv_and_stalled_writer_are_each_taken_once_whole(root: Path, tmp_path: Path) -> None:
+def test_slow_cp_rsync_rename_mv_and_stalled_writer_are_each_taken_once_whole(
+    root: Path, tmp_path: Path
+) -> None:
     lines = [json.dumps(chat_line(i)) + "\n" for i in range(400)]
     d = Daemon(root, "--settle", "0.6")
     try:
@@ -112,8 +122,10 @@ def test_slow_cp_rsync_rename_mv_and_stalled_writer_are_each_taken_once_whole(ro
                     if i % pause_every == 0:
                         time.sleep(pause)
 
-        writers = [threading.Thread(target=slow, args=("slowcp", 20, 0.02)),
-                   threading.Thread(target=slow, args=("stall", 200, 0.3))]
+        writers = [
+            threading.Thread(target=slow, args=("slowcp", 20, 0.02)),
+            threading.Thread(target=slow, args=("stall", 200, 0.3)),
+        ]
         for w in writers:
             w.start()
         for w in writers:
@@ -171,8 +183,12 @@ def test_crash_between_claim_steps_loses_and_duplicates_nothing(root: Path, step
     import sys
 
     write_jsonl(root / "inbox/echo/c.jsonl", [chat_line(i) for i in range(10)])
-    proc = subprocess.run([sys.executable, "-m", "dropbox_runner", "run", "--once", "--root", str(root)],
-                          env={**os.environ, "DROPBOX_RUNNER_CRASH_AT": step}, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dropbox_runner", "run", "--once", "--root", str(root)],
+        env={**os.environ, "DROPBOX_RUNNER_CRASH_AT": step},
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 137
     run_once(root)
     assert [p.name for p in (root / "outbox").iterdir()] == ["c"]

@@ -38,7 +38,7 @@ def test_torn_last_record_is_cut_and_said(tmp_path: Path) -> None:
     p = tmp_path / "m.log"
     fill(p, range(20))
     with open(p, "ab") as f:
-        f.write(b"20 o 3 5 deadbeef {\"i\": 2")  # a write cut by a crash, past the marker
+        f.write(b'20 o 3 5 deadbeef {"i": 2')  # a write cut by a crash, past the marker
     log, notes = reopen(p)
     assert sum(log.done) == 20 and "uncommitted" in notes[0]
     assert p.stat().st_size == read_marker(p).bytes

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dropbox_runner.requests import IdSet, LineError, Request, RawLine, iter_raw_lines, parse_line
+from dropbox_runner.requests import IdSet, LineError, RawLine, Request, iter_raw_lines, parse_line
 
 
 def parse(obj: object, defaults: tuple = ()) -> Request | LineError:
@@ -16,26 +16,39 @@ def parse(obj: object, defaults: tuple = ()) -> Request | LineError:
 
 
 def chat(**body: object) -> dict:
-    return {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"messages": [{"role": "user", "content": "hi"}], **body}}
+    return {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "hi"}], **body},
+    }
 
 
 def test_bom_crlf_and_blank_lines() -> None:
-    data = b"\xef\xbb\xbf" + json.dumps(chat()).encode() + b"\r\n\r\n   \n" + json.dumps(chat()).encode() + b"\r\n"
+    data = (
+        b"\xef\xbb\xbf"
+        + json.dumps(chat()).encode()
+        + b"\r\n\r\n   \n"
+        + json.dumps(chat()).encode()
+        + b"\r\n"
+    )
     raws = list(iter_raw_lines(io.BytesIO(data)))
     assert [(r.index, r.line) for r in raws] == [(0, 1), (1, 4)]
     assert isinstance(parse(raws[0].data), Request)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"n": 10_000}, "n"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"stream": True}, "stream"),
-    ({"response_format": {"type": "yaml"}}, "response_format"),
-    ({"stop": 5}, "stop"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"n": 10_000}, "n"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"stream": True}, "stream"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"stop": 5}, "stop"),
+    ],
+)
 def test_fields_that_cannot_be_honoured_fail_naming_the_field(body: dict, param: str) -> None:
     result = parse(chat(**body))
     assert isinstance(result, LineError)
@@ -43,12 +56,16 @@ def test_fields_that_cannot_be_honoured_fail_naming_the_field(body: dict, param:
 
 
 def test_informational_and_vllm_extra_fields_are_accepted() -> None:
-    result = parse(chat(user="u1", metadata={"k": "v"}, store=False, ignore_eos=True, min_tokens=2, model="x"))
+    result = parse(
+        chat(user="u1", metadata={"k": "v"}, store=False, ignore_eos=True, min_tokens=2, model="x")
+    )
     assert isinstance(result, Request)
 
 
 def test_defaults_fill_missing_fields_only() -> None:
-    result = parse(chat(max_tokens=5), ({"max_tokens": 9, "temperature": 0.5}, {"temperature": 0, "top_k": 3}))
+    result = parse(
+        chat(max_tokens=5), ({"max_tokens": 9, "temperature": 0.5}, {"temperature": 0, "top_k": 3})
+    )
     assert isinstance(result, Request)
     assert result.body["max_tokens"] == 5
     assert result.body["temperature"] == 0.5
@@ -60,16 +77,19 @@ def test_embedding_lines_ignore_generation_defaults() -> None:
     assert isinstance(parse(line, ({"max_tokens": 3},)), Request)
 
 
-@pytest.mark.parametrize(("obj", "needle"), [
-    (b"{", "not valid JSON"),
-    (b"[1]", "JSON object"),
-    ({"url": "/v1/completions", "body": {"prompt": "x"}}, "custom_id"),
-    ({"custom_id": "a", "url": "/v1/images", "body": {}}, "unknown url"),
-    ({"custom_id": "a", "url": "/v1/completions"}, "no `body`"),
-    ({"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": []}}, "non-empty"),
-    ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}, "POST"),
-    (b'{"custom_id": "a", "body": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("obj", "needle"),
+    [
+        (b"{", "not valid JSON"),
+        (b"[1]", "JSON object"),
+        ({"url": "/v1/completions", "body": {"prompt": "x"}}, "custom_id"),
+        ({"custom_id": "a", "url": "/v1/images", "body": {}}, "unknown url"),
+        ({"custom_id": "a", "url": "/v1/completions"}, "no `body`"),
+        ({"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": []}}, "non-empty"),
+        ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}, "POST"),
+        (b'{"custom_id": "a", "body": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "not valid JSON"),
+    ],
+)
 def test_bad_lines_get_a_clear_message(obj: object, needle: str) -> None:
     result = parse(obj)
     assert isinstance(result, LineError)

@@ -26,6 +26,9 @@ from dropbox_runner.results.records import error_line, failure_line, request_ids
 log = logging.getLogger("dropbox_runner.worker")
 
 
+POISON_MESSAGE = "this request crashed the model process twice; it was not run again"
+
+
 class Channel:
     """Events to the daemon, one JSON object per line on an inherited pipe."""
 
@@ -97,7 +100,7 @@ class TaskRun:
         self.job_id: str = task["job_id"]
         self.model: str = task["model"]
         self.defaults = tuple(task.get("defaults") or ())
-        self.isolate = int(task.get("isolate", 0))
+        self.isolate_until = int(task.get("isolate_until", -1))
         self.log = ResultLog(Path(task["log"]), int(task["total"]))
         self.interval = task["commit_interval_ms"] / 1000
         self.outcome = "completed"
@@ -109,14 +112,6 @@ class TaskRun:
         self.channel.send(
             "resumed", kept=recovery.kept, dropped_bytes=recovery.dropped_bytes, notes=recovery.notes
         )
-        for index in self.task.get("poison") or ():
-            if index < self.log.total and not self.log.done[index]:
-                self._record_failure(
-                    index,
-                    None,
-                    "engine_crash",
-                    "this request crashed the model process twice; it was not run again",
-                )
         committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         committer.start()
         try:
@@ -138,7 +133,8 @@ class TaskRun:
     def _feed(self) -> None:
         engine, done = self.engine, self.log.done
         seen = IdSet()
-        window = 1 if self.isolate else engine.capacity
+        poison = set(self.task.get("poison") or ())
+        window = 1 if self.isolate_until >= 0 else engine.capacity
         self.log.mark_started()
         with open(self.task["input"], "rb") as f:
             for raw in iter_raw_lines(f):
@@ -148,15 +144,18 @@ class TaskRun:
                 if isinstance(parsed, LineError):
                     self._record_line_error(parsed)
                     continue
+                if raw.index in poison:
+                    self._record_failure(raw.index, parsed.custom_id, "engine_crash", POISON_MESSAGE)
+                    continue
                 while engine.in_flight >= window:
                     self._collect()
                     if self._interrupted():
                         return
-                if self.isolate:
+                if raw.index <= self.isolate_until:
                     self.channel.send("running", index=raw.index)
-                    self.isolate -= 1
-                    if not self.isolate:
-                        window = engine.capacity
+                elif window == 1:
+                    window = engine.capacity
+                self.log.fed(raw.index)
                 self._submit(parsed)
                 if self._interrupted():
                     return
@@ -217,7 +216,7 @@ class TaskRun:
         payload = error_line(e.custom_id, 400, f"line {e.line}: {e.message}", ids, param=e.param, code=e.code)
         self.log.append(e.index, False, 0, 0, payload)
 
-    def _record_failure(self, index: int, custom_id: str | None, code: str, message: str) -> None:
+    def _record_failure(self, index: int, custom_id: str, code: str, message: str) -> None:
         payload = failure_line(custom_id, code, message, request_ids(self.job_id, self.model, index))
         self.log.append(index, False, 0, 0, payload)
 

@@ -7,7 +7,9 @@ committed byte length, so everything before it is durable and everything after i
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
+import struct
 import threading
 import time
 import zlib
@@ -41,6 +43,19 @@ def read_marker(log_path: Path) -> Marker | None:
         return Marker.model_validate_json(marker_path(log_path).read_bytes())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def fed_mark_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".fed")
+
+
+def read_fed_mark(log_path: Path) -> int:
+    """The highest line index the model process had handed to its engine (-1 if none)."""
+    try:
+        data = fed_mark_path(log_path).read_bytes()
+    except FileNotFoundError:
+        return -1
+    return struct.unpack("<q", data[:8])[0] if len(data) >= 8 else -1
 
 
 def encode_record(index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes) -> bytes:
@@ -126,6 +141,19 @@ class ResultLog:
         self._pending_stats = [0, 0, 0, 0]  # count, failed, prompt, completion
         self._io_lock = threading.Lock()
         self.closed = False
+        # The highest line fed to the engine, in a shared page: one memory store per request, no
+        # system call, and the daemon can still read it after this process is killed.
+        fed_fd = os.open(fed_mark_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fed_fd, 8)
+        self._fed = mmap.mmap(fed_fd, 8)
+        os.close(fed_fd)
+        self._fed_max = -1
+        self._fed[:8] = struct.pack("<q", -1)
+
+    def fed(self, index: int) -> None:
+        if index > self._fed_max:
+            self._fed_max = index
+            struct.pack_into("<q", self._fed, 0, index)
 
     # -- recovery -------------------------------------------------------------------------------
     def recover(self) -> Recovery:
@@ -222,6 +250,7 @@ class ResultLog:
         with self._io_lock:
             self.closed = True
             os.close(self._fd)
+            self._fed.close()
 
 
 def committed_records(path: Path) -> Iterator[Record]:
