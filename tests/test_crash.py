@@ -9,10 +9,10 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
-
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.supervisor import group_members
+
+from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def normalized(path: Path) -> list[dict]:
