@@ -90,7 +90,7 @@ def retry(journal: Journal, spec: JobSpec) -> list[str]:
         log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
         task.move(Status.QUEUED)
         task.retries += 1
-        task.crashes, task.poison, task.isolate_until = 0, [], -1
+        task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
         task.error = task.outcome = task.completed_at = None
         journal.save_task(task)
         journal.enqueue(task)

@@ -26,7 +26,7 @@ from dropbox_runner.intake.watcher import Watcher, should_poll
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status
-from dropbox_runner.results.log import read_fed_mark, read_marker
+from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
 from dropbox_runner.results.publish import write_batch_json
 from dropbox_runner.supervisor import ModelProcess
 
@@ -451,22 +451,36 @@ class Daemon:
         log.error(
             "the model process of %s %s during %s (crash %d)", proc.name, why, task.job_id, task.crashes
         )
-        if self.last_running is not None and self.last_running <= task.isolate_until:
-            task.poison.append(self.last_running)
-            log.error(
-                "line %d of %s crashed the model process twice; it fails alone with engine_crash",
-                self.last_running,
-                task.job_id,
-            )
-        else:
-            # Every line fed before the crash is a suspect: run them one at a time next.
-            fed = read_fed_mark(self.journal.log_path(task.job_id, task.model))
-            task.isolate_until = max(task.isolate_until, fed)
+        self._find_culprit(task)
         if task.crashes > MAX_CRASHES_WITHOUT_PROGRESS + len(task.poison):
             self._finish_current(Status.FAILED, f"the model process crashed {task.crashes} times ({why})")
             return
         self.journal.save_task(task)
         self._requeue_current("restarting the model process and resuming from the last commit")
+
+    def _find_culprit(self, task: TaskRecord) -> None:
+        """Narrow a crash down to one request without slowing down ordinary restarts.
+
+        A first crash restarts at full speed: most crashes (a kill, a passing OOM) are not the
+        request's fault. If the next crash comes before every line fed at the first one has a result,
+        those lines run one at a time; a crash while one runs alone fails that line by itself.
+        """
+        log_path = self.journal.log_path(task.job_id, task.model)
+        if self.last_running is not None and self.last_running <= task.isolate_until:
+            task.poison.append(self.last_running)
+            log.error(
+                "line %d of %s crashed the model process again, alone; it fails with engine_crash",
+                self.last_running,
+                task.job_id,
+            )
+            return
+        fed = read_fed_mark(log_path)
+        if 0 <= first_missing(log_path) <= task.suspect_until:
+            task.isolate_until = task.suspect_until
+            log.warning(
+                "lines up to %d were in flight at two crashes; running them one at a time", task.isolate_until
+            )
+        task.suspect_until = max(task.suspect_until, fed)
 
     # -- status snapshot ----------------------------------------------------------------------------
     def _snapshot(self, force: bool = False, stopped: bool = False) -> None:

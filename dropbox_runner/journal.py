@@ -58,6 +58,7 @@ class TaskRecord(BaseModel):
     error: str | None = None
     crashes: int = 0
     poison: list[int] = Field(default_factory=list)
+    suspect_until: int = -1  # lines up to this one were fed when the model process last crashed
     isolate_until: int = -1  # after a crash: run lines one at a time up to this index, to find the culprit
     retries: int = 0
     outcome: Status | None = None  # the final status publishing is for (kept across a crash)

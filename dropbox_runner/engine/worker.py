@@ -26,7 +26,9 @@ from dropbox_runner.results.records import error_line, failure_line, request_ids
 log = logging.getLogger("dropbox_runner.worker")
 
 
-POISON_MESSAGE = "this request crashed the model process twice; it was not run again"
+POISON_MESSAGE = (
+    "this request crashed the model process, alone, after crashing it in a batch; it was not run again"
+)
 
 
 class Channel:

@@ -264,6 +264,15 @@ def committed_records(path: Path) -> Iterator[Record]:
         yield r
 
 
+def first_missing(path: Path) -> int:
+    """The lowest line index without a committed result (the count if none is missing)."""
+    seen = sorted(r.index for r in committed_records(path))
+    for expected, index in enumerate(seen):
+        if index != expected:
+            return expected
+    return len(seen)
+
+
 def rewrite_without_failures(path: Path, total: int) -> int:
     """For retry: keep only successful records (under the log's lock), so failed lines run again."""
     log = ResultLog(path, total)
