@@ -8,9 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import importlib.util
-import json
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from dropbox_runner.config import EngineKind, ModelConfig, is_embedded_path, loa
 from dropbox_runner.errors import RunnerError
 from dropbox_runner.fsutil import fsync_dir, write_json
 from dropbox_runner.layout import Layout, resolve_root
+from dropbox_runner.memory import fit_problem, weight_bytes
 
 EXIT_FAILURE = 1
 
@@ -255,19 +254,6 @@ def retry(layout: Layout, ref: str) -> None:
     _job_operation(layout, ref, "retry")
 
 
-def safetensors_bytes(folder: Path) -> int:
-    """Weight bytes from the safetensors headers, without loading them."""
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        total += sum(
-            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
-        )
-    return total
-
-
 def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
     """A sentence saying why this entry cannot load, or None."""
     if model.engine == EngineKind.ECHO:
@@ -286,7 +272,7 @@ def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
         return f"{folder} has no config.json"
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         return f"{folder} has no weights (*.safetensors)"
-    return None
+    return fit_problem(name, folder, model.engine_args)
 
 
 @main.command()
@@ -305,7 +291,8 @@ def models(layout: Layout, check: bool) -> None:
                 line += f"  FAIL: {problem}"
             else:
                 resolved = resolve_model_path(layout.root, m)
-                size = safetensors_bytes(Path(resolved)) if resolved and Path(resolved).is_dir() else 0
+                folder = Path(resolved) if resolved else None
+                size = weight_bytes(folder, m.engine_args.get("dtype")) if folder and folder.is_dir() else 0
                 line += f"  ok{f' ({size / 2**20:.1f} MiB of weights)' if size else ''}"
         click.echo(line)
     if failed:

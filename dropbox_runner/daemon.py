@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from dropbox_runner import control, scheduler
-from dropbox_runner.config import Registry
+from dropbox_runner.config import EngineKind, Registry, resolve_model_path
 from dropbox_runner.errors import LockHeld, RunnerError
 from dropbox_runner.fsutil import read_json, read_json_or_none, write_json
 from dropbox_runner.intake.claim import Claimer
@@ -26,6 +26,7 @@ from dropbox_runner.intake.watcher import Watcher, should_poll
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status
+from dropbox_runner.memory import fit_problem, is_memory_failure
 from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
 from dropbox_runner.results.publish import write_batch_json
 from dropbox_runner.supervisor import ModelProcess
@@ -89,6 +90,7 @@ class Daemon:
         self.last_progress_log = 0.0
         self.recomputed_note: str | None = None
         self.swaps: list[dict] = []
+        self.memory_retry: dict[str, float] = {}
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -300,8 +302,18 @@ class Daemon:
         return True
 
     def _load(self, model: str) -> None:
+        config = self.registry.models[model]
+        if config.engine == EngineKind.VLLM:
+            folder = resolve_model_path(self.layout.root, config)
+            problem = fit_problem(model, Path(folder), config.engine_args) if folder else None
+            if problem:
+                self._fail_model(model, problem)
+                return
+            if model in self.memory_retry:
+                config = config.model_copy(deep=True)
+                config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
         log.info("loading %s", model)
-        self.proc = ModelProcess(self.layout, model, self.registry.models[model])
+        self.proc = ModelProcess(self.layout, model, config)
         self._snapshot(force=True)
 
     def _end_model(self, why: str) -> None:
@@ -426,7 +438,18 @@ class Daemon:
         log.error("%s could not load: %s", model, reason)
         self.proc.end(self.settings.stop_timeout_seconds)
         self.proc = None
-        message = f"the model {model} could not load: {reason}"
+        config = self.registry.models[model]
+        if is_memory_failure(reason) and model not in self.memory_retry and config.engine == EngineKind.VLLM:
+            util = float(config.engine_args.get("gpu_memory_utilization", 0.9)) * 0.7
+            self.memory_retry[model] = round(util, 3)
+            log.warning("retrying %s once with gpu_memory_utilization %.3f", model, util)
+            self._load(model)
+            return
+        self._fail_model(model, f"the model {model} could not load: {reason}")
+
+    def _fail_model(self, model: str, message: str) -> None:
+        """Fail the running task and every queued task of a model that cannot run; the queue moves on."""
+        log.error("failing the tasks of %s: %s", model, message)
         if self.current is not None:
             self._finish_current(Status.FAILED, message)
         for _, job_id, m in self.journal.queued():

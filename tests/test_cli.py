@@ -171,3 +171,10 @@ def test_retry_reruns_only_failed_lines(root: Path) -> None:
     assert len(before) == 30
     result = invoke("retry", "r")
     assert "no line had failed" in result.output
+
+
+def test_cli_reference_is_current() -> None:
+    from dropbox_runner.clidoc import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs/cli.md"
+    assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"

@@ -199,3 +199,23 @@ def test_status_follows_a_running_job(root: Path) -> None:
         d.kill(signal.SIGTERM)
     text = CliRunner().invoke(main, ["status"]).output
     assert text.startswith("The daemon is not running.")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_loading_with_the_numbers(root: Path) -> None:
+    import struct
+
+    big = root / "huge"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 16], "data_offsets": [0, 1 << 38]}}).encode()
+    with open(big / "model.safetensors", "wb") as f:  # 256 GiB of weights, as a sparse file
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + (1 << 38))
+    (root / "models.yaml").write_text((root / "models.yaml").read_text() + f"  huge: {{path: {big}}}\n")
+    write_jsonl(root / "inbox/huge/x.jsonl", [chat_line(0)])
+    proc = run_once(root)
+    batch = batch_json(root, "x")
+    assert batch["status"] == "failed"
+    error = batch["models"]["huge"]["error"]
+    assert "256.0 GiB of weights" in error and "GiB of RAM is available" in error and "smaller" in error
+    assert "loading huge" not in proc.stderr

@@ -1,0 +1,411 @@
+"""Benchmarks: dropbox_runner against the simple script and vLLM's batch runner, and its own costs.
+
+Prints a table per benchmark and the ratios; `make bench` runs it (about 12 minutes here).
+`--quick` uses smaller sizes for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+VLLM_ARGS = "{dtype: float32, max_model_len: 512, gpu_memory_utilization: 0.3}"
+
+
+def chat_lines(n: int, max_tokens: int = 32) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "tiny-llama",
+                    "messages": [{"role": "user", "content": f"Tell me story {i}"}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            }
+        )
+        for i in range(n)
+    ]
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_root(base: Path, settings: str = "settle_seconds: 0.5") -> Path:
+    root = base / "root"
+    root.mkdir(parents=True)
+    models = REPO / "models"
+    (root / "models.yaml").write_text(f"""settings: {{{settings}}}
+models:
+  tiny-llama: {{path: {models}/tiny-llama, engine_args: {VLLM_ARGS}}}
+  tiny-qwen: {{path: {models}/tiny-qwen, engine_args: {VLLM_ARGS}}}
+  echo: {{engine: echo, engine_args: {{max_in_flight: 1024}}}}
+  paced: {{engine: echo, engine_args: {{delay_ms: 5, max_in_flight: 256}}}}
+""")
+    return root
+
+
+def daemon(root: Path, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [PY, "-m", "dropbox_runner", "run", "--root", str(root), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "bench.log", "ab"),
+        env=ENV,
+        **kw,
+    )
+
+
+def batch(root: Path, name: str) -> dict | None:
+    try:
+        return json.loads((root / "outbox" / name / "batch.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(f"{c:,.2f}" if isinstance(c, float) else str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+# -- 1. throughput ------------------------------------------------------------------------------------
+def bench_throughput(n: int, tmp: Path) -> dict:
+    inp = write(tmp / "tp/input.jsonl", chat_lines(n))
+    model = REPO / "models/tiny-llama"
+    results = {}
+    for mode in ("generate", "chunked"):
+        out = subprocess.run(
+            [PY, str(REPO / "bench/baselines.py"), mode, str(model), str(inp), str(tmp / f"{mode}.out")],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    t0 = time.time()
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(inp),
+            "-o",
+            str(tmp / "rb.out"),
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny-llama",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.3",
+        ],
+        capture_output=True,
+        env=ENV,
+        check=True,
+    )
+    wall = time.time() - t0
+    tokens = sum(
+        json.loads(x)["response"]["body"]["usage"]["completion_tokens"] for x in open(tmp / "rb.out")
+    )
+    results["run_batch"] = {"load_s": None, "gen_s": None, "tokens": tokens, "wall_s": wall}
+    root = make_root(tmp / "d")
+    (root / "inbox/tiny-llama").mkdir(parents=True)
+    t0 = time.time()
+    os.link(inp, root / "inbox/tiny-llama/tp.jsonl")
+    subprocess.run(
+        [PY, "-m", "dropbox_runner", "run", "--once", "--root", str(root), "--settle", "0.2"],
+        capture_output=True,
+        env=ENV,
+        check=True,
+    )
+    wall = time.time() - t0
+    b = batch(root, "tp")["models"]["tiny-llama"]
+    gen = b["completed_at"] - b["started_at"]
+    results["dropbox_runner"] = {
+        "load_s": b["load_seconds"],
+        "gen_s": gen,
+        "tokens": b["usage"]["completion_tokens"],
+        "wall_s": wall,
+        "tps_exact": b["tokens_per_second"],
+    }
+    rows = []
+    for name, r in results.items():
+        gen_tps = r.get("tps_exact") or (r["tokens"] / r["gen_s"] if r["gen_s"] else None)
+        rows.append(
+            [
+                name,
+                r["tokens"],
+                r["wall_s"],
+                r["load_s"] if r["load_s"] is not None else "-",
+                gen_tps if gen_tps else "-",
+                r["tokens"] / r["wall_s"],
+            ]
+        )
+    table(
+        f"1. Throughput, tiny-llama, {n:,} chat requests x 32 tokens (greedy, ignore_eos)",
+        ["runner", "tokens", "wall s", "load s", "gen tok/s", "end-to-end tok/s"],
+        rows,
+    )
+    d = results["dropbox_runner"]
+    d_tps = d["tps_exact"]
+    ratios = {
+        "d/a gen tok/s": d_tps / (results["generate"]["tokens"] / results["generate"]["gen_s"]),
+        "d/b gen tok/s": d_tps / (results["chunked"]["tokens"] / results["chunked"]["gen_s"]),
+        "d/c end-to-end": (d["tokens"] / d["wall_s"])
+        / (results["run_batch"]["tokens"] / results["run_batch"]["wall_s"]),
+        "d/a end-to-end": (d["tokens"] / d["wall_s"])
+        / (results["generate"]["tokens"] / results["generate"]["wall_s"]),
+    }
+    print("\nratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    return {"throughput": results, "ratios": ratios}
+
+
+# -- 2. overhead on the echo engine -----------------------------------------------------------------
+def peak_rss_mb(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0.0
+    return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
+
+
+def bench_overhead(sizes: list[int], tmp: Path) -> dict:
+    rows, out = [], {}
+    for n in sizes:
+        root = make_root(tmp / f"echo{n}")
+        (root / "inbox/echo").mkdir(parents=True)
+        src = write(
+            tmp / f"echo{n}.jsonl",
+            [
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "url": "/v1/chat/completions",
+                        "body": {"messages": [{"role": "user", "content": f"q {i}"}], "max_tokens": 4},
+                    }
+                )
+                for i in range(n)
+            ],
+        )
+        p = daemon(root, "--settle", "0.2")
+        t0 = time.time()
+        os.link(src, root / "inbox/echo/big.jsonl")
+        peak = 0.0
+        while not ((b := batch(root, "big")) and b["status"] == "completed"):
+            peak = max(peak, peak_rss_mb(p.pid))
+            time.sleep(0.05)
+        wall = time.time() - t0
+        peak = max(peak, peak_rss_mb(p.pid))
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+        run = b["models"]["echo"]["completed_at"] - b["models"]["echo"]["started_at"]
+        rows.append([n, wall, n / wall, peak])
+        out[n] = {"wall_s": wall, "req_per_s": n / wall, "daemon_peak_rss_mb": peak, "run_s": run}
+    table(
+        "2. Overhead alone: echo engine, drop to published outbox",
+        ["requests", "wall s", "requests/s", "daemon peak RSS MB"],
+        rows,
+    )
+    return out
+
+
+# -- 3. crash cost ----------------------------------------------------------------------------------
+def bench_crash(kills: int, tmp: Path) -> dict:
+    from dropbox_runner.results.log import read_fed_mark, read_marker
+
+    root = make_root(tmp / "crash", "settle_seconds: 0.2, commit_interval_ms: 200")
+    (root / "inbox/paced").mkdir(parents=True)
+    n = 60000
+    write(
+        root / "inbox/paced/c.jsonl",
+        [
+            json.dumps({"custom_id": f"r{i}", "url": "/v1/completions", "body": {"prompt": f"p {i}"}})
+            for i in range(n)
+        ],
+    )
+    rng = random.Random(3)
+    lost, t0 = [], time.time()
+    for _ in range(kills):
+        p = daemon(root)
+        time.sleep(rng.uniform(1.0, 3.0))
+        logs = list((root / "state/jobs").glob("*/paced.log"))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        time.sleep(0.3)  # the model process sees its daemon gone and dies
+        if logs:
+            m = read_marker(logs[0])
+            lost.append(read_fed_mark(logs[0]) + 1 - (m.count if m else 0))
+    p = daemon(root, "--once")
+    p.wait()
+    wall = time.time() - t0
+    rate = 256 / 0.005  # the paced engine's speed: max_in_flight / delay
+    table(
+        f"3. Crash cost: {kills} kill -9 of the daemon during a {n:,}-request job (echo, 5 ms per request, "
+        "256 in flight, commit every 200 ms)",
+        ["kills", "requests redone per crash (mean)", "max", "one commit interval of work", "total wall s"],
+        [[kills, statistics.mean(lost), max(lost), rate * 0.2, wall]],
+    )
+    return {"redone_per_crash": lost, "commit_interval_work": rate * 0.2, "wall_s": wall}
+
+
+# -- 4. intake latency ------------------------------------------------------------------------------
+def bench_intake(tmp: Path) -> dict:
+    out, rows = {}, []
+    for mode, args in (("inotify", []), ("polling", ["--poll", "--poll-interval", "0.25"])):
+        root = make_root(tmp / f"intake-{mode}", "settle_seconds: 1.0")
+        (root / "inbox/echo").mkdir(parents=True)
+        p = daemon(root, *args)
+        while not (root / "state/status.json").exists():
+            time.sleep(0.05)
+        lat = []
+        for i in range(5):
+            f = root / f"inbox/echo/f{i}.jsonl"
+            f.write_text(
+                json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x"}}) + "\n"
+            )
+            t0 = time.time()
+            while f.exists():
+                time.sleep(0.005)
+            lat.append(time.time() - t0)
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+        out[mode] = lat
+        rows.append([mode, 1.0, statistics.mean(lat), max(lat)])
+    table(
+        "4. Intake latency: last write to claim (settle_seconds 1.0; target settle + 0.5 s)",
+        ["watcher", "settle s", "mean s", "max s"],
+        rows,
+    )
+    return out
+
+
+# -- 5. swap ------------------------------------------------------------------------------------------
+def bench_swap(tmp: Path) -> dict:
+    root = make_root(tmp / "swap")
+    (root / "inbox").mkdir()
+    write(root / "inbox/s.jsonl", chat_lines(200, 8))
+    (root / "inbox/s.manifest.json").write_text(json.dumps({"models": ["tiny-llama", "tiny-qwen"]}))
+    subprocess.run(
+        [PY, "-m", "dropbox_runner", "run", "--once", "--root", str(root)],
+        capture_output=True,
+        env=ENV,
+        check=True,
+    )
+    log = (root / "state/daemon.log").read_text()
+    unload = [float(x) for x in re.findall(r"swap: ended \S+ \(pid \d+\) in ([\d.]+)s", log)]
+    b = batch(root, "s")["models"]
+    gap = b["tiny-qwen"]["started_at"] - b["tiny-llama"]["completed_at"]
+    rows = [
+        ["tiny-llama", "-", b["tiny-llama"]["load_seconds"]],
+        ["tiny-qwen", unload[0] if unload else "-", b["tiny-qwen"]["load_seconds"]],
+    ]
+    table(
+        "5. Swap: unload of the previous model and load of the next (s)",
+        ["model", "unload s", "load s"],
+        rows,
+    )
+    print(
+        f"\ngap between the last result of tiny-llama and the first of tiny-qwen: {gap:.1f} s "
+        f"(target: load {b['tiny-qwen']['load_seconds']:.1f} s + 1 s; whole seconds in batch.json)"
+    )
+    return {"unload_s": unload, "gap_s": gap, "loads": {m: b[m]["load_seconds"] for m in b}}
+
+
+# -- 6. status with 1,000 jobs -----------------------------------------------------------------------
+def bench_status(jobs: int, tmp: Path) -> dict:
+    root = make_root(tmp / "status")
+    (root / "inbox/echo").mkdir(parents=True)
+    for i in range(jobs):
+        write(
+            root / f"inbox/echo/j{i:04d}.jsonl",
+            [json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": f"x {i}"}})],
+        )
+    subprocess.run(
+        [PY, "-m", "dropbox_runner", "run", "--once", "--root", str(root), "--settle", "0.1"],
+        capture_output=True,
+        env=ENV,
+        check=True,
+    )
+    times = {}
+    for args in ([], ["--all"], ["--json", "--all"]):
+        t = []
+        for _ in range(3):
+            t0 = time.time()
+            subprocess.run(
+                [PY, "-m", "dropbox_runner", "status", "--root", str(root), *args],
+                capture_output=True,
+                check=True,
+            )
+            t.append(time.time() - t0)
+        times[" ".join(args) or "(default)"] = min(t)
+    table(
+        f"6. `dropbox-runner status` with {jobs:,} finished jobs (whole command, best of 3; target < 0.3 s)",
+        ["arguments", "seconds"],
+        [[k, v] for k, v in times.items()],
+    )
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="1,2,3,4,5,6")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    subprocess.run(
+        [PY, "-m", "dropbox_runner.engine.tinymodels", str(REPO / "models")], capture_output=True, check=True
+    )
+    print(
+        f"# dropbox_runner benchmarks\n\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        if "1" in only:
+            results["1"] = bench_throughput(2000 if args.quick else 20000, tmp)
+        if "2" in only:
+            results["2"] = bench_overhead([20000] if args.quick else [100000, 1000000], tmp)
+        if "3" in only:
+            results["3"] = bench_crash(3 if args.quick else 10, tmp)
+        if "4" in only:
+            results["4"] = bench_intake(tmp)
+        if "5" in only:
+            results["5"] = bench_swap(tmp)
+        if "6" in only:
+            results["6"] = bench_status(100 if args.quick else 1000, tmp)
+    out = REPO / "bench/results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
