@@ -34,6 +34,7 @@ from dropbox_runner.supervisor import ModelProcess
 log = logging.getLogger("dropbox_runner.daemon")
 
 MAX_CRASHES_WITHOUT_PROGRESS = 5
+IO_RETRY_SECONDS = 5.0
 PROGRESS_LOG_SECONDS = 10.0
 BATCH_JSON_SECONDS = 2.0
 
@@ -91,6 +92,9 @@ class Daemon:
         self.recomputed_note: str | None = None
         self.swaps: list[dict] = []
         self.memory_retry: dict[str, float] = {}
+        self.io_error: str | None = None
+        self.paused_until = 0.0
+        self.recover_after_pause = False
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -206,18 +210,44 @@ class Daemon:
                 (self.layout.queue / key).unlink(missing_ok=True)
 
     # -- the loop -----------------------------------------------------------------------------------
+    def _pause(self, why: str) -> None:
+        log.error("paused for %.0fs: %s", IO_RETRY_SECONDS, why)
+        self.paused_until = time.monotonic() + IO_RETRY_SECONDS
+
     def _loop(self) -> None:
         while not self.stopping:
-            self._intake()
-            self._controls()
-            if self.current is None and not self._start_next():
-                if self.once and self._idle():
-                    log.info("--once: inbox and queue are empty; exiting")
+            try:
+                if not self._step():
                     return
-                self.watcher.changed.wait(0.25 if self.scanner.pending else 1.0)
-            else:
-                self._pump(0.2)
-            self._snapshot()
+            except OSError as exc:  # a full or failing disk: stop, keep what is committed, try again later
+                self._pause(f"{exc.strerror or exc} ({exc.filename or 'state'})")
+                if self.proc is not None:
+                    self.proc.end(self.settings.stop_timeout_seconds)
+                    self.proc = None
+                self.current = self.current_spec = None
+                self.recover_after_pause = True
+
+    def _step(self) -> bool:
+        """One turn of the loop; False once `--once` has nothing left to do."""
+        if self.paused_until:
+            if time.monotonic() < self.paused_until:
+                time.sleep(0.2)
+                return True
+            self.paused_until = 0.0
+            if self.recover_after_pause:
+                self.recover_after_pause = False
+                self.sweep()
+        self._intake()
+        self._controls()
+        if self.current is None and not self._start_next():
+            if self.once and self._idle():
+                log.info("--once: inbox and queue are empty; exiting")
+                return False
+            self.watcher.changed.wait(0.25 if self.scanner.pending else 1.0)
+        else:
+            self._pump(0.2)
+        self._snapshot()
+        return True
 
     def _idle(self) -> bool:
         return (
@@ -385,6 +415,8 @@ class Daemon:
                     self.current.model,
                     ev["kept"],
                 )
+        elif kind == "io_error":
+            self.io_error = ev["message"]
         elif kind == "running":
             self.last_running = ev["index"]
         elif kind == "progress":
@@ -467,6 +499,11 @@ class Daemon:
             log.warning("the model process of %s %s while idle", proc.name, why)
             return
         task = self.current
+        if self.io_error:
+            message, self.io_error = self.io_error, None
+            self._pause(f"{message}; nothing committed is lost")
+            self._requeue_current("it resumes once the disk accepts writes again")
+            return
         if not proc.loaded:
             self._load_failed(f"the model process {why} while loading")
             return

@@ -56,10 +56,14 @@ def read_json_or_none(path: Path) -> Any | None:
 def copy_atomic(src: Path, dst: Path) -> None:
     """Copy `src` to `dst` under a staging name, fsync, rename, fsync the folder."""
     tmp = _staging_name(dst)
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
 

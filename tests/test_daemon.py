@@ -207,7 +207,9 @@ def test_a_model_too_large_for_memory_is_refused_before_loading_with_the_numbers
     big = root / "huge"
     big.mkdir()
     (big / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 16], "data_offsets": [0, 1 << 38]}}).encode()
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 16], "data_offsets": [0, 1 << 38]}}
+    ).encode()
     with open(big / "model.safetensors", "wb") as f:  # 256 GiB of weights, as a sparse file
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + (1 << 38))

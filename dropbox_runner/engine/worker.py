@@ -121,7 +121,11 @@ class TaskRun:
         finally:
             self._stop.set()
             committer.join()
-            self.log.commit()
+            try:
+                self.log.commit()
+            except OSError as exc:
+                self.channel.send("io_error", message=f"cannot write {self.log.path}: {exc.strerror or exc}")
+                self.lifeline.die()
             self.lifeline.active_log = None
             self.log.close()
         self.channel.send("progress", **self.log.marker.model_dump())
@@ -129,7 +133,12 @@ class TaskRun:
 
     def _commit_loop(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.log.commit():
+            try:
+                committed = self.log.commit()
+            except OSError as exc:  # disk full, I/O error: what is committed stays; stop here
+                self.channel.send("io_error", message=f"cannot write {self.log.path}: {exc.strerror or exc}")
+                self.lifeline.die()
+            if committed:
                 self.channel.send("progress", **self.log.marker.model_dump())
 
     def _feed(self) -> None:

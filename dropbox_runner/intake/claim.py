@@ -65,6 +65,9 @@ class Claimer:
             log.info("%s vanished before it could be taken", drop.path)
             self._abandon(job_id, record)
             return None
+        except OSError:  # e.g. state/ is full: the drop stays in the inbox and is tried again
+            self._abandon(job_id, record)
+            raise
         ready = drop.path.parent / f"{drop.path.name}.ready"
         ready.unlink(missing_ok=True)
         _crash_point("after_move")
