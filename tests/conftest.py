@@ -126,3 +126,11 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (r / d).mkdir(parents=True)
     monkeypatch.setenv("DROPBOX_RUNNER_ROOT", str(r))
     return r
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """The daemon's status snapshot, or {} before it wrote one."""
+    try:
+        return json.loads((root / "state/status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
