@@ -178,3 +178,40 @@ def test_cli_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs/cli.md"
     assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
+    import os
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+    import time
+
+    write_jsonl(root / "inbox/paced/w.jsonl", [chat_line(i) for i in range(8000)])
+    d = Daemon(root)
+    try:
+        wait_for(lambda: (batch_json(root, "w") or {}).get("status") == "in_progress", what="job running")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dropbox_runner", "status", "--watch", "--root", str(root)],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            close_fds=True,
+        )
+        os.close(slave)
+        screen = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(set(re.findall(rb"\[#*\.*\]", screen))) < 2:
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 65536)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        os.close(master)
+    finally:
+        d.kill(signal.SIGTERM)
+    assert b"\x1b[2J" in screen, "redraws in place"
+    bars = re.findall(rb"\[(#*)\.*\]", screen)
+    assert len({len(b) for b in bars}) >= 2, "the bar moves"
