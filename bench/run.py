@@ -46,6 +46,22 @@ def chat_lines(n: int, max_tokens: int = 32) -> list[str]:
     ]
 
 
+def run_alone(cmd: list[str], tmp: Path) -> str:
+    """Run a command in its own process group, return its stdout, and end whatever it left behind
+    (vLLM's engine processes can outlive a script that ends with os._exit)."""
+    out = tmp / f"out-{time.monotonic_ns()}.txt"
+    with open(out, "wb") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+        code = p.wait()
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if code != 0:
+        raise RuntimeError(f"{cmd[:4]} exited with {code}")
+    return out.read_text()
+
+
 def write(path: Path, lines: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -98,15 +114,10 @@ def bench_throughput(n: int, tmp: Path) -> dict:
     model = REPO / "models/tiny-llama"
     results = {}
     for mode in ("generate", "chunked"):
-        out = subprocess.run(
-            [PY, str(REPO / "bench/baselines.py"), mode, str(model), str(inp), str(tmp / f"{mode}.out")],
-            capture_output=True,
-            text=True,
-            env=ENV,
-        )
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        cmd = [PY, str(REPO / "bench/baselines.py"), mode, str(model), str(inp), str(tmp / f"{mode}.out")]
+        results[mode] = json.loads(run_alone(cmd, tmp).strip().splitlines()[-1])
     t0 = time.time()
-    subprocess.run(
+    run_alone(
         [
             PY,
             "-m",
@@ -126,9 +137,7 @@ def bench_throughput(n: int, tmp: Path) -> dict:
             "--gpu-memory-utilization",
             "0.3",
         ],
-        capture_output=True,
-        env=ENV,
-        check=True,
+        tmp,
     )
     wall = time.time() - t0
     tokens = sum(

@@ -51,7 +51,6 @@ VLLM_EXTRAS = frozenset(
         "spaces_between_special_tokens",
         "include_stop_str_in_output",
         "stop_token_ids",
-        "length_penalty",
         "bad_words",
         "allowed_token_ids",
         "logit_bias",
@@ -60,8 +59,6 @@ VLLM_EXTRAS = frozenset(
         "add_generation_prompt",
         "continue_final_message",
         "add_special_tokens",
-        "echo",
-        "structured_outputs",
     }
 )
 # Fields that do not change generation.
