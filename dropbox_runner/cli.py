@@ -13,18 +13,27 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from dropbox_runner.config import EngineKind, ModelConfig, is_embedded_path, load_registry, resolve_model_path
-from dropbox_runner.errors import RunnerError
+from dropbox_runner.errors import JobNotFound, RunnerError
 from dropbox_runner.fsutil import fsync_dir, write_json
 from dropbox_runner.layout import Layout, resolve_root
 from dropbox_runner.memory import fit_problem, weight_bytes
 
+if TYPE_CHECKING:
+    from dropbox_runner.config import ModelConfig
+
 EXIT_FAILURE = 1
+
+
+def load_registry(root: Path):
+    """models.yaml (imported here, not at the top: `status` must start fast without pydantic)."""
+    from dropbox_runner.config import load_registry as load
+
+    return load(root)
 
 
 def root_option(f: Callable) -> Callable:
@@ -119,18 +128,15 @@ def run(layout: Layout, once: bool, poll: bool, poll_interval: float | None, set
 def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all: bool) -> None:
     """Every job with its models, progress, tokens/s and ETA; with NAME|ID, one job in detail."""
     from dropbox_runner import status as st
-    from dropbox_runner.journal import Journal
-
-    journal = Journal(layout)
 
     def render() -> str:
         if ref:
-            spec = journal.find(ref)
-            job = st.job_view(journal, spec.id, time.time())
+            job_id = layout.find_job(ref)
+            if job_id is None:
+                raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
+            job = st.job_view(layout, job_id, time.time())
             return (
-                orjson.dumps(job, option=orjson.OPT_INDENT_2).decode()
-                if as_json
-                else st.render_detail(journal, job)
+                orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(job)
             )
         doc = st.collect(layout, show_all=show_all)
         return (
@@ -256,6 +262,8 @@ def retry(layout: Layout, ref: str) -> None:
 
 def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
     """A sentence saying why this entry cannot load, or None."""
+    from dropbox_runner.config import EngineKind, is_embedded_path, resolve_model_path
+
     if model.engine == EngineKind.ECHO:
         return None
     if importlib.util.find_spec("vllm") is None:
@@ -280,6 +288,8 @@ def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
 @click.option("--check", is_flag=True, help="Verify each entry without loading it.")
 def models(layout: Layout, check: bool) -> None:
     """List the models of models.yaml."""
+    from dropbox_runner.config import resolve_model_path
+
     registry = load_registry(layout.root)
     failed = 0
     for name, m in registry.models.items():

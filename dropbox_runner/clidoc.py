@@ -17,7 +17,7 @@ def render() -> str:
         "Generated from `--help` by `make docs`; do not edit by hand.",
         "",
     ]
-    ctx = click.Context(main, info_name="dropbox-runner", terminal_width=100)
+    ctx = click.Context(main, info_name="dropbox-runner", terminal_width=100, **main.context_settings)
     parts += ["## dropbox-runner", "", "```", main.get_help(ctx), "```", ""]
     for name in sorted(main.commands):
         cmd = main.commands[name]

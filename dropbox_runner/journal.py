@@ -123,15 +123,10 @@ class Journal:
 
     def find(self, ref: str) -> JobSpec:
         """A job by id, by outbox folder name or by drop name (the newest of that name)."""
-        if ref.startswith("batch_") and (
-            (self.layout.jobs / ref).exists() or (self.layout.archive / ref).exists()
-        ):
-            return self.spec(ref)
-        matches = [s for s in (self.spec(j) for j in self.iter_job_ids()) if ref in (s.outbox, s.name, s.id)]
-        if not matches:
+        job_id = self.layout.find_job(ref)
+        if job_id is None:
             raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
-        exact = [s for s in matches if s.outbox == ref]
-        return (exact or sorted(matches, key=lambda s: s.created_at))[-1]
+        return self.spec(job_id)
 
     def archive(self, job_id: str) -> None:
         src = self.layout.jobs / job_id

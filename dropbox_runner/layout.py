@@ -102,6 +102,28 @@ class Layout:
         for name in model_names:
             (self.inbox / name).mkdir(exist_ok=True)
 
+    def find_job(self, ref: str) -> str | None:
+        """The id of a job given its id, its outbox folder name or its drop name (the newest of that name)."""
+        import orjson
+
+        if ref.startswith("batch_") and ((self.jobs / ref).exists() or (self.archive / ref).exists()):
+            return ref
+        best: tuple[int, float, str] | None = None
+        for folder in (self.jobs, self.archive):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for job_id in names:
+                try:
+                    spec = orjson.loads((folder / job_id / "spec.json").read_bytes())
+                except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
+                    continue
+                if ref in (spec["outbox"], spec["name"]):
+                    rank = (1 if spec["outbox"] == ref else 0, spec["created_at"], job_id)
+                    best = max(best, rank) if best else rank
+        return best[2] if best else None
+
     def job_dir(self, job_id: str) -> Path:
         active = self.jobs / job_id
         return active if active.exists() else self.archive / job_id

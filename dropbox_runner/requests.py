@@ -296,7 +296,9 @@ def summarize(path: Path, keep_errors: int = 100) -> FileSummary:
 
     summary = FileSummary()
     digest = hashlib.sha256()
-    seen = IdSet()
+    # Duplicate custom_ids are left to the model process (they fail in place there): remembering
+    # every id here would make the daemon's memory grow with the file.
+    seen = _NoIds()
     with open(path, "rb") as f:
         for raw in iter_raw_lines(_Hashing(f, digest)):
             summary.total += 1
@@ -313,6 +315,11 @@ def summarize(path: Path, keep_errors: int = 100) -> FileSummary:
         f.seek(0)
     summary.sha256 = digest.hexdigest()
     return summary
+
+
+class _NoIds(IdSet):
+    def add(self, custom_id: str) -> bool:
+        return True
 
 
 class _Hashing:

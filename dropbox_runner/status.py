@@ -1,6 +1,7 @@
 """What `dropbox-runner status` shows, read from state/ alone: jobs, models, progress, the daemon.
 
-Works whether or not the daemon runs; counts and rates come from the committed markers.
+Works whether or not the daemon runs; counts and rates come from the committed markers. It reads
+the records as plain JSON (no pydantic), so the command answers in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import time
 from collections import deque
 from typing import Any
 
-from dropbox_runner.fsutil import read_json_or_none
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.fsutil import read_json, read_json_or_none
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status, job_status
-from dropbox_runner.results.log import Marker, read_marker
 
 RECENT_FINISHED = 20
 
@@ -41,59 +40,72 @@ def daemon_state(layout: Layout) -> dict[str, Any]:
     return {"running": running, "snapshot": snapshot, "last_words": last_words}
 
 
-def model_row(spec: JobSpec, task: TaskRecord, marker: Marker | None, now: float) -> dict[str, Any]:
-    m = marker or Marker()
-    end = task.completed_at if task.status.final else (m.updated_at or now)
-    elapsed = (end or now) - m.started_at if m.started_at else 0.0
-    tps = m.completion_tokens / elapsed if elapsed > 0 else 0.0
-    rate = m.count / elapsed if elapsed > 0 else 0.0
-    remaining = spec.total - m.count
-    eta = remaining / rate if rate > 0 and not task.status.final else None
+def model_row(
+    spec: dict[str, Any], task: dict[str, Any], marker: dict[str, Any] | None, now: float
+) -> dict[str, Any]:
+    m = marker or {}
+    count, failed = m.get("count", 0), m.get("failed", 0)
+    started, updated = m.get("started_at"), m.get("updated_at")
+    final = Status(task["status"]).final
+    end = task.get("completed_at") if final else (updated or now)
+    elapsed = (end or now) - started if started else 0.0
+    tps = m.get("completion_tokens", 0) / elapsed if elapsed > 0 else 0.0
+    rate = count / elapsed if elapsed > 0 else 0.0
+    remaining = spec["total"] - count
+    eta = remaining / rate if rate > 0 and not final else None
     return {
-        "model": task.model,
-        "status": task.status.value,
-        "done": m.count,
-        "total": spec.total,
-        "failed": m.failed + (remaining if task.status.final else 0),
+        "model": task["model"],
+        "status": task["status"],
+        "done": count,
+        "total": spec["total"],
+        "failed": failed + (remaining if final else 0),
         "tokens_per_second": round(tps, 1),
         "eta_seconds": round(eta, 1) if eta is not None else None,
-        "checkpoint_age_seconds": round(now - m.updated_at, 1) if m.updated_at else None,
-        "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens},
-        "load_seconds": task.load_seconds,
-        "error": task.error,
+        "checkpoint_age_seconds": round(now - updated, 1) if updated else None,
+        "usage": {
+            "prompt_tokens": m.get("prompt_tokens", 0),
+            "completion_tokens": m.get("completion_tokens", 0),
+        },
+        "load_seconds": task.get("load_seconds"),
+        "error": task.get("error"),
     }
 
 
-def job_view(journal: Journal, job_id: str, now: float) -> dict[str, Any]:
-    spec = journal.spec(job_id)
-    tasks = journal.tasks(spec) if not spec.rejected else []
-    models = [model_row(spec, t, read_marker(journal.log_path(spec.id, t.model)), now) for t in tasks]
-    status = Status.FAILED if spec.rejected else job_status([t.status for t in tasks])
+def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any]:
+    folder = layout.job_dir(job_id)
+    spec = read_json(folder / "spec.json")
+    tasks = [] if spec["rejected"] else [read_json(folder / f"{m}.task.json") for m in spec["models"]]
+    models = [model_row(spec, t, read_json_or_none(folder / f"{t['model']}.marker"), now) for t in tasks]
+    status = Status.FAILED if spec["rejected"] else job_status([Status(t["status"]) for t in tasks])
     return {
-        "id": spec.id,
-        "name": spec.name,
-        "outbox": f"outbox/{spec.outbox}/",
+        "id": spec["id"],
+        "name": spec["name"],
+        "outbox": f"outbox/{spec['outbox']}/",
         "status": status.value,
-        "created_at": spec.created_at,
-        "total": spec.total,
-        "priority": spec.priority,
+        "created_at": spec["created_at"],
+        "total": spec["total"],
+        "priority": spec["priority"],
         "models": models,
-        "rejected": spec.rejected,
-        "dedupe_of": spec.dedupe_of,
+        "rejected": spec["rejected"],
+        "dedupe_of": spec.get("dedupe_of"),
+        "line_errors": spec.get("line_errors", [])[:10],
     }
+
+
+def _job_ids(folder: os.PathLike) -> list[str]:
+    try:
+        return sorted((n for n in os.listdir(folder) if n.startswith("batch_")), reverse=True)
+    except FileNotFoundError:
+        return []
 
 
 def collect(layout: Layout, *, show_all: bool = False) -> dict[str, Any]:
-    journal = Journal(layout)
     now = time.time()
-    active = sorted(journal.iter_job_ids(archived=False), reverse=True)
-    try:
-        finished = sorted(os.listdir(layout.archive), reverse=True)
-    except FileNotFoundError:
-        finished = []
+    active = [j for j in _job_ids(layout.jobs) if (layout.jobs / j / "spec.json").exists()]
+    finished = _job_ids(layout.archive)
     hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
     finished = finished if show_all else finished[:RECENT_FINISHED]
-    jobs = [job_view(journal, j, now) for j in active + finished if j.startswith("batch_")]
+    jobs = [job_view(layout, j, now) for j in active + finished]
     return {
         "root": str(layout.root),
         "daemon": daemon_state(layout),
@@ -162,7 +174,7 @@ def render_table(doc: dict[str, Any], bars: bool = False) -> str:
     return "\n".join(lines)
 
 
-def render_detail(journal: Journal, job: dict[str, Any]) -> str:
+def render_detail(job: dict[str, Any]) -> str:
     lines = [f"{job['name']} ({job['id']}): {job['status']}", f"  results: {job['outbox']}"]
     if job["dedupe_of"]:
         lines.append(f"  same input as {job['dedupe_of']}: its results were republished")
@@ -179,7 +191,6 @@ def render_detail(journal: Journal, job: dict[str, Any]) -> str:
             lines.append(f"    errors: {job['outbox']}{m['model']}.errors.jsonl")
         if m["error"]:
             lines.append(f"    error: {m['error']}")
-    spec = journal.spec(job["id"])
-    for e in spec.line_errors[:10]:
+    for e in job["line_errors"]:
         lines.append(f"  line {e['line']}: {e['message']}")
     return "\n".join(lines)

@@ -215,3 +215,49 @@ def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
     assert b"\x1b[2J" in screen, "redraws in place"
     bars = re.findall(rb"\[(#*)\.*\]", screen)
     assert len({len(b) for b in bars}) >= 2, "the bar moves"
+
+
+def make_finished_jobs(root: Path, n: int) -> None:
+    """n finished one-line jobs, made through the daemon's own claim and publish code."""
+    from dropbox_runner.config import load_registry
+    from dropbox_runner.control import finalize_task
+    from dropbox_runner.intake.claim import Claimer
+    from dropbox_runner.intake.scanner import Drop
+    from dropbox_runner.journal import Journal
+    from dropbox_runner.layout import Layout
+    from dropbox_runner.lifecycle import Status
+    from dropbox_runner.results.log import ResultLog
+
+    journal = Journal(Layout(root))
+    journal.layout.make(["echo"])
+    claimer = Claimer(journal, load_registry(root))
+    for i in range(n):
+        src = write_jsonl(root / f"inbox/echo/j{i:04d}.jsonl", [chat_line(i)])
+        spec = claimer.claim(Drop(src, "echo", None))
+        log = ResultLog(journal.log_path(spec.id, "echo"), 1)
+        log.recover()
+        log.append(0, True, 3, 4, b'{"custom_id": "q"}')
+        log.commit()
+        log.close()
+        task = journal.task(spec.id, "echo")
+        task.move(Status.IN_PROGRESS)
+        finalize_task(journal, spec, task, Status.COMPLETED)
+
+
+def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path) -> None:
+    make_finished_jobs(root, 1000)
+    write_jsonl(root / "inbox/paced/running.jsonl", [chat_line(i) for i in range(20000)])
+    d = Daemon(root)
+    try:
+        wait_for(lambda: (batch_json(root, "running") or {}).get("status") == "in_progress", what="running")
+        doc = json.loads(invoke("status", "--json").output)
+        assert doc["jobs"][0]["name"] == "running" and doc["jobs"][0]["status"] == "in_progress"
+        assert len(doc["jobs"]) == 21 and doc["hidden_finished"] == 980
+        assert [j["name"] for j in doc["jobs"][1:4]] == ["j0999", "j0998", "j0997"], "newest first"
+        everything = json.loads(invoke("status", "--json", "--all").output)
+        assert len(everything["jobs"]) == 1001
+        assert all(j["status"] == "completed" and j["models"][0]["done"] == 1 for j in everything["jobs"][1:])
+        table = invoke("status").output
+        assert "980 older finished jobs (--all shows them)" in table
+    finally:
+        d.kill(signal.SIGTERM)

@@ -197,3 +197,21 @@ def test_crash_between_claim_steps_loses_and_duplicates_nothing(root: Path, step
     assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(10)]
     assert len(list((root / "state/archive").iterdir())) == 1
     assert not list((root / "state/claims").iterdir())
+
+
+def test_a_dead_watcher_is_replaced_by_a_polling_one(tmp_path: Path) -> None:
+    from dropbox_runner.intake.watcher import Watcher
+
+    w = Watcher(tmp_path, poll=False, poll_interval=0.1)
+    w.start()
+    assert w.mode == "inotify"
+    w._observer.stop()  # what a failing handler or a vanished share does to the observer thread
+    w._observer.join()
+    w.check()
+    try:
+        assert w.mode == "polling" and w._observer.is_alive()
+        w.changed.clear()
+        (tmp_path / "new.jsonl").write_text("{}\n")
+        assert w.changed.wait(5), "the polling watcher still wakes the daemon"
+    finally:
+        w.stop()

@@ -19,7 +19,7 @@ import pytest
 from dropbox_runner.engine import tinymodels
 from dropbox_runner.results.log import read_fed_mark
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
+from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, snapshot, wait_for, write_jsonl
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +59,16 @@ models:
     task: embed
     engine_args: {{dtype: float32, max_model_len: 256, gpu_memory_utilization: 0.05, enforce_eager: true}}
 """)
-    d = Daemon(root, env={"HF_HUB_OFFLINE": "1"})
-    yield root, d
-    d.kill(signal.SIGTERM)
+    shared = Shared(root, Daemon(root, env={"HF_HUB_OFFLINE": "1"}))
+    yield shared
+    shared.daemon.kill(signal.SIGTERM)
+
+
+class Shared:
+    """The module's root and its daemon (a test that kills the daemon starts the next one)."""
+
+    def __init__(self, root: Path, daemon: Daemon) -> None:
+        self.root, self.daemon = root, daemon
 
 
 def drop(root: Path, rel: str, lines: list) -> str:
@@ -135,7 +142,7 @@ def test_greedy_text_equals_vllm_run_batch_and_bodies_validate(
     from openai.types import Completion
     from openai.types.chat import ChatCompletion
 
-    root, _ = vroot
+    root = vroot.root
     lines = reference_lines()
     # vLLM's run_batch takes no /v1/completions lines: it compares the chat lines
     rb, rb_out = run_batch(
@@ -164,7 +171,7 @@ def test_greedy_text_equals_vllm_run_batch_and_bodies_validate(
 
 
 def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
-    root, d = vroot
+    root = vroot.root
     long_prompt = " ".join(["word"] * 2000)
     lines = [
         chat_line(0, max_tokens=8),
@@ -191,11 +198,11 @@ def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
     assert json.loads(out[4]["response"]["body"]["choices"][0]["message"]["content"]) in ("red", "blue")
     lp = out[5]["response"]["body"]["choices"][0]["logprobs"]["content"]
     assert len(lp) == 4 and len(lp[0]["top_logprobs"]) == 2
-    assert d.alive()
+    assert vroot.daemon.alive()
 
 
 def test_two_models_align_line_by_line_with_bad_lines(vroot) -> None:
-    root, _ = vroot
+    root = vroot.root
     lines = [chat_line(i, q, max_tokens=8) for i, q in enumerate(QUESTIONS[:10])]
     lines[3] = "{broken"
     lines[6] = {"custom_id": "q-6", "url": "/v1/unknown", "body": {}}
@@ -214,39 +221,54 @@ def test_two_models_align_line_by_line_with_bad_lines(vroot) -> None:
     assert len(compare) == 10 and set(compare[0]["answers"]) == {"tiny-llama", "tiny-qwen"}
 
 
-def test_kill_the_vllm_model_process_mid_job(vroot) -> None:
-    root, d = vroot
+def test_kill_the_daemon_and_the_model_process_mid_job(vroot) -> None:
+    root = vroot.root
     lines = [chat_line(i, f"Story {i} about the inbox", max_tokens=32, ignore_eos=True) for i in range(1500)]
     ref = drop(root, "tiny-qwen/kill-ref.jsonl", lines)
     wait_done(root, ref)
     name = drop(root, "tiny-qwen/kill.jsonl", lines + [""])  # the same requests, another file
-    log = lambda: next((root / "state/jobs").glob("*/tiny-qwen.marker"), None)  # noqa: E731
+    marker = wait_for(lambda: next((root / "state/jobs").glob("*/tiny-qwen.marker"), None), what="the marker")
+    count = lambda: json.loads(marker.read_text())["count"]  # noqa: E731
     fed = 0
-    for _ in range(2):
-        marker = wait_for(log, what="the job's marker")
+    for victim in ("model", "daemon", "model"):
         # past the lines fed at the previous kill, so the restart does not hunt for a culprit
-        wait_for(
-            lambda f=fed, m=marker: json.loads(m.read_text())["count"] > f + 100,
-            timeout=LOAD_TIMEOUT,
-            what="progress",
-        )
+        wait_for(lambda f=fed: count() > f + 100, timeout=LOAD_TIMEOUT, what="progress")
         fed = read_fed_mark(marker.with_suffix(".log"))
-        pid = json.loads((root / "state/status.json").read_text())["model_pid"]
-        os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda p=pid: json.loads((root / "state/status.json").read_text())["model_pid"] not in (p, None),
-            what="a new model process",
-        )
-    wait_done(root, name)
+        if victim == "daemon":
+            vroot.daemon.kill(signal.SIGKILL)
+            before = count()
+            vroot.daemon = Daemon(root, env={"HF_HUB_OFFLINE": "1"})
+            doc = wait_for(lambda: json.loads(status_json(root)), what="status")
+            job = next(j for j in doc["jobs"] if j["name"] == name)
+            assert job["models"][0]["done"] >= before, "counts continue from the committed numbers"
+        else:
+            pid = wait_for(lambda: snapshot(root).get("model_pid"), what="model pid")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(
+                lambda p=pid: snapshot(root).get("model_pid") not in (p, None), what="a new model process"
+            )
+    batch = wait_done(root, name)
+    assert batch["request_counts"] == {"total": 1500, "completed": 1500, "failed": 0}
+    assert batch["models"]["tiny-qwen"]["tokens_per_second"] > 0
     strip = lambda x: (x["custom_id"], x["response"]["body"]["choices"])  # noqa: E731
     assert [strip(x) for x in read_jsonl(root / f"outbox/{name}/tiny-qwen.jsonl")] == [
         strip(x) for x in read_jsonl(root / f"outbox/{ref}/tiny-qwen.jsonl")
     ]
-    assert d.alive()
+    assert vroot.daemon.alive()
+
+
+def status_json(root: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dropbox_runner", "status", "--json", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.stdout
 
 
 def test_a_model_that_cannot_load_fails_its_tasks_with_the_reason(vroot) -> None:
-    root, d = vroot
+    root = vroot.root
     name = drop(root, "badhead/x.jsonl", [chat_line(0)])
     batch = wait_done(root, name)
     assert batch["status"] == "failed"
@@ -254,13 +276,13 @@ def test_a_model_that_cannot_load_fails_its_tasks_with_the_reason(vroot) -> None
     assert error.startswith("the model badhead could not load")
     out = read_jsonl(root / f"outbox/{name}/badhead.jsonl")
     assert out[0]["response"] is None and out[0]["error"]["code"] == "engine_failed"
-    assert d.alive()
+    assert vroot.daemon.alive()
 
 
 def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) -> None:
     from openai.types import CreateEmbeddingResponse
 
-    root, _ = vroot
+    root = vroot.root
     sentences = [
         "A man is playing a guitar.",
         "A man plays the guitar.",

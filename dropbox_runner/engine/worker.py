@@ -132,7 +132,10 @@ class TaskRun:
         return self.outcome
 
     def _commit_loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        deadline = time.monotonic() + self.interval
+        # The next commit is due one interval after the start of the last, not after its end.
+        while not self._stop.wait(max(0.0, deadline - time.monotonic())):
+            deadline = time.monotonic() + self.interval
             try:
                 committed = self.log.commit()
             except OSError as exc:  # disk full, I/O error: what is committed stays; stop here
