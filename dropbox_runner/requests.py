@@ -21,6 +21,7 @@ URLS = {
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_N = 128
 BOM = b"\xef\xbb\xbf"
+FULL_CHECK_LINES = 10_000  # lines the daemon checks when it takes a file (the model process checks all)
 
 # Fields that change generation and that we map to the engine.
 HONOURED = frozenset(
@@ -184,6 +185,12 @@ NUMBER_RULES: dict[str, tuple[float | None, float | None, bool]] = {
 }
 
 
+ALLOWED = {
+    kind: INFORMATIONAL | {payload} | (HONOURED | VLLM_EXTRAS if kind in SAMPLING_FOR else frozenset())
+    for kind, payload in PAYLOAD.items()
+}
+
+
 def _check_body(kind: str, body: dict[str, Any]) -> tuple[str, str] | None:
     """(param, message) of the first problem of a body, or None."""
     payload = PAYLOAD[kind]
@@ -211,18 +218,17 @@ def _check_body(kind: str, body: dict[str, Any]) -> tuple[str, str] | None:
             return payload, "`input` must be a string or a non-empty list of strings"
         if body.get("dimensions") is not None:
             return "dimensions", "`dimensions` is not supported: the model's full embedding is returned"
-    allowed = INFORMATIONAL | {payload}
-    if kind in SAMPLING_FOR:
-        allowed = allowed | HONOURED | VLLM_EXTRAS
+    allowed = ALLOWED[kind]
     for key in body:
         if key not in allowed:
             return key, f"`{key}` is not supported for {kind} requests and would change the result"
+        rule = NUMBER_RULES.get(key)
+        if rule is not None:
+            problem = _check_number(body, key, *rule)
+            if problem:
+                return key, problem
     if body.get("stream"):
         return "stream", "`stream` cannot be used in a batch"
-    for key, (lo, hi, integer) in NUMBER_RULES.items():
-        problem = _check_number(body, key, lo, hi, integer)
-        if problem:
-            return key, problem
     stop = body.get("stop")
     if (
         stop is not None
@@ -284,7 +290,7 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
 @dataclass
 class FileSummary:
     total: int = 0
-    valid: int = 0
+    valid: int = 0  # valid lines among the first FULL_CHECK_LINES (or until one is found)
     sha256: str = ""
     errors: list[LineError] = field(default_factory=list)
     not_utf8_line: int | None = None
@@ -307,6 +313,8 @@ def summarize(path: Path, keep_errors: int = 100) -> FileSummary:
                     raw.data.decode("utf-8")
                 except UnicodeDecodeError:
                     summary.not_utf8_line = raw.line
+            if summary.total > FULL_CHECK_LINES and summary.valid:
+                continue  # past the first lines, only the count and the hash matter here
             result = parse_line(raw, seen)
             if isinstance(result, Request):
                 summary.valid += 1

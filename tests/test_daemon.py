@@ -181,7 +181,7 @@ def test_status_follows_a_running_job(root: Path) -> None:
 
     from dropbox_runner.cli import main
 
-    write_jsonl(root / "inbox/slow/watch.jsonl", [chat_line(i) for i in range(4000)])
+    write_jsonl(root / "inbox/paced/watch.jsonl", [chat_line(i) for i in range(20000)])
     d = Daemon(root)
     try:
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from array import array
-from pathlib import Path
+from contextlib import ExitStack
 from typing import Any
 
 import orjson
@@ -41,8 +41,10 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
     """Write `<model>.jsonl` (every line, in order) and `<model>.errors.jsonl` (failed lines, if any)."""
     log_path = journal.log_path(spec.id, task.model)
     offsets = array("q", [-1]) * spec.total
+    present = 0
     for r in committed_records(log_path):
         offsets[r.index] = r.offset
+        present += 1
     out_dir = journal.layout.outbox / spec.outbox
     out_path = out_dir / f"{task.model}.jsonl"
     err_path = out_dir / f"{task.model}.errors.jsonl"
@@ -52,22 +54,27 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
     if task.error and final == Status.FAILED:
         message = task.error
     failures = 0
-    with (
-        open(journal.input_path(spec.id), "rb") as inp,
-        _open_log(log_path) as logf,
-        open(tmp_out, "wb") as out,
-        open(tmp_err, "wb") as err,
-    ):
-        for raw in iter_raw_lines(inp):
-            off = offsets[raw.index]
+    with ExitStack() as stack:
+        logf = stack.enter_context(open(log_path, "rb")) if present else None
+        out = stack.enter_context(open(tmp_out, "wb"))
+        err = stack.enter_context(open(tmp_err, "wb"))
+        # The input is read only when some line has no result: its custom_id goes on the failure line.
+        inputs = (
+            iter_raw_lines(stack.enter_context(open(journal.input_path(spec.id), "rb")))
+            if present < spec.total
+            else None
+        )
+        for index in range(spec.total):
+            raw = next(inputs) if inputs is not None else None
+            off = offsets[index]
             if off >= 0:
                 logf.seek(off)
-                head, _, rest = logf.readline().partition(b" ")
+                _, _, rest = logf.readline().partition(b" ")
                 flag, _, rest = rest.partition(b" ")
                 line = rest.split(b" ", 3)[3]
                 failed = flag == b"e"
             else:
-                ids = request_ids(spec.id, task.model, raw.index)
+                ids = request_ids(spec.id, task.model, index)
                 line = failure_line(_custom_id(raw.data), code, message, ids) + b"\n"
                 failed = True
             out.write(line)
@@ -84,18 +91,6 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
         tmp_err.unlink()
         err_path.unlink(missing_ok=True)
     fsync_dir(out_dir)
-
-
-class _NullFile:
-    def __enter__(self) -> _NullFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _open_log(path: Path):
-    return open(path, "rb") if path.exists() else _NullFile()
 
 
 def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[str, Any]:
