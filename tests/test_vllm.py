@@ -223,7 +223,7 @@ def test_two_models_align_line_by_line_with_bad_lines(vroot) -> None:
 
 def test_kill_the_daemon_and_the_model_process_mid_job(vroot) -> None:
     root = vroot.root
-    lines = [chat_line(i, f"Story {i} about the inbox", max_tokens=32, ignore_eos=True) for i in range(1500)]
+    lines = [chat_line(i, f"Story {i} about the inbox", max_tokens=32, ignore_eos=True) for i in range(3000)]
     ref = drop(root, "tiny-qwen/kill-ref.jsonl", lines)
     wait_done(root, ref)
     name = drop(root, "tiny-qwen/kill.jsonl", lines + [""])  # the same requests, another file
@@ -248,7 +248,7 @@ def test_kill_the_daemon_and_the_model_process_mid_job(vroot) -> None:
                 lambda p=pid: snapshot(root).get("model_pid") not in (p, None), what="a new model process"
             )
     batch = wait_done(root, name)
-    assert batch["request_counts"] == {"total": 1500, "completed": 1500, "failed": 0}
+    assert batch["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
     assert batch["models"]["tiny-qwen"]["tokens_per_second"] > 0
     strip = lambda x: (x["custom_id"], x["response"]["body"]["choices"])  # noqa: E731
     assert [strip(x) for x in read_jsonl(root / f"outbox/{name}/tiny-qwen.jsonl")] == [
