@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint format bench docs clean-demo
+.PHONY: install demo test test-fast lint format bench docs browser
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,api]'
 	# The torchvision/torchaudio/torchcodec pip brings are built for another torch and break imports.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	rm -f $(VENV)/.installed-*
@@ -31,8 +31,13 @@ demo: install
 	@echo "Results are in outbox/: one folder per drop, one <model>.jsonl per model, batch.json for the job."
 	@ls -d outbox/*/ | sed 's/^/  /'
 
-test: install lint
+test: install lint browser
 	$(BIN)/pytest -q
+
+# Debian's Chromium for the status page test (it skips, saying so, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "no chromium: the status page test will skip"
 
 test-fast: install
 	$(BIN)/pytest -q -m "not vllm"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import importlib.util
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import click
 import orjson
 
 from dropbox_runner.errors import JobNotFound, RunnerError
-from dropbox_runner.fsutil import fsync_dir, write_json
+from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout, resolve_root
 from dropbox_runner.memory import fit_problem, weight_bytes
 
@@ -34,6 +33,17 @@ def load_registry(root: Path):
     from dropbox_runner.config import load_registry as load
 
     return load(root)
+
+
+def serve_options(f: Callable) -> Callable:
+    f = click.option("--port", type=int, default=4080, show_default=True, help="Port of the HTTP API.")(f)
+    f = click.option(
+        "--host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address of the HTTP API (not loopback: an API key is required).",
+    )(f)
+    return click.option("--serve", is_flag=True, help="Also serve the HTTP API and status page.")(f)
 
 
 def root_option(f: Callable) -> Callable:
@@ -103,7 +113,17 @@ def init(layout: Layout) -> None:
     default=None,
     help="Seconds a file must stay unchanged before it is taken (settle_seconds).",
 )
-def run(layout: Layout, once: bool, poll: bool, poll_interval: float | None, settle: float | None) -> None:
+@serve_options
+def run(
+    layout: Layout,
+    once: bool,
+    poll: bool,
+    poll_interval: float | None,
+    settle: float | None,
+    serve: bool,
+    host: str,
+    port: int,
+) -> None:
     """Run the daemon: take drops, run them model by model, publish results."""
     from dropbox_runner.daemon import Daemon, setup_logging
 
@@ -116,7 +136,48 @@ def run(layout: Layout, once: bool, poll: bool, poll_interval: float | None, set
         registry.settings.settle_seconds = settle
     layout.state.mkdir(parents=True, exist_ok=True)
     setup_logging(layout)
+    if serve:
+        start_server(layout, registry, host, port, background=True)
     sys.exit(Daemon(layout, registry, once=once).run())
+
+
+def start_server(layout: Layout, registry, host: str, port: int, *, background: bool) -> None:
+    """The HTTP API and status page; refuses a non-loopback address without an API key."""
+    import threading
+
+    import uvicorn
+
+    from dropbox_runner.api.server import create_app, is_loopback, resolve_api_key
+
+    key = resolve_api_key(registry)
+    if not is_loopback(host) and not key:
+        raise RunnerError(
+            f"serving on {host} needs an API key: set settings.api_key in models.yaml or "
+            "$DROPBOX_RUNNER_API_KEY."
+        )
+    config = uvicorn.Config(
+        create_app(layout, registry, api_key=key), host=host, port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    if background:
+        server.install_signal_handlers = lambda: None  # the daemon owns SIGINT/SIGTERM
+        threading.Thread(target=server.run, name="http", daemon=True).start()
+    else:
+        server.run()
+
+
+@main.command()
+@root_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (not loopback: an API key is required).",
+)
+@click.option("--port", type=int, default=4080, show_default=True)
+def serve(layout: Layout, host: str, port: int) -> None:
+    """Serve the OpenAI-compatible Batch API and the status page over this root (no models run here)."""
+    start_server(layout, load_registry(layout.root), host, port, background=False)
 
 
 @main.command()
@@ -182,66 +243,29 @@ def submit(
         raise RunnerError(f"unknown model {unknown[0]!r}; known models: {', '.join(registry.models)}.")
     layout.make(list(registry.models))
     for src in files:
-        folder = layout.inbox / model if model else layout.inbox
         stem = src.name[: -len(".jsonl")] if src.name.endswith(".jsonl") else src.stem
-        stem = _free_stem(folder, stem.lstrip(".") or "batch")
-        if models or priority is not None:
-            manifest: dict[str, Any] = {"priority": priority or 0}
-            if models:
-                manifest["models"] = names
-            write_json(folder / f"{stem}.manifest.json", manifest)
-        hidden = folder / f".{stem}.jsonl.submit"
-        with open(src, "rb") as fin, open(hidden, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.rename(hidden, folder / f"{stem}.jsonl")
-        fsync_dir(folder)
+        target = submit_file(layout, src, names, one_model_folder=bool(model), stem=stem, priority=priority)
+        stem = target.name[: -len(".jsonl")]
         click.echo(
-            f"submitted {src} as {(folder / (stem + '.jsonl')).relative_to(layout.root)} for "
-            f"{', '.join(names)}; results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)"
+            f"submitted {src} as {target.relative_to(layout.root)} for {', '.join(names)}; "
+            f"results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)"
         )
-
-
-def _free_stem(folder: Path, stem: str) -> str:
-    candidate, n = stem, 1
-    while (folder / f"{candidate}.jsonl").exists() or (folder / f"{candidate}.manifest.json").exists():
-        n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
 
 
 def _job_operation(layout: Layout, ref: str, op: str) -> None:
     from dropbox_runner import control
-    from dropbox_runner.daemon import acquire_root
-    from dropbox_runner.errors import LockHeld
     from dropbox_runner.journal import Journal
 
     journal = Journal(layout)
     spec = journal.find(ref)
-    try:
-        lock = acquire_root(layout)
-    except LockHeld:
-        control.request(journal, op, spec.id)
+    done, models = control.operate(journal, spec, op)
+    if not done:
         click.echo(f"{op} of {spec.name} ({spec.id}) requested; the running daemon carries it out.")
-        return
-    try:
-        if op == "cancel":
-            models = control.cancel_queued(journal, spec, None)
-            click.echo(
-                f"cancelled {spec.name} ({spec.id}): {', '.join(models) or 'nothing was left to run'}."
-            )
-        else:
-            if not all(t.status.final for t in journal.tasks(spec)):
-                raise RunnerError(f"{spec.name} is not finished yet; retry it once it is.")
-            models = control.retry(journal, spec)
-            click.echo(
-                f"retry of {spec.name} ({spec.id}): "
-                f"{'failed lines of ' + ', '.join(models) + ' queued' if models else 'no line had failed'}."
-            )
-    finally:
-        lock.release()
+    elif op == "cancel":
+        click.echo(f"cancelled {spec.name} ({spec.id}): {', '.join(models) or 'nothing was left to run'}.")
+    else:
+        what = f"failed lines of {', '.join(models)} queued" if models else "no line had failed"
+        click.echo(f"retry of {spec.name} ({spec.id}): {what}.")
 
 
 @main.command()

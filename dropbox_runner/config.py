@@ -46,7 +46,8 @@ class Settings(BaseModel):
     max_file_bytes: int = Field(10 * 1024**3, gt=0)
     max_swap_delay_seconds: float = Field(600.0, ge=0)
     stop_timeout_seconds: float = Field(10.0, gt=0)
-    window: int = Field(512, ge=1, description="requests kept in flight in the model process")
+    api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)
+    max_upload_bytes: int = Field(1024**3, gt=0)
 
     @field_validator("poll", mode="before")
     @classmethod

@@ -106,3 +106,24 @@ def request(journal: Journal, op: str, job_id: str) -> None:
     write_json(
         journal.layout.control / f"{op}-{job_id}.json", {"op": op, "job_id": job_id, "at": time.time()}
     )
+
+
+def operate(journal: Journal, spec: JobSpec, op: str) -> tuple[bool, list[str]]:
+    """Cancel or retry a job now if no daemon runs (taking its lock), else ask the daemon.
+
+    Returns (done now, models concerned); a retry of an unfinished job raises RunnerError.
+    """
+    from dropbox_runner.daemon import acquire_root
+    from dropbox_runner.errors import LockHeld, RunnerError
+
+    if op == "retry" and not all(t.status.final for t in journal.tasks(spec)):
+        raise RunnerError(f"{spec.name} is not finished yet; retry it once it is.")
+    try:
+        lock = acquire_root(journal.layout)
+    except LockHeld:
+        request(journal, op, spec.id)
+        return False, []
+    try:
+        return True, cancel_queued(journal, spec, None) if op == "cancel" else retry(journal, spec)
+    finally:
+        lock.release()

@@ -1,0 +1,355 @@
+"""The FastAPI app: OpenAI's /v1/files, /v1/batches and /v1/models over the folders, and `/`.
+
+Uploads become drops (written the safe way into the inbox); every answer is read from state/ and
+outbox/, so it works whether the daemon runs in this process or another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+from dropbox_runner import status as status_view
+from dropbox_runner.api.store import Store, first_models, new_id
+from dropbox_runner.config import Registry
+from dropbox_runner.fsutil import read_json_or_none
+from dropbox_runner.intake.submit import submit_file
+from dropbox_runner.layout import Layout
+
+API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+PAGE = Path(__file__).with_name("page.html")
+STATUS_MAP = {"queued": "validating"}  # our other statuses are OpenAI's own
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="dropbox_runner", docs_url=None, redoc_url=None)
+    store = Store(layout)
+    limit = registry.settings.max_upload_bytes
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": str(exc), "type": exc.type, "param": exc.param, "code": exc.code}},
+            status_code=exc.status,
+        )
+
+    @app.middleware("http")
+    async def bearer(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "missing or wrong API key",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_api_key",
+                        }
+                    },
+                    status_code=401,
+                )
+        return await call_next(request)
+
+    # -- files -------------------------------------------------------------------------------------
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        length = int(request.headers.get("content-length") or 0)
+        if length > limit + 64 * 1024:
+            raise ApiError(413, f"the upload is larger than {limit} bytes", code="file_too_large")
+        form = await request.form(max_part_size=limit + 1)
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "batch":
+            raise ApiError(400, "purpose must be 'batch'", param="purpose")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "a `file` part is required", param="file")
+
+        def chunks():
+            while chunk := upload.file.read(1 << 20):
+                yield chunk
+
+        try:
+            return store.save_upload(chunks(), upload.filename, "batch", limit)
+        except ValueError:
+            raise ApiError(413, f"the upload is larger than {limit} bytes", code="file_too_large") from None
+
+    @app.get("/v1/files")
+    def list_files() -> dict[str, Any]:
+        return {"object": "list", "data": store.list_files(), "has_more": False}
+
+    def output_file(file_id: str) -> tuple[dict[str, Any], Path] | None:
+        kind, _, batch_id = file_id.partition("-")[2].partition("-")
+        record = store.batch(batch_id) if kind in ("out", "err") else None
+        if record is None:
+            return None
+        suffix = ".jsonl" if kind == "out" else ".errors.jsonl"
+        b = (
+            read_json_or_none(layout.outbox / record["outbox"] / "batch.json")
+            if record.get("outbox")
+            else None
+        )
+        if b is None:
+            return None
+        path = layout.outbox / b["output_folder"] / f"{record['model']}{suffix}"
+        if not path.exists():
+            return None
+        st = path.stat()
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": st.st_size,
+            "created_at": int(st.st_mtime),
+            "filename": path.name,
+            "purpose": "batch_output",
+            "status": "processed",
+        }, path
+
+    def find_file(file_id: str) -> tuple[dict[str, Any], Path]:
+        meta = store.file_meta(file_id)
+        if meta is not None:
+            return meta, store.file_path(file_id)
+        out = output_file(file_id)
+        if out is None:
+            raise ApiError(404, f"no file with id {file_id!r}", code="file_not_found")
+        return out
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str) -> dict[str, Any]:
+        return find_file(file_id)[0]
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str) -> FileResponse:
+        return FileResponse(find_file(file_id)[1], media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str) -> dict[str, Any]:
+        if not store.delete_file(file_id):
+            raise ApiError(404, f"no file with id {file_id!r}", code="file_not_found")
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- batches -----------------------------------------------------------------------------------
+    def batch_object(record: dict[str, Any]) -> dict[str, Any]:
+        b = read_json_or_none(layout.outbox / record["outbox"] / "batch.json")
+        model = record["model"]
+        m = (b or {}).get("models", {}).get(model)
+        if b is not None and m is None:  # rejected before the models ran
+            status, counts = b["status"], b["request_counts"]
+        elif m is not None:
+            status, counts = m["status"], m["request_counts"]
+        else:
+            status, counts = "queued", {"total": 0, "completed": 0, "failed": 0}
+        if record.get("cancel_requested") and status not in ("completed", "failed", "cancelled"):
+            status = "cancelling"
+        done_at = (m or {}).get("completed_at") or (b or {}).get("failed_at")
+        folder = (b or {}).get("output_folder")
+        has = lambda suffix: bool(folder) and (layout.outbox / folder / f"{model}{suffix}").exists()  # noqa: E731
+        errors = (b or {}).get("errors")
+        return {
+            "id": record["id"],
+            "object": "batch",
+            "endpoint": record["endpoint"],
+            "input_file_id": record["input_file_id"],
+            "completion_window": record["completion_window"],
+            "status": STATUS_MAP.get(status, status),
+            "created_at": record["created_at"],
+            "in_progress_at": (b or {}).get("in_progress_at"),
+            "completed_at": done_at if status == "completed" else None,
+            "failed_at": done_at if status == "failed" else None,
+            "cancelled_at": done_at if status == "cancelled" else None,
+            "finalizing_at": None,
+            "expires_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "output_file_id": f"file-out-{record['id']}" if has(".jsonl") else None,
+            "error_file_id": f"file-err-{record['id']}" if has(".errors.jsonl") else None,
+            "request_counts": counts,
+            "metadata": record["metadata"],
+            "errors": {
+                "object": "list",
+                "data": [
+                    {"code": e.get("code"), "message": e.get("message"), "line": e.get("line"), "param": None}
+                    for e in errors["data"]
+                ],
+            }
+            if errors and status == "failed"
+            else None,
+            "model": model,
+        }
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        meta = store.file_meta(str(body.get("input_file_id", "")))
+        if meta is None:
+            raise ApiError(
+                404,
+                f"no file with id {body.get('input_file_id')!r}",
+                param="input_file_id",
+                code="file_not_found",
+            )
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise ApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+        if body.get("completion_window", "24h") != "24h":
+            raise ApiError(400, "completion_window must be '24h'", param="completion_window")
+        metadata = {str(k): str(v) for k, v in (body.get("metadata") or {}).items()}
+        path = store.file_path(meta["id"])
+        if metadata.get("models"):
+            models = [m.strip() for m in metadata["models"].split(",") if m.strip()]
+        else:
+            named = first_models(path)
+            if len(named) != 1:
+                raise ApiError(
+                    400,
+                    "every line's body.model must name the same one model (or set metadata.models to 'a,b')",
+                    param="input_file_id",
+                )
+            models = sorted(named)
+        unknown = [m for m in models if m not in registry.models]
+        if unknown:
+            raise ApiError(
+                400,
+                f"unknown model {unknown[0]!r}; known models: {', '.join(registry.models)}",
+                param="model",
+                code="model_not_found",
+            )
+        ids = [new_id("batch") for _ in models]
+        stem = ids[0]
+        now = int(time.time())
+        links = {"linked_batches": ",".join(ids)} if len(ids) > 1 else {}
+        records = [
+            {
+                "id": i,
+                "model": m,
+                "outbox": stem,
+                "input_file_id": meta["id"],
+                "endpoint": endpoint,
+                "completion_window": "24h",
+                "created_at": now,
+                "metadata": {**metadata, **links},
+            }
+            for i, m in zip(ids, models, strict=True)
+        ]
+        for r in records:
+            store.save_batch(r)
+        submit_file(
+            layout,
+            path,
+            models,
+            one_model_folder=False,
+            stem=stem,
+            metadata={**metadata, "api_batches": ",".join(ids)},
+        )
+        return batch_object(records[0])
+
+    def get_record(batch_id: str) -> dict[str, Any]:
+        record = store.batch(batch_id)
+        if record is None:
+            raise ApiError(404, f"no batch with id {batch_id!r}", code="batch_not_found")
+        return record
+
+    @app.get("/v1/batches")
+    def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        records = store.list_batches()
+        if after:
+            ids = [r["id"] for r in records]
+            records = records[ids.index(after) + 1 :] if after in ids else []
+        page = records[: max(1, min(limit, 100))]
+        data = [batch_object(r) for r in page]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(records) > len(page),
+        }
+
+    @app.get("/v1/batches/{batch_id}")
+    def get_batch(batch_id: str) -> dict[str, Any]:
+        return batch_object(get_record(batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(batch_id: str) -> dict[str, Any]:
+        from dropbox_runner import control
+        from dropbox_runner.journal import Journal
+
+        record = get_record(batch_id)
+        journal = Journal(layout)
+        job_id = layout.find_job(record["outbox"])
+        if job_id is None:
+            raise ApiError(
+                409,
+                "the batch has not been taken by the daemon yet; cancel it again shortly",
+                code="batch_not_ready",
+            )
+        record["cancel_requested"] = True
+        store.save_batch(record)
+        control.operate(journal, journal.spec(job_id), "cancel")
+        return batch_object(record)
+
+    # -- models, health, page ----------------------------------------------------------------------
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "dropbox_runner"}
+                for name in registry.models
+            ],
+        }
+
+    @app.get("/healthz")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "daemon_running": status_view.daemon_state(layout)["running"]}
+
+    @app.get("/api/status")
+    def status_json() -> dict[str, Any]:
+        return status_view.collect(layout)
+
+    @app.get("/outbox/{folder}/{name}")
+    def outbox_file(folder: str, name: str) -> FileResponse:
+        path = (layout.outbox / folder / name).resolve()
+        if path.parent.parent != layout.outbox.resolve() or name.startswith(".") or not path.is_file():
+            raise ApiError(404, "no such result file", code="not_found")
+        return FileResponse(path, media_type="application/jsonl")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    return app
+
+
+def resolve_api_key(registry: Registry) -> str | None:
+    return os.environ.get(API_KEY_ENV) or registry.settings.api_key

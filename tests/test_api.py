@@ -1,0 +1,249 @@
+"""The OpenAI-compatible Batch API and the status page, through the official client and Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Daemon, chat_line, wait_for, write_jsonl
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.log = open(root / "serve.test.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dropbox_runner",
+                "serve",
+                "--root",
+                str(root),
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            env={**os.environ, **(env or {})},
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_up(self) -> None:
+        import urllib.request
+
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(self.url + "/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, what="the HTTP server")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def served(root: Path):
+    daemon = Daemon(root)
+    server = Server(root)
+    server.wait_up()
+    yield root, server
+    server.stop()
+    daemon.kill(signal.SIGTERM)
+
+
+def client(server: Server, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def wait_batch(c, batch_id: str, statuses=("completed", "failed", "cancelled")):
+    return wait_for(lambda: (b := c.batches.retrieve(batch_id)).status in statuses and b, what=batch_id)
+
+
+def test_the_official_client_uploads_runs_and_downloads(served, tmp_path: Path) -> None:
+    import openai
+
+    root, server = served
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{**chat_line(i), "body": {**chat_line(i)["body"], "model": "echo"}} for i in range(50)],
+    )
+    c = client(server)
+    f = c.files.create(file=open(src, "rb"), purpose="batch")
+    assert f.bytes == src.stat().st_size and f.filename == "in.jsonl"
+    batch = c.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"team": "search"},
+    )
+    assert batch.status in ("validating", "in_progress", "completed")
+    done = wait_batch(c, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts.total == 50 and done.request_counts.completed == 50
+    assert done.metadata["team"] == "search"
+    lines = [json.loads(x) for x in c.files.content(done.output_file_id).text.splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"q-{i}" for i in range(50)]
+    assert lines[3]["response"]["body"]["choices"][0]["message"]["content"] == "echo: question number 3"
+    assert batch.id in [b.id for b in c.batches.list(limit=10).data]
+    assert f.id in [x.id for x in c.files.list().data]
+    assert [m.id for m in c.models.list().data][:2] == ["echo", "echo2"]
+    with pytest.raises(openai.NotFoundError):
+        c.batches.retrieve("batch-nope")
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve("file-nope")
+    assert c.files.delete(f.id).deleted
+
+
+def test_two_models_appear_as_linked_batches(served, tmp_path: Path) -> None:
+    root, server = served
+    c = client(server)
+    f = c.files.create(
+        file=open(write_jsonl(tmp_path / "two.jsonl", [chat_line(i) for i in range(5)]), "rb"),
+        purpose="batch",
+    )
+    first = c.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"models": "echo,echo2"},
+    )
+    ids = first.metadata["linked_batches"].split(",")
+    assert ids[0] == first.id and len(ids) == 2
+    outs = []
+    for batch_id in ids:
+        b = wait_batch(c, batch_id)
+        assert b.status == "completed" and b.request_counts.total == 5
+        outs.append([json.loads(x) for x in c.files.content(b.output_file_id).text.splitlines()])
+    assert [x["response"]["body"]["model"] for x in outs[0]] == ["echo"] * 5
+    assert [x["response"]["body"]["model"] for x in outs[1]] == ["echo2"] * 5
+
+
+def test_cancel_and_errors(served, tmp_path: Path) -> None:
+    import openai
+
+    root, server = served
+    c = client(server)
+    lines = [{**chat_line(i), "body": {**chat_line(i)["body"], "model": "paced"}} for i in range(30000)]
+    f = c.files.create(file=open(write_jsonl(tmp_path / "long.jsonl", lines), "rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed > 0, what="progress")
+    assert c.batches.cancel(b.id).status in ("cancelling", "cancelled")
+    done = wait_batch(c, b.id)
+    assert done.status == "cancelled" and 0 < done.request_counts.completed < 30000
+    with pytest.raises(openai.BadRequestError) as err:
+        c.batches.create(input_file_id=f.id, endpoint="/v1/images", completion_window="24h")
+    assert "endpoint" in str(err.value)
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {**chat_line(0), "body": {**chat_line(0)["body"], "model": "echo"}},
+            {**chat_line(1), "body": {**chat_line(1)["body"], "model": "echo2"}},
+        ],
+    )
+    g = c.files.create(file=open(mixed, "rb"), purpose="batch")
+    with pytest.raises(openai.BadRequestError):
+        c.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_key_size_limit_and_names(root: Path, tmp_path: Path) -> None:
+    import urllib.request
+
+    (root / "models.yaml").write_text(
+        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  max_upload_bytes: 2000\n")
+    )
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dropbox_runner",
+            "serve",
+            "--root",
+            str(root),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "needs an API key" in refused.stderr
+    server = Server(root, env={"DROPBOX_RUNNER_API_KEY": "sekrit"})
+    server.wait_up()
+    try:
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").files.list()
+        c = client(server, "sekrit")
+        with pytest.raises(openai.APIStatusError) as err:
+            c.files.create(file=("big.jsonl", b"x" * 5000), purpose="batch")
+        assert err.value.status_code == 413
+        f = c.files.create(file=("../../etc/evil.jsonl", json.dumps(chat_line(0)).encode()), purpose="batch")
+        assert "/" not in f.filename and not f.filename.startswith(".")
+        assert (root / "state/api/files" / f"{f.id}.jsonl").exists()
+        assert not (root.parent / "etc").exists()
+        req = urllib.request.Request(server.url + "/v1/files")
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(req)
+        assert http.value.code == 401
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+def test_the_status_page_shows_a_moving_progress_bar(served) -> None:
+    from playwright.sync_api import sync_playwright
+
+    root, server = served
+    write_jsonl(root / "inbox/paced/page.jsonl", [chat_line(i) for i in range(15000)])
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            bar = page.locator('tr[data-job="page"] .bar > div')
+            bar.wait_for(timeout=30000)
+            first = int(bar.get_attribute("data-pct"))
+            wait_for(lambda: int(bar.get_attribute("data-pct")) > first, timeout=30, what="the bar to move")
+            assert "daemon pid" in page.locator("#daemon").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "status-page.png").stat().st_size > 1000
