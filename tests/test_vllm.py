@@ -201,6 +201,36 @@ def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
     assert vroot.daemon.alive()
 
 
+def test_the_official_client_runs_a_batch_on_tiny_llama(vroot, tmp_path: Path) -> None:
+    from openai import OpenAI
+    from openai.types.chat import ChatCompletion
+    from test_api import Server
+
+    root = vroot.root
+    server = Server(root)
+    try:
+        server.wait_up()
+        c = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        lines = [
+            chat_line(i, q, max_tokens=8, ignore_eos=True, model="tiny-llama")
+            for i, q in enumerate(QUESTIONS[:12])
+        ]
+        f = c.files.create(file=open(write_jsonl(tmp_path / "api.jsonl", lines), "rb"), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = wait_for(
+            lambda: (x := c.batches.retrieve(b.id)).status == "completed" and x,
+            timeout=LOAD_TIMEOUT,
+            what="the API batch",
+        )
+        out = [json.loads(x) for x in c.files.content(done.output_file_id).text.splitlines()]
+        assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(12)]
+        for x in out:
+            body = ChatCompletion.model_validate(x["response"]["body"])
+            assert body.model == "tiny-llama" and body.usage.completion_tokens == 8
+    finally:
+        server.stop()
+
+
 def test_two_models_align_line_by_line_with_bad_lines(vroot) -> None:
     root = vroot.root
     lines = [chat_line(i, q, max_tokens=8) for i, q in enumerate(QUESTIONS[:10])]
