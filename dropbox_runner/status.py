@@ -57,6 +57,7 @@ def model_row(
         "model": task["model"],
         "status": task["status"],
         "done": count,
+        "succeeded": count - failed,
         "total": spec["total"],
         "failed": failed + (remaining if final else 0),
         "tokens_per_second": round(tps, 1),

@@ -19,6 +19,7 @@ from dropbox_runner.lifecycle import Status, job_status
 from dropbox_runner.requests import iter_raw_lines
 from dropbox_runner.results.log import Marker, committed_records, read_marker
 from dropbox_runner.results.records import failure_line, request_ids
+from dropbox_runner.status import model_row
 
 MISSING_REASON = {
     Status.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
@@ -94,24 +95,20 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
 
 
 def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[str, Any]:
-    m = marker or Marker()
-    finished = task.status.final
-    failed = m.failed + (spec.total - m.count if finished else 0)
-    elapsed = (task.completed_at or m.updated_at or 0) - (m.started_at or 0)
-    tps = m.completion_tokens / elapsed if m.started_at and elapsed > 0 else 0.0
+    """One model of batch.json; counts and rates as `status` computes them."""
+    row = model_row(
+        spec.model_dump(), task.model_dump(mode="json"), marker.model_dump() if marker else None, time.time()
+    )
+    usage = row["usage"]
     return {
         "status": task.status.value,
-        "request_counts": {"total": spec.total, "completed": m.count - m.failed, "failed": failed},
+        "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
         "output_file": f"{task.model}.jsonl",
         "error_file": f"{task.model}.errors.jsonl",
-        "usage": {
-            "prompt_tokens": m.prompt_tokens,
-            "completion_tokens": m.completion_tokens,
-            "total_tokens": m.prompt_tokens + m.completion_tokens,
-        },
-        "tokens_per_second": round(tps, 2),
+        "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        "tokens_per_second": row["tokens_per_second"],
         "load_seconds": task.load_seconds,
-        "started_at": _int(m.started_at),
+        "started_at": _int(marker.started_at if marker else None),
         "completed_at": _int(task.completed_at),
         "error": task.error,
     }
