@@ -68,14 +68,14 @@ def write(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def make_root(base: Path, settings: str = "settle_seconds: 0.5") -> Path:
+def make_root(base: Path, settings: str = "settle_seconds: 0.5", vllm_args: str = VLLM_ARGS) -> Path:
     root = base / "root"
     root.mkdir(parents=True)
     models = REPO / "models"
     (root / "models.yaml").write_text(f"""settings: {{{settings}}}
 models:
-  tiny-llama: {{path: {models}/tiny-llama, engine_args: {VLLM_ARGS}}}
-  tiny-qwen: {{path: {models}/tiny-qwen, engine_args: {VLLM_ARGS}}}
+  tiny-llama: {{path: {models}/tiny-llama, engine_args: {vllm_args}}}
+  tiny-qwen: {{path: {models}/tiny-qwen, engine_args: {vllm_args}}}
   echo: {{engine: echo, engine_args: {{max_in_flight: 1024}}}}
   paced: {{engine: echo, engine_args: {{delay_ms: 5, max_in_flight: 256}}}}
 """)
@@ -331,7 +331,8 @@ def bench_intake(tmp: Path) -> dict:
 
 # -- 5. swap ------------------------------------------------------------------------------------------
 def bench_swap(tmp: Path) -> dict:
-    root = make_root(tmp / "swap")
+    # the shipped configuration of the tiny models (eager): what a swap costs in the demo and tests
+    root = make_root(tmp / "swap", vllm_args=VLLM_ARGS.replace("}", ", enforce_eager: true}"))
     (root / "inbox").mkdir()
     write(root / "inbox/s.jsonl", chat_lines(200, 8))
     (root / "inbox/s.manifest.json").write_text(json.dumps({"models": ["tiny-llama", "tiny-qwen"]}))
