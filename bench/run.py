@@ -351,7 +351,7 @@ def bench_swap(tmp: Path) -> dict:
         ["tiny-qwen", unload[0] if unload else "-", b["tiny-qwen"]["load_seconds"]],
     ]
     table(
-        "5. Swap: unload of the previous model and load of the next (s)",
+        "5. Swap (tiny models as shipped, enforce_eager): unload of the previous model, load of the next (s)",
         ["model", "unload s", "load s"],
         rows,
     )
