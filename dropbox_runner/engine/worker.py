@@ -236,6 +236,8 @@ class TaskRun:
 
 
 def main() -> int:
+    # The committer thread must get the GIL on time from a busy feeding loop (default: 5 ms slices).
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
