@@ -19,27 +19,26 @@ from dropbox_runner.engine.base import (
     embedding_body,
     requested_max_tokens,
 )
-from dropbox_runner.requests import Request
+from dropbox_runner.requests import HONOURED, VLLM_EXTRAS, Request
 
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "ignore_eos",
-    "min_tokens",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-    "include_stop_str_in_output",
-    "stop_token_ids",
-    "bad_words",
-    "allowed_token_ids",
-    "truncate_prompt_tokens",
+# Fields of a line that need more than being passed to SamplingParams as they are.
+MAPPED_FIELDS = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "logit_bias",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+    }
 )
+SAMPLING_FIELDS = tuple(sorted((HONOURED | VLLM_EXTRAS) - MAPPED_FIELDS))
 
 
 @dataclass
