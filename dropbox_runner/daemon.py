@@ -433,8 +433,6 @@ class Daemon:
         task, spec = self.current, self.current_spec
         if task is None:
             return
-        if task.started_at is None and ev.get("started_at"):
-            task.started_at = ev["started_at"]
         if now - self.last_batch_json >= BATCH_JSON_SECONDS:
             self.last_batch_json = now
             write_batch_json(self.journal, spec)

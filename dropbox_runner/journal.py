@@ -52,7 +52,6 @@ class TaskRecord(BaseModel):
     status: Status = Status.QUEUED
     queue_key: str
     in_progress_at: float | None = None
-    started_at: float | None = None  # first request went to the loaded model
     completed_at: float | None = None
     load_seconds: float | None = None
     error: str | None = None

@@ -31,7 +31,6 @@ class ModelProcess:
         self.loaded = False
         self.load_seconds: float | None = None
         self.capacity = 0
-        self.started_at = time.time()
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")

@@ -23,10 +23,6 @@ from dropbox_runner.results.publish import write_batch_json
 log = logging.getLogger("dropbox_runner.intake")
 
 
-class Crash(Exception):
-    """Raised by the test hook to imitate a crash between claim steps."""
-
-
 def _crash_point(step: str) -> None:
     # Test hook: DROPBOX_RUNNER_CRASH_AT=<step> kills the daemon right there, as kill -9 would.
     if os.environ.get("DROPBOX_RUNNER_CRASH_AT") == step:
