@@ -29,7 +29,7 @@ from dropbox_runner.lifecycle import Status
 from dropbox_runner.memory import fit_problem, is_memory_failure
 from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
 from dropbox_runner.results.publish import write_batch_json
-from dropbox_runner.supervisor import ModelProcess
+from dropbox_runner.supervisor import ModelProcess, group_rss_bytes
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -558,6 +558,7 @@ class Daemon:
                 "loading_model": self.proc.name if self.proc and not self.proc.loaded else None,
                 "model_pid": self.proc.pid if self.proc else None,
                 "load_seconds": self.proc.load_seconds if self.proc else None,
+                "model_rss_mb": round(group_rss_bytes(self.proc.pid) / 2**20, 1) if self.proc else None,
                 "running": {"job_id": self.current.job_id, "model": self.current.model}
                 if self.current
                 else None,

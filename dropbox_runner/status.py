@@ -141,7 +141,10 @@ def daemon_line(state: dict[str, Any]) -> str:
         return f"The daemon is not running.{words}"
     parts = [f"daemon pid {snap.get('pid')} on {snap.get('host')}"]
     if snap.get("loaded_model"):
-        parts.append(f"model {snap['loaded_model']} loaded in {snap.get('load_seconds') or 0:.1f}s")
+        parts.append(
+            f"model {snap['loaded_model']} loaded in {snap.get('load_seconds') or 0:.1f}s, "
+            f"{snap.get('model_rss_mb') or 0:.0f} MB resident"
+        )
     elif snap.get("loading_model"):
         parts.append(f"loading {snap['loading_model']}")
     parts.append(f"watching the inbox ({snap.get('watch_mode')})")

@@ -148,6 +148,19 @@ class ModelProcess:
             time.sleep(0.05)
 
 
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process of a group (the model process and vLLM's engine processes)."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 def group_members(pgid: int) -> list[int]:
     """Pids still alive in a process group (zombies excluded), read from /proc."""
     members = []
