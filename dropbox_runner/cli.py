@@ -340,7 +340,7 @@ def validate(layout: Layout, file: Path) -> None:
     """Check a JSONL file offline: one line per problem; exit 1 if any."""
     from dropbox_runner.requests import IdSet, LineError, iter_raw_lines, parse_line
 
-    problems = total = 0
+    problems = total = valid = 0
     seen = IdSet()
     with open(file, "rb") as f:
         for raw in iter_raw_lines(f):
@@ -356,9 +356,11 @@ def validate(layout: Layout, file: Path) -> None:
             if isinstance(result, LineError):
                 problems += 1
                 click.echo(f"line {result.line}: {result.message}")
+            else:
+                valid += 1
     if total == 0:
         click.echo("the file has no request line")
         problems += 1
-    click.echo(f"{total} lines, {total - problems} valid, {problems} problems")
+    click.echo(f"{total} lines, {valid} valid, {problems} problems")
     if problems:
         sys.exit(EXIT_FAILURE)

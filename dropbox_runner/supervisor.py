@@ -75,32 +75,32 @@ class ModelProcess:
         except (BrokenPipeError, OSError):
             return False
 
-    def events(self, timeout: float) -> list[dict[str, Any]]:
-        """Events that arrived within `timeout` seconds (an empty list at EOF: check `alive`)."""
+    def _read(self, timeout: float) -> bool | None:
+        """Add what the pipe holds within `timeout` to the buffer: True if data, False if none, None at EOF."""
         ready, _, _ = select.select([self._events], [], [], timeout)
         if not ready:
-            return []
+            return False
         chunk = os.read(self._events.fileno(), 1 << 16)
         if not chunk:
-            self.proc.wait()
-            return []
+            return None
         self._buffer += chunk
+        return True
+
+    def _complete_events(self) -> list[dict[str, Any]]:
         *lines, self._buffer = self._buffer.split(b"\n")
         return [orjson.loads(line) for line in lines if line]
 
+    def events(self, timeout: float) -> list[dict[str, Any]]:
+        """Events that arrived within `timeout` seconds (none at EOF: check `alive`)."""
+        if self._read(timeout) is None:
+            self.proc.wait()
+        return self._complete_events()
+
     def drain(self) -> list[dict[str, Any]]:
         """Every event still in the pipe of a process that has ended (it may have written just before)."""
-        events: list[dict[str, Any]] = []
-        while True:
-            ready, _, _ = select.select([self._events], [], [], 0.5)
-            if not ready:
-                return events
-            chunk = os.read(self._events.fileno(), 1 << 16)
-            if not chunk:
-                break
-            self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return events + [orjson.loads(line) for line in lines if line]
+        while self._read(0.5):
+            pass
+        return self._complete_events()
 
     def exit_description(self) -> str:
         code = self.proc.poll()
