@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import importlib.util
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 import orjson
 
+from dropbox_runner import catalog
 from dropbox_runner.errors import JobNotFound, RunnerError
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout, resolve_root
-from dropbox_runner.memory import fit_problem, weight_bytes
-
-if TYPE_CHECKING:
-    from dropbox_runner.config import ModelConfig
 
 EXIT_FAILURE = 1
 
@@ -35,14 +31,18 @@ def load_registry(root: Path):
     return load(root)
 
 
-def serve_options(f: Callable) -> Callable:
+def address_options(f: Callable) -> Callable:
     f = click.option("--port", type=int, default=4080, show_default=True, help="Port of the HTTP API.")(f)
-    f = click.option(
+    return click.option(
         "--host",
         default="127.0.0.1",
         show_default=True,
         help="Address of the HTTP API (not loopback: an API key is required).",
     )(f)
+
+
+def serve_options(f: Callable) -> Callable:
+    f = address_options(f)
     return click.option("--serve", is_flag=True, help="Also serve the HTTP API and status page.")(f)
 
 
@@ -168,13 +168,7 @@ def start_server(layout: Layout, registry, host: str, port: int, *, background: 
 
 @main.command()
 @root_option
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address to listen on (not loopback: an API key is required).",
-)
-@click.option("--port", type=int, default=4080, show_default=True)
+@address_options
 def serve(layout: Layout, host: str, port: int) -> None:
     """Serve the OpenAI-compatible Batch API and the status page over this root (no models run here)."""
     start_server(layout, load_registry(layout.root), host, port, background=False)
@@ -192,10 +186,10 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
 
     def render() -> str:
         if ref:
-            job_id = layout.find_job(ref)
-            if job_id is None:
+            job_id = catalog.find_job(layout, ref)
+            job = st.job_view(layout, job_id, time.time()) if job_id else None
+            if job is None:
                 raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
-            job = st.job_view(layout, job_id, time.time())
             return (
                 orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(job)
             )
@@ -253,12 +247,12 @@ def submit(
 
 
 def _job_operation(layout: Layout, ref: str, op: str) -> None:
-    from dropbox_runner import control
+    from dropbox_runner.jobs import operate
     from dropbox_runner.journal import Journal
 
     journal = Journal(layout)
     spec = journal.find(ref)
-    done, models = control.operate(journal, spec, op)
+    done, models = operate(journal, spec, op)
     if not done:
         click.echo(f"{op} of {spec.name} ({spec.id}) requested; the running daemon carries it out.")
     elif op == "cancel":
@@ -284,42 +278,20 @@ def retry(layout: Layout, ref: str) -> None:
     _job_operation(layout, ref, "retry")
 
 
-def check_model(layout: Layout, name: str, model: ModelConfig) -> str | None:
-    """A sentence saying why this entry cannot load, or None."""
-    from dropbox_runner.config import EngineKind, is_embedded_path, resolve_model_path
-
-    if model.engine == EngineKind.ECHO:
-        return None
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (pip install 'dropbox-runner[cpu]' or '[cuda]')"
-    path = resolve_model_path(layout.root, model)
-    if path is None:
-        return f"the package of {model.path!r} is not installed"
-    if not path.startswith("/"):
-        return None  # a hub id: checked when it loads
-    folder = Path(path)
-    if not folder.exists():
-        return None if is_embedded_path(layout.root, model.path) else f"{folder} does not exist"
-    if not (folder / "config.json").exists():
-        return f"{folder} has no config.json"
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        return f"{folder} has no weights (*.safetensors)"
-    return fit_problem(name, folder, model.engine_args)
-
-
 @main.command()
 @root_option
 @click.option("--check", is_flag=True, help="Verify each entry without loading it.")
 def models(layout: Layout, check: bool) -> None:
     """List the models of models.yaml."""
-    from dropbox_runner.config import resolve_model_path
+    from dropbox_runner.config import model_problem, resolve_model_path
+    from dropbox_runner.memory import weight_bytes
 
     registry = load_registry(layout.root)
     failed = 0
     for name, m in registry.models.items():
         line = f"{name:<20} engine={m.engine.value:<5} task={m.task.value:<8} path={m.path or '-'}"
         if check:
-            problem = check_model(layout, name, m)
+            problem = model_problem(layout.root, name, m)
             if problem:
                 failed += 1
                 line += f"  FAIL: {problem}"
@@ -338,29 +310,15 @@ def models(layout: Layout, check: bool) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(layout: Layout, file: Path) -> None:
     """Check a JSONL file offline: one line per problem; exit 1 if any."""
-    from dropbox_runner.requests import IdSet, LineError, iter_raw_lines, parse_line
+    from dropbox_runner.lines import summarize
 
-    problems = total = valid = 0
-    seen = IdSet()
-    with open(file, "rb") as f:
-        for raw in iter_raw_lines(f):
-            total += 1
-            if raw.data is not None:
-                try:
-                    raw.data.decode("utf-8")
-                except UnicodeDecodeError:
-                    click.echo(f"line {raw.line}: not UTF-8 text")
-                    problems += 1
-                    continue
-            result = parse_line(raw, seen)
-            if isinstance(result, LineError):
-                problems += 1
-                click.echo(f"line {result.line}: {result.message}")
-            else:
-                valid += 1
-    if total == 0:
+    summary = summarize(file, keep_errors=None, whole=True)
+    for e in summary.errors:
+        click.echo(f"line {e.line}: {e.message}")
+    problems = len(summary.errors)
+    if summary.total == 0:
         click.echo("the file has no request line")
         problems += 1
-    click.echo(f"{total} lines, {valid} valid, {problems} problems")
+    click.echo(f"{summary.total} lines, {summary.valid} valid, {problems} problems")
     if problems:
         sys.exit(EXIT_FAILURE)

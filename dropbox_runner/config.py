@@ -1,6 +1,8 @@
 """models.yaml: the model registry and the daemon's settings, loaded into pydantic models.
 
-A wrong file raises ConfigError naming the file, the key and what is wrong.
+A wrong file raises ConfigError naming the file, the key and what is wrong. A model that is well
+written but cannot load here (package or folder missing, vLLM absent) is not an error of the file:
+`model_problem` says why, and only that model's work waits or fails.
 """
 
 from __future__ import annotations
@@ -8,18 +10,26 @@ from __future__ import annotations
 import importlib.util
 import re
 from enum import StrEnum
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dropbox_runner import plainyaml
 from dropbox_runner.errors import ConfigError
+from dropbox_runner.lines import check_defaults
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 PACKAGE_PREFIX = "package:"
 EMBEDDED_MODELS = ("tiny-llama", "tiny-qwen")
+# Names an outbox folder already uses for other files: compare.jsonl, <model>.errors.jsonl.
+RESERVED_NAMES = ("compare",)
+RESERVED_SUFFIXES = (".errors",)
+ECHO_ARGS = frozenset({"delay_ms", "max_in_flight", "crash_on", "raise_on", "hang_on", "slow_on"})
 
 
 class EngineKind(StrEnum):
@@ -46,6 +56,9 @@ class Settings(BaseModel):
     max_file_bytes: int = Field(10 * 1024**3, gt=0)
     max_swap_delay_seconds: float = Field(600.0, ge=0)
     stop_timeout_seconds: float = Field(10.0, gt=0)
+    stall_timeout_seconds: float = Field(300.0, gt=0)  # no commit while requests are in flight
+    load_timeout_seconds: float = Field(1800.0, gt=0)
+    request_timeout_seconds: float | None = Field(None, gt=0)
     api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)
     max_upload_bytes: int = Field(1024**3, gt=0)
 
@@ -64,6 +77,12 @@ class ModelConfig(BaseModel):
     task: Task = Task.GENERATE
     engine_args: dict[str, Any] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    request_timeout_seconds: float | None = Field(None, gt=0)
+
+    def fingerprint(self) -> str:
+        """A digest of everything in this entry that changes results (for dedupe)."""
+        data = self.model_dump(mode="json", exclude={"request_timeout_seconds"})
+        return blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
 
 
 class Registry(BaseModel):
@@ -77,15 +96,18 @@ def resolve_model_path(root: Path, model: ModelConfig) -> str | None:
     """The folder (or hub id) the engine loads: package: paths, root-relative folders, hub ids."""
     if model.path is None:
         return None
-    if model.path.startswith(PACKAGE_PREFIX):
-        package, _, sub = model.path[len(PACKAGE_PREFIX) :].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
-    local = (root / model.path).expanduser()
-    if local.exists() or is_embedded_path(root, model.path) or not HUB_ID_RE.match(model.path):
-        return str(local.resolve())
+    try:
+        if model.path.startswith(PACKAGE_PREFIX):
+            package, _, sub = model.path[len(PACKAGE_PREFIX) :].partition("/")
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+        local = (root / model.path).expanduser()
+        if local.exists() or is_embedded_path(root, model.path) or not HUB_ID_RE.match(model.path):
+            return str(local.resolve())
+    except (ImportError, ValueError, RuntimeError, OSError):  # no package, a NUL byte, an unknown ~user
+        return None
     return model.path
 
 
@@ -107,39 +129,82 @@ def load_registry(root: Path) -> Registry:
     if not path.exists():
         raise ConfigError(f"{path}: not found; run `dropbox-runner init` to create a starter file.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}).") from exc
+        return parse_registry(path.read_text(encoding="utf-8"), root)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text.") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_registry(text: str, root: Path) -> Registry:
+    """models.yaml's text as a Registry; raises ConfigError naming the key (total over any text)."""
+    try:
+        raw = plainyaml.load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({str(exc).splitlines()[0][:200]}).") from None
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with `settings` and `models`.")
+        raise ConfigError("the top level must be a mapping with `settings` and `models`.")
     if isinstance(raw.get("models"), dict):
         for name, entry in raw["models"].items():
-            if not MODEL_NAME_RE.match(str(name)):
-                raise ConfigError(f"{path}: models.{name}: bad model name; use 1 to 64 of A-Z a-z 0-9 . _ -.")
+            if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+                raise ConfigError(
+                    f"models.{str(name)[:80]}: bad model name; use 1 to 64 of A-Z a-z 0-9 . _ -."
+                )
+            if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+                raise ConfigError(
+                    f"models.{name}: the name is reserved (outbox/<name>/compare.jsonl and "
+                    "<model>.errors.jsonl use it); choose another."
+                )
             if entry is None:
-                raise ConfigError(f"{path}: models.{name}: empty entry; give at least `path` or `engine`.")
+                raise ConfigError(f"models.{name}: empty entry; give at least `path` or `engine`.")
     try:
         registry = Registry.model_validate(raw)
     except ValidationError as exc:
         key, what = _describe(exc.errors()[0])
-        raise ConfigError(f"{path}: {key}: {what}.") from exc
+        raise ConfigError(f"{key[:200]}: {what[:200]}.") from None
     for name, model in registry.models.items():
-        check_model_entry(root, name, model, path)
+        check_model_entry(name, model)
     return registry
 
 
-def check_model_entry(root: Path, name: str, model: ModelConfig, yaml_path: Path) -> None:
+def check_model_entry(name: str, model: ModelConfig) -> None:
+    """What a models.yaml entry must say, whatever this machine has installed."""
+    problem = check_defaults(model.defaults)
+    if problem:
+        raise ConfigError(f"models.{name}.defaults: {problem}.")
     if model.engine == EngineKind.ECHO:
-        unknown = set(model.engine_args) - {"delay_ms", "max_in_flight", "crash_on"}
+        unknown = set(model.engine_args) - ECHO_ARGS
         if unknown:
             raise ConfigError(
-                f"{yaml_path}: models.{name}.engine_args.{sorted(unknown)[0]}: unknown key for the echo engine."
+                f"models.{name}.engine_args.{sorted(unknown)[0][:80]}: unknown key for the echo engine."
             )
         return
     if not model.path:
-        raise ConfigError(f"{yaml_path}: models.{name}.path: missing; a vllm model needs a folder or hub id.")
-    resolved = resolve_model_path(root, model)
-    if resolved is None:
-        raise ConfigError(f"{yaml_path}: models.{name}.path: package in {model.path!r} is not installed.")
-    if resolved.startswith("/") and not Path(resolved).exists() and not is_embedded_path(root, model.path):
-        raise ConfigError(f"{yaml_path}: models.{name}.path: {model.path!r} does not exist.")
+        raise ConfigError(f"models.{name}.path: missing; a vllm model needs a folder or hub id.")
+
+
+def model_problem(root: Path, name: str, model: ModelConfig) -> str | None:
+    """A sentence saying why this entry cannot load on this machine, or None (without loading it)."""
+    from dropbox_runner.memory import fit_problem
+
+    if model.engine == EngineKind.ECHO:
+        return None
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'dropbox-runner[cpu]' or '[cuda]')"
+    path = resolve_model_path(root, model)
+    if path is None:
+        return f"the path {model.path!r} cannot be resolved (is its package installed?)"
+    if not path.startswith("/"):
+        return None  # a hub id: checked when it loads
+    folder = Path(path)
+    if not folder.exists():
+        return None if is_embedded_path(root, model.path) else f"{folder} does not exist"
+    if not (folder / "config.json").exists():
+        return f"{folder} has no config.json"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return f"{folder} has no weights (*.safetensors)"
+    try:
+        return fit_problem(name, folder, model.engine_args)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the weights in {folder} cannot be read ({exc})"

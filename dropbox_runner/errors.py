@@ -3,6 +3,17 @@
 Core code raises these; only `cli.py` converts them to click errors and exit codes.
 """
 
+import errno
+
+# Failures of the machine, not of a drop or a job: the daemon pauses and tries again later.
+ENVIRONMENTAL_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE}
+)
+
+
+def is_environmental(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENTAL_ERRNOS
+
 
 class RunnerError(Exception):
     """A failure a user can act on; its message is one clear sentence."""

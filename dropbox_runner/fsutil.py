@@ -1,16 +1,28 @@
-"""Durable file primitives: stage under a hidden name, fsync, rename, fsync the folder.
+"""Durable file primitives: the one staged writer, and opening files that must be regular files.
 
-Every file the runner publishes or journals goes through `write_atomic`.
+Every file the runner writes goes through `staged`: a hidden name opened with O_EXCL|O_NOFOLLOW
+(a planted symlink cannot redirect it), fsync, rename, fsync the folder, clean up on failure.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
+
+
+class NotRegularFile(OSError):
+    """A path that had to be a regular file is a symlink, FIFO, device or folder."""
+
+
+class _Discarded(Exception):
+    pass
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,21 +33,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _staging_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _open_new(folder: Path, name: str) -> tuple[Path, int]:
+    """A fresh hidden staging file in `folder`; never follows or reuses an existing entry."""
+    while True:
+        tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            continue
+
+
+@contextmanager
+def staged(path: Path, *, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Write `path` through a staging file: readers see the old file or the whole new one, never a mix.
+
+    Setting `discard = True` on the yielded file drops it: `path` is left as it was.
+    """
+    tmp, fd = _open_new(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.discard = False
+            yield f
+            if f.discard:
+                raise _Discarded
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except _Discarded:
+        tmp.unlink(missing_ok=True)
+        return
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` so that readers see the old file or the new one, never a mix."""
-    tmp = _staging_name(path)
-    with open(tmp, "wb") as f:
+    with staged(path, durable=durable) as f:
         f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
@@ -49,27 +86,51 @@ def read_json(path: Path) -> Any:
 def read_json_or_none(path: Path) -> Any | None:
     try:
         return orjson.loads(path.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, orjson.JSONDecodeError):
         return None
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` under a staging name, fsync, rename, fsync the folder."""
-    tmp = _staging_name(dst)
+def open_regular(path: Path) -> IO[bytes]:
+    """Open for reading only if `path` is a regular file itself: no symlink followed, no FIFO waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path.name} is not a regular file (symlink, FIFO, device or folder)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
         raise
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
 
 
-def move_into(src: Path, dst: Path) -> None:
-    """Move a file to `dst`: an atomic rename, or copy + fsync + verify + unlink across filesystems."""
+def read_regular(path: Path, cap: int) -> bytes:
+    """The bytes of a regular file of at most `cap` bytes; raises NotRegularFile or ValueError."""
+    try:
+        f = open_regular(path)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
+            raise NotRegularFile(f"{path.name} is a symlink") from None
+        raise
+    with f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError(f"{path.name} is larger than {cap} bytes")
+    return data
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a regular file `src` to `dst` through the staged writer."""
+    with open_regular(src) as fin, staged(dst) as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+
+
+def move_into(src: Path, dst: Path, *, after_copy: Any = None) -> None:
+    """Move a file to `dst`: an atomic rename, or copy + fsync + verify + unlink across filesystems.
+
+    `after_copy` runs between a verified copy and the removal of `src` (a crash point for tests).
+    """
     try:
         os.rename(src, dst)
     except OSError as exc:
@@ -79,6 +140,8 @@ def move_into(src: Path, dst: Path) -> None:
         if not files_equal(src, dst):
             dst.unlink()
             raise OSError(f"copy of {src} to {dst} did not verify") from exc
+        if after_copy is not None:
+            after_copy()
         src.unlink()
         fsync_dir(src.parent)
     fsync_dir(dst.parent)

@@ -10,12 +10,12 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from dropbox_runner import catalog
 from dropbox_runner.errors import JobNotFound
 from dropbox_runner.fsutil import fsync_dir, read_json, write_json
 from dropbox_runner.layout import Layout
@@ -42,6 +42,7 @@ class JobSpec(BaseModel):
     rejected: list[str] = Field(default_factory=list)  # reasons the whole file was rejected
     line_errors: list[dict[str, Any]] = Field(default_factory=list)  # first bad lines, for batch.json
     dedupe_of: str | None = None
+    fingerprints: dict[str, str] = Field(default_factory=dict)  # each model's entry, for dedupe
 
 
 class TaskRecord(BaseModel):
@@ -55,6 +56,7 @@ class TaskRecord(BaseModel):
     completed_at: float | None = None
     load_seconds: float | None = None
     error: str | None = None
+    error_code: str | None = None  # the code of the failure lines `error` explains (internal_error, ...)
     crashes: int = 0
     poison: list[int] = Field(default_factory=list)
     suspect_until: int = -1  # lines up to this one were fed when the model process last crashed
@@ -94,9 +96,8 @@ class Journal:
 
     def create(self, spec: JobSpec) -> list[TaskRecord]:
         """Write the spec and every task record, then the queue entries: the job is queued."""
-        d = self.layout.jobs / spec.id
-        d.mkdir(exist_ok=True)
-        write_json(d / "spec.json", spec.model_dump())
+        self.make_dir(spec.id)
+        self.save_spec(spec)
         created_ns = int(spec.created_at * 1e9)
         tasks = [
             TaskRecord(
@@ -110,19 +111,19 @@ class Journal:
             self.enqueue(t)
         return tasks
 
-    def iter_job_ids(self, *, archived: bool = True) -> Iterator[str]:
-        for folder in (self.layout.jobs, self.layout.archive) if archived else (self.layout.jobs,):
-            try:
-                names = os.listdir(folder)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith("batch_") and (folder / name / "spec.json").exists():
-                    yield name
+    def make_dir(self, job_id: str) -> Path:
+        d = self.layout.jobs / job_id
+        if not d.is_dir():
+            d.mkdir()
+            fsync_dir(self.layout.jobs)
+        return d
+
+    def save_spec(self, spec: JobSpec) -> None:
+        write_json(self.job_dir(spec.id) / "spec.json", spec.model_dump())
 
     def find(self, ref: str) -> JobSpec:
         """A job by id, by outbox folder name or by drop name (the newest of that name)."""
-        job_id = self.layout.find_job(ref)
+        job_id = catalog.find_job(self.layout, ref)
         if job_id is None:
             raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
         return self.spec(job_id)
@@ -139,6 +140,7 @@ class Journal:
         if src.exists():
             os.replace(src, self.layout.jobs / job_id)
             fsync_dir(self.layout.archive)
+            fsync_dir(self.layout.jobs)
 
     def forget(self, job_id: str) -> None:
         shutil.rmtree(self.layout.jobs / job_id, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The root folder and where everything lives under it (CONTRACT.md section 1).
+"""The root folder, where everything lives under it, and the lock that makes one daemon per root.
 
 Every other module asks `Layout` for paths; nothing builds paths from a drop's name itself.
 """
@@ -6,8 +6,14 @@ Every other module asks `Layout` for paths; nothing builds paths from a drop's n
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
+from filelock import FileLock, Timeout
+
+from dropbox_runner.errors import LockHeld
 
 ROOT_ENV = "DROPBOX_RUNNER_ROOT"
 
@@ -65,7 +71,13 @@ class Layout:
 
     @property
     def dedupe(self) -> Path:
+        """Completed jobs by the digest of everything that decides their results."""
         return self.state / "dedupe"
+
+    @property
+    def quarantine(self) -> Path:
+        """Drops whose taking failed twice, each with a reason.txt; never replayed."""
+        return self.state / "quarantine"
 
     @property
     def lock(self) -> Path:
@@ -97,33 +109,36 @@ class Layout:
             self.claims,
             self.control,
             self.dedupe,
+            self.quarantine,
         ):
             d.mkdir(parents=True, exist_ok=True)
         for name in model_names:
             (self.inbox / name).mkdir(exist_ok=True)
 
-    def find_job(self, ref: str) -> str | None:
-        """The id of a job given its id, its outbox folder name or its drop name (the newest of that name)."""
-        import orjson
-
-        if ref.startswith("batch_") and ((self.jobs / ref).exists() or (self.archive / ref).exists()):
-            return ref
-        best: tuple[int, float, str] | None = None
-        for folder in (self.jobs, self.archive):
-            try:
-                names = os.listdir(folder)
-            except FileNotFoundError:
-                continue
-            for job_id in names:
-                try:
-                    spec = orjson.loads((folder / job_id / "spec.json").read_bytes())
-                except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
-                    continue
-                if ref in (spec["outbox"], spec["name"]):
-                    rank = (1 if spec["outbox"] == ref else 0, spec["created_at"], job_id)
-                    best = max(best, rank) if best else rank
-        return best[2] if best else None
-
     def job_dir(self, job_id: str) -> Path:
         active = self.jobs / job_id
         return active if active.exists() else self.archive / job_id
+
+
+LOCK_ATTEMPTS = 5  # `status` probes the lock for an instant: a starting daemon tries a few times
+
+
+def acquire_root(layout: Layout) -> FileLock:
+    """The kernel-released lock of the root; raises LockHeld naming the daemon that holds it."""
+    layout.state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(layout.lock), timeout=0)
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            lock.acquire()
+            return lock
+        except Timeout:
+            if attempt + 1 < LOCK_ATTEMPTS:
+                time.sleep(0.1)
+    try:
+        info = orjson.loads(layout.daemon_info.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        info = {}
+    raise LockHeld(
+        f"another daemon (pid {info.get('pid', '?')} on {info.get('host', '?')}) is running on "
+        f"{layout.root}; stop it first."
+    )

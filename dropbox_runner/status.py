@@ -12,7 +12,8 @@ import time
 from collections import deque
 from typing import Any
 
-from dropbox_runner.fsutil import read_json, read_json_or_none
+from dropbox_runner import catalog
+from dropbox_runner.fsutil import read_json_or_none, write_json
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status, job_status
 
@@ -72,12 +73,14 @@ def model_row(
     }
 
 
-def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any]:
-    folder = layout.job_dir(job_id)
-    spec = read_json(folder / "spec.json")
-    tasks = [] if spec["rejected"] else [read_json(folder / f"{m}.task.json") for m in spec["models"]]
-    models = [model_row(spec, t, read_json_or_none(folder / f"{t['model']}.marker"), now) for t in tasks]
-    status = Status.FAILED if spec["rejected"] else job_status([Status(t["status"]) for t in tasks])
+def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any] | None:
+    """One job as status shows it, or None if it is gone or half made."""
+    job = catalog.read_job(layout, job_id)
+    if job is None:
+        return None
+    spec = job.spec
+    models = [model_row(spec, t, job.markers.get(t["model"]), now) for t in job.tasks]
+    status = Status.FAILED if spec["rejected"] else job_status([Status(t["status"]) for t in job.tasks])
     return {
         "id": spec["id"],
         "name": spec["name"],
@@ -93,29 +96,32 @@ def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any]:
     }
 
 
-def _job_ids(folder: os.PathLike) -> list[str]:
-    try:
-        return sorted((n for n in os.listdir(folder) if n.startswith("batch_")), reverse=True)
-    except FileNotFoundError:
-        return []
-
-
 def collect(layout: Layout, *, show_all: bool = False) -> dict[str, Any]:
     now = time.time()
-    active = [j for j in _job_ids(layout.jobs) if (layout.jobs / j / "spec.json").exists()]
-    finished = _job_ids(layout.archive)
+    active = catalog.active_ids(layout)
+    finished = catalog.job_ids(layout.archive)
     hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
     finished = finished if show_all else finished[:RECENT_FINISHED]
-    jobs = [job_view(layout, j, now) for j in active + finished]
+    views = (job_view(layout, j, now) for j in active + finished)
     return {
         "root": str(layout.root),
         "daemon": daemon_state(layout),
-        "jobs": jobs,
+        "jobs": [v for v in views if v is not None],
         "hidden_finished": hidden,
+        "quarantined": catalog.quarantined(layout),
         "queue_length": len([k for k in os.listdir(layout.queue) if not k.startswith(".")])
         if layout.queue.exists()
         else 0,
     }
+
+
+def write_snapshot(layout: Layout, live: dict[str, Any]) -> None:
+    """state/status.json: the daemon's own state (model loaded, task running, swaps) for `status`."""
+    info = read_json_or_none(layout.daemon_info) or {}
+    queue = len(os.listdir(layout.queue)) if layout.queue.exists() else 0
+    write_json(
+        layout.snapshot, {**info, "updated_at": time.time(), "queue_length": queue, **live}, durable=False
+    )
 
 
 def _fmt_eta(s: float | None) -> str:
@@ -153,7 +159,9 @@ def daemon_line(state: dict[str, Any]) -> str:
 
 def render_table(doc: dict[str, Any], bars: bool = False) -> str:
     lines = [daemon_line(doc["daemon"])]
-    if not doc["jobs"]:
+    for name, problem in (doc["daemon"]["snapshot"].get("model_problems") or {}).items():
+        lines.append(f"model {name} cannot run here: {problem}")
+    if not doc["jobs"] and not doc.get("quarantined"):
         lines.append("No jobs yet: drop a .jsonl file into inbox/<model>/.")
         return "\n".join(lines)
     header = f"{'JOB':<28} {'MODEL':<16} {'STATUS':<12} {'DONE/TOTAL':>13} {'FAILED':>7} {'TOK/S':>9} {'ETA':>7} {'CKPT':>6}"
@@ -175,6 +183,8 @@ def render_table(doc: dict[str, Any], bars: bool = False) -> str:
             lines.append(line)
     if doc["hidden_finished"]:
         lines.append(f"... {doc['hidden_finished']} older finished jobs (--all shows them)")
+    for q in doc.get("quarantined", []):
+        lines.append(f"quarantined {q['folder']}: {q['reason'][:200]}")
     return "\n".join(lines)
 
 

@@ -13,10 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
-import orjson
-
+from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, resolve_model_path
 from dropbox_runner.layout import Layout
 
@@ -24,13 +22,16 @@ log = logging.getLogger("dropbox_runner.supervisor")
 
 
 class ModelProcess:
+    """One model process. It owns what it reports: loaded, capacity, load time, the line running alone."""
+
     def __init__(self, layout: Layout, name: str, config: ModelConfig) -> None:
-        self.layout = layout
         self.name = name
-        self.config = config
         self.loaded = False
         self.load_seconds: float | None = None
         self.capacity = 0
+        self.alone: int | None = None  # the line running by itself while a culprit is hunted
+        self.started_at = time.monotonic()
+        self.last_event_at = self.started_at
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,14 +51,14 @@ class ModelProcess:
         self._events = os.fdopen(read_fd, "rb", buffering=0)
         self._buffer = b""
         self.send(
-            {
-                "event_fd": write_fd,
-                "model": name,
-                "engine": config.engine.value,
-                "task": config.task.value,
-                "path": resolve_model_path(layout.root, config),
-                "engine_args": config.engine_args,
-            }
+            p.Start(
+                event_fd=write_fd,
+                model=name,
+                engine=config.engine.value,
+                task=config.task.value,
+                path=resolve_model_path(layout.root, config),
+                engine_args=config.engine_args,
+            )
         )
 
     @property
@@ -67,17 +68,20 @@ class ModelProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def send(self, obj: dict[str, Any]) -> bool:
+    def send(self, command: p.Message) -> bool:
         try:
-            self.proc.stdin.write(orjson.dumps(obj) + b"\n")
+            self.proc.stdin.write(command.encode())
             self.proc.stdin.flush()
             return True
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):
             return False
 
     def _read(self, timeout: float) -> bool | None:
         """Add what the pipe holds within `timeout` to the buffer: True if data, False if none, None at EOF."""
-        ready, _, _ = select.select([self._events], [], [], timeout)
+        try:
+            ready, _, _ = select.select([self._events], [], [], timeout)
+        except ValueError:  # closed
+            return None
         if not ready:
             return False
         chunk = os.read(self._events.fileno(), 1 << 16)
@@ -86,21 +90,43 @@ class ModelProcess:
         self._buffer += chunk
         return True
 
-    def _complete_events(self) -> list[dict[str, Any]]:
+    def _complete_events(self) -> list[p.Message]:
         *lines, self._buffer = self._buffer.split(b"\n")
-        return [orjson.loads(line) for line in lines if line]
+        events = []
+        for line in lines:
+            if not line:
+                continue
+            try:
+                ev = p.decode(line, p.EVENTS)
+            except p.ProtocolError as exc:
+                log.error("model process %d: %s", self.pid, exc)
+                continue
+            self._note(ev)
+            events.append(ev)
+        if lines:
+            self.last_event_at = time.monotonic()
+        return events
 
-    def events(self, timeout: float) -> list[dict[str, Any]]:
+    def _note(self, ev: p.Message) -> None:
+        if isinstance(ev, p.Loaded):
+            self.loaded, self.load_seconds, self.capacity = True, ev.load_seconds, ev.capacity
+        elif isinstance(ev, p.Running):
+            self.alone = ev.index
+
+    def events(self, timeout: float) -> list[p.Message]:
         """Events that arrived within `timeout` seconds (none at EOF: check `alive`)."""
         if self._read(timeout) is None:
             self.proc.wait()
         return self._complete_events()
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[p.Message]:
         """Every event still in the pipe of a process that has ended (it may have written just before)."""
         while self._read(0.5):
             pass
         return self._complete_events()
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_event_at
 
     def exit_description(self) -> str:
         code = self.proc.poll()
@@ -117,7 +143,7 @@ class ModelProcess:
         """Ask, then terminate, then kill the whole group; returns when every process of it is gone."""
         t0 = time.monotonic()
         if self.alive():
-            self.send({"op": "stop"})
+            self.send(p.Stop())
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

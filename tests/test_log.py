@@ -80,9 +80,9 @@ def test_marker_behind_the_log_drops_what_it_does_not_cover(tmp_path: Path) -> N
     assert "uncommitted" in notes[0]
 
 
-def test_one_writer_at_a_time(tmp_path: Path) -> None:
-    import fcntl
-    import os
+def test_one_writer_at_a_time_and_the_kernel_drops_a_dead_writers_lock(tmp_path: Path) -> None:
+    import subprocess
+    import sys
 
     import pytest
 
@@ -93,4 +93,21 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     first.close()
     second = ResultLog(p, 10, blocking_lock=False)
     second.close()
-    assert fcntl and os
+    # A writer killed with SIGKILL leaves no lock behind.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from dropbox_runner.results.log import ResultLog; import time; "
+            f"ResultLog(__import__('pathlib').Path({str(p)!r}), 10); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(BlockingIOError):
+            ResultLog(p, 10, blocking_lock=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    ResultLog(p, 10, blocking_lock=False).close()

@@ -6,6 +6,7 @@ outbox/, so it works whether the daemon runs in this process or another.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
+from dropbox_runner import catalog
 from dropbox_runner import status as status_view
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
@@ -23,6 +25,7 @@ from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
 
 API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
+KEY_COOKIE = "dropbox_runner_key"  # set by opening /?key=<key>, so the page's own requests carry it
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 PAGE = Path(__file__).with_name("page.html")
 STATUS_MAP = {"queued": "validating"}  # our other statuses are OpenAI's own
@@ -65,8 +68,15 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.middleware("http")
     async def bearer(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+        """With a key, every route but /healthz needs it: a bearer header, or the page's cookie."""
+        if api_key and request.url.path != "/healthz":
+            given = request.headers.get("authorization", "")
+            cookie = request.cookies.get(KEY_COOKIE, "")
+            query = request.query_params.get("key", "") if request.url.path == "/" else ""
+            if not any(
+                hmac.compare_digest(x, y)
+                for x, y in ((given, f"Bearer {api_key}"), (cookie, api_key), (query, api_key))
+            ):
                 return JSONResponse(
                     {
                         "error": {
@@ -78,7 +88,10 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
                     },
                     status_code=401,
                 )
-        return await call_next(request)
+        response = await call_next(request)
+        if api_key and request.url.path == "/" and request.query_params.get("key"):
+            response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="strict")
+        return response
 
     # -- files -------------------------------------------------------------------------------------
     @app.post("/v1/files")
@@ -157,7 +170,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches -----------------------------------------------------------------------------------
-    def batch_object(record: dict[str, Any]) -> dict[str, Any]:
+    def api_batch(record: dict[str, Any]) -> dict[str, Any]:
         b = read_json_or_none(layout.outbox / record["outbox"] / "batch.json")
         model = record["model"]
         m = (b or {}).get("models", {}).get(model)
@@ -271,7 +284,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             stem=stem,
             metadata={**metadata, "api_batches": ",".join(ids)},
         )
-        return batch_object(records[0])
+        return api_batch(records[0])
 
     def get_record(batch_id: str) -> dict[str, Any]:
         record = store.batch(batch_id)
@@ -286,7 +299,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             ids = [r["id"] for r in records]
             records = records[ids.index(after) + 1 :] if after in ids else []
         page = records[: max(1, min(limit, 100))]
-        data = [batch_object(r) for r in page]
+        data = [api_batch(r) for r in page]
         return {
             "object": "list",
             "data": data,
@@ -297,16 +310,16 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.get("/v1/batches/{batch_id}")
     def get_batch(batch_id: str) -> dict[str, Any]:
-        return batch_object(get_record(batch_id))
+        return api_batch(get_record(batch_id))
 
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel_batch(batch_id: str) -> dict[str, Any]:
-        from dropbox_runner import control
+        from dropbox_runner.jobs import operate
         from dropbox_runner.journal import Journal
 
         record = get_record(batch_id)
         journal = Journal(layout)
-        job_id = layout.find_job(record["outbox"])
+        job_id = catalog.find_job(layout, record["outbox"])
         if job_id is None:
             raise ApiError(
                 409,
@@ -315,8 +328,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             )
         record["cancel_requested"] = True
         store.save_batch(record)
-        control.operate(journal, journal.spec(job_id), "cancel")
-        return batch_object(record)
+        operate(journal, journal.spec(job_id), "cancel")
+        return api_batch(record)
 
     # -- models, health, page ----------------------------------------------------------------------
     @app.get("/v1/models")

@@ -5,7 +5,6 @@ Client file names never become paths: files are stored by id; batches map to dro
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import time
@@ -14,14 +13,16 @@ from typing import Any
 
 import orjson
 
-from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_json
+from dropbox_runner.fsutil import fsync_dir, read_json_or_none, staged, write_json
 from dropbox_runner.layout import Layout
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{time.time_ns():x}{secrets.token_hex(4)}"
+    """OpenAI's shapes: `file-...` for files, `batch_...` for batches (as the runner's job ids)."""
+    sep = "_" if prefix == "batch" else "-"
+    return f"{prefix}{sep}{time.time_ns():x}{secrets.token_hex(4)}"
 
 
 def safe_filename(name: str | None) -> str:
@@ -42,19 +43,13 @@ class Store:
     def save_upload(self, chunks, filename: str | None, purpose: str, limit: int) -> dict[str, Any]:
         """Stream an upload to disk; raises ValueError('too large') past `limit` bytes."""
         file_id = new_id("file")
-        tmp = self.files / f".{file_id}.part"
         size = 0
-        with open(tmp, "wb") as f:
+        with staged(self.files / f"{file_id}.jsonl") as f:
             for chunk in chunks:
                 size += len(chunk)
                 if size > limit:
-                    f.close()
-                    tmp.unlink()
                     raise ValueError("too large")
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.files / f"{file_id}.jsonl")
         meta = {
             "id": file_id,
             "object": "file",

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dropbox_runner.requests import Request
+from dropbox_runner.lines import Request
 
 
 @dataclass(slots=True)
@@ -41,6 +41,8 @@ class Engine(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    def abort(self, index: int) -> None: ...
 
     def abort_all(self) -> None: ...
 

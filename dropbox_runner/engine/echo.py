@@ -21,7 +21,7 @@ from dropbox_runner.engine.base import (
     message_text,
     requested_max_tokens,
 )
-from dropbox_runner.requests import Request
+from dropbox_runner.lines import Request
 
 DEFAULT_MAX_TOKENS = 16
 EMBED_DIM = 8
@@ -52,7 +52,11 @@ class EchoEngine:
         self.model_name = model_name
         self.delay = float(engine_args.get("delay_ms", 0)) / 1000
         self.capacity = int(engine_args.get("max_in_flight", 256))
+        # Test hooks that imitate engine faults: a request that kills the process (a CUDA fault, an
+        # OOM kill), one that raises in the engine, one that hangs the engine.
         self.crash_on = engine_args.get("crash_on")
+        self.raise_on = engine_args.get("raise_on")
+        self.hang_on = engine_args.get("hang_on")
         self._due: list[tuple[float, int, Finished]] = []
         self._seq = 0
 
@@ -92,9 +96,13 @@ class EchoEngine:
         return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt, completion_tokens=ct * n)
 
     def _maybe_crash(self, text: str) -> None:
-        # Test hook: imitate a request that kills the model process (a CUDA fault, an OOM kill).
         if self.crash_on and self.crash_on in text:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.raise_on and self.raise_on in text:
+            raise RuntimeError(f"echo engine: raise_on {self.raise_on!r} matched")
+        if self.hang_on and self.hang_on in text:
+            while True:
+                time.sleep(3600)
 
     def step(self) -> list[Finished]:
         if not self._due:
@@ -108,6 +116,10 @@ class EchoEngine:
         while self._due and self._due[0][0] <= now:
             done.append(heapq.heappop(self._due)[2])
         return done
+
+    def abort(self, index: int) -> None:
+        self._due = [d for d in self._due if d[2].index != index]
+        heapq.heapify(self._due)
 
     def abort_all(self) -> None:
         self._due.clear()

@@ -19,7 +19,7 @@ from dropbox_runner.engine.base import (
     embedding_body,
     requested_max_tokens,
 )
-from dropbox_runner.requests import HONOURED, VLLM_EXTRAS, Request
+from dropbox_runner.lines import HONOURED, VLLM_EXTRAS, Request
 
 # Fields of a line that need more than being passed to SamplingParams as they are.
 MAPPED_FIELDS = frozenset(
@@ -258,6 +258,11 @@ class VllmEngine:
             "top_logprobs": top,
             "text_offset": offsets,
         }
+
+    def abort(self, index: int) -> None:
+        pending = self._pending.pop(index, None)
+        if pending is not None:
+            self.engine.abort_request([f"{index}:{k}" for k in range(pending.parts)])
 
     def abort_all(self) -> None:
         ids = [f"{i}:{k}" for i, p in self._pending.items() for k in range(p.parts)]

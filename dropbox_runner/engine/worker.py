@@ -9,17 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import orjson
-
+from dropbox_runner import protocol as p
 from dropbox_runner.engine.base import Engine, Finished, RequestRejected
-from dropbox_runner.requests import IdSet, LineError, Request, iter_raw_lines, parse_line
+from dropbox_runner.lines import IdSet, LineError, Request, iter_raw_lines, parse_line
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids, success_line
 
@@ -32,29 +31,44 @@ POISON_MESSAGE = (
 
 
 class Channel:
-    """Events to the daemon, one JSON object per line on an inherited pipe."""
+    """Events to the daemon on an inherited pipe. A commit never waits on the daemon: progress
+    events are dropped while the pipe is full (the next one carries the newer marker)."""
 
     def __init__(self, fd: int) -> None:
-        self._f = os.fdopen(fd, "wb", buffering=0)
+        self._fd = fd
+        os.set_blocking(fd, False)
         self._lock = threading.Lock()
 
-    def send(self, event: str, **data: Any) -> None:
+    def send(self, event: p.Message) -> None:
+        data = memoryview(event.encode())
         with self._lock:
-            self._f.write(orjson.dumps({"ev": event, **data}) + b"\n")
+            while data:
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:
+                    select.select([], [self._fd], [], 1.0)
+
+    def offer(self, event: p.Message) -> None:
+        """Send if the pipe has room now (a small event is written whole or not at all)."""
+        with self._lock:
+            try:
+                os.write(self._fd, event.encode())
+            except BlockingIOError:
+                pass
 
 
 class Lifeline:
     """Reads commands from stdin; EOF means the daemon died, so the whole process group goes at once."""
 
     def __init__(self) -> None:
-        self.commands: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.commands: queue.Queue[p.Message] = queue.Queue()
         self.active_log: ResultLog | None = None
         threading.Thread(target=self._read, name="lifeline", daemon=True).start()
 
     def _read(self) -> None:
         for line in sys.stdin.buffer:
             if line.strip():
-                self.commands.put(orjson.loads(line))
+                self.commands.put(p.decode(line, p.COMMANDS))
         self.die()
 
     def die(self) -> None:
@@ -62,21 +76,21 @@ class Lifeline:
             self.active_log.freeze()  # waits for a commit in progress, then forbids any other
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    def poll(self) -> dict[str, Any] | None:
+    def poll(self) -> p.Message | None:
         try:
             return self.commands.get_nowait()
         except queue.Empty:
             return None
 
 
-def make_engine(spec: dict[str, Any]) -> Engine:
-    if spec["engine"] == "echo":
+def make_engine(spec: p.Start) -> Engine:
+    if spec.engine == "echo":
         from dropbox_runner.engine.echo import EchoEngine
 
-        return EchoEngine(spec["model"], spec["engine_args"])
+        return EchoEngine(spec.model, spec.engine_args)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
-    return VllmEngine(spec["model"], spec["path"], spec["task"], spec["engine_args"])
+    return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args)
 
 
 def load_failure_reason(exc: BaseException) -> str:
@@ -94,26 +108,26 @@ def load_failure_reason(exc: BaseException) -> str:
     return text[:600]
 
 
+ENGINE_ERROR = "the engine raised an error on this request: {}"
+
+
 class TaskRun:
     """One task: resume its log, feed the engine within its window, commit in the background."""
 
-    def __init__(self, engine: Engine, task: dict[str, Any], channel: Channel, lifeline: Lifeline) -> None:
+    def __init__(self, engine: Engine, task: p.TaskOrder, channel: Channel, lifeline: Lifeline) -> None:
         self.engine, self.task, self.channel, self.lifeline = engine, task, channel, lifeline
-        self.job_id: str = task["job_id"]
-        self.model: str = task["model"]
-        self.defaults = tuple(task.get("defaults") or ())
-        self.isolate_until = int(task.get("isolate_until", -1))
-        self.log = ResultLog(Path(task["log"]), int(task["total"]))
-        self.interval = task["commit_interval_ms"] / 1000
+        self.defaults = tuple(task.defaults)
+        self.log = ResultLog(Path(task.log), task.total)
+        self.interval = task.commit_interval_ms / 1000
+        self.timeout = task.request_timeout_seconds
+        self.started: dict[int, tuple[float, str]] = {}  # in flight, oldest first: start time, custom_id
         self.outcome = "completed"
         self._stop = threading.Event()
 
     def run(self) -> str:
         recovery = self.log.recover()
         self.lifeline.active_log = self.log
-        self.channel.send(
-            "resumed", kept=recovery.kept, dropped_bytes=recovery.dropped_bytes, notes=recovery.notes
-        )
+        self.channel.send(p.Resumed(kept=recovery.kept, notes=recovery.notes))
         committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         committer.start()
         try:
@@ -121,36 +135,39 @@ class TaskRun:
         finally:
             self._stop.set()
             committer.join()
-            try:
-                self.log.commit()
-            except OSError as exc:
-                self.channel.send("io_error", message=f"cannot write {self.log.path}: {exc.strerror or exc}")
-                self.lifeline.die()
+            self._commit()
             self.lifeline.active_log = None
             self.log.close()
-        self.channel.send("progress", **self.log.marker.model_dump())
+        self.channel.send(self._progress())
         return self.outcome
+
+    def _progress(self) -> p.Progress:
+        m = self.log.marker
+        return p.Progress(m.count, m.failed, m.completion_tokens, m.started_at, m.updated_at)
+
+    def _commit(self) -> bool:
+        try:
+            return self.log.commit()
+        except OSError as exc:  # disk full, I/O error: what is committed stays; stop here
+            self.channel.send(p.IoError(f"cannot write {self.log.path}: {exc.strerror or exc}"))
+            self.lifeline.die()
+            return False
 
     def _commit_loop(self) -> None:
         deadline = time.monotonic() + self.interval
         # The next commit is due one interval after the start of the last, not after its end.
         while not self._stop.wait(max(0.0, deadline - time.monotonic())):
             deadline = time.monotonic() + self.interval
-            try:
-                committed = self.log.commit()
-            except OSError as exc:  # disk full, I/O error: what is committed stays; stop here
-                self.channel.send("io_error", message=f"cannot write {self.log.path}: {exc.strerror or exc}")
-                self.lifeline.die()
-            if committed:
-                self.channel.send("progress", **self.log.marker.model_dump())
+            if self._commit():
+                self.channel.offer(self._progress())
 
     def _feed(self) -> None:
-        engine, done = self.engine, self.log.done
+        engine, done, task = self.engine, self.log.done, self.task
         seen = IdSet()
-        poison = set(self.task.get("poison") or ())
-        window = 1 if self.isolate_until >= 0 else engine.capacity
+        poison = set(task.poison)
+        alone = task.isolate_until >= 0  # lines up to isolate_until run one at a time
         self.log.mark_started()
-        with open(self.task["input"], "rb") as f:
+        with open(task.input, "rb") as f:
             for raw in iter_raw_lines(f):
                 parsed = parse_line(raw, seen, self.defaults)
                 if done[raw.index]:
@@ -161,55 +178,84 @@ class TaskRun:
                 if raw.index in poison:
                     self._record_failure(raw.index, parsed.custom_id, "engine_crash", POISON_MESSAGE)
                     continue
+                if alone and raw.index > task.isolate_until:
+                    if not self._drain():  # the last line run alone ends before others start
+                        return
+                    alone = False
+                    self.channel.send(p.Running(None))
+                window = 1 if alone else engine.capacity
                 while engine.in_flight >= window:
                     self._collect()
                     if self._interrupted():
                         return
-                if raw.index <= self.isolate_until:
-                    self.channel.send("running", index=raw.index)
-                elif window == 1:
-                    window = engine.capacity
+                if alone:
+                    self.channel.send(p.Running(raw.index))
                 self.log.fed(raw.index)
                 self._submit(parsed)
                 if self._interrupted():
                     return
-        while engine.in_flight:
+        self._drain()
+
+    def _drain(self) -> bool:
+        """Collect until nothing is in flight; False if interrupted."""
+        while self.engine.in_flight:
             self._collect()
             if self._interrupted():
-                return
+                return False
+        return True
 
     def _submit(self, req: Request) -> None:
         try:
             self.engine.submit(req)
         except RequestRejected as exc:
-            self._record(
-                Finished(
-                    req.index,
-                    req.custom_id,
-                    400,
-                    error={"message": str(exc), "param": exc.param, "code": "invalid_request"},
-                )
-            )
+            error = {"message": str(exc), "param": exc.param, "code": "invalid_request"}
+            self._record(Finished(req.index, req.custom_id, 400, error=error))
+            return
+        except Exception as exc:  # the engine's own fault for this request: it fails alone
+            log.exception("request %s raised in the engine", req.custom_id)
+            message = ENGINE_ERROR.format(f"{type(exc).__name__}: {exc}"[:300])
+            error = {"message": message, "param": None, "code": "engine_error", "type": "server_error"}
+            self._record(Finished(req.index, req.custom_id, 500, error=error))
+            return
+        self.started[req.index] = (time.monotonic(), req.custom_id)
 
     def _collect(self) -> None:
         for finished in self.engine.step():
             self._record(finished)
+        if self.timeout is not None:
+            self._expire(time.monotonic() - self.timeout)
+
+    def _expire(self, cutoff: float) -> None:
+        """Fail alone every request handed to the engine before `cutoff` (oldest first)."""
+        while self.started:
+            index, (t0, custom_id) = next(iter(self.started.items()))
+            if t0 > cutoff:
+                return
+            self.engine.abort(index)
+            message = f"the request ran longer than request_timeout_seconds ({self.timeout:g} s)"
+            self._record_failure(index, custom_id, "request_timeout", message)
 
     def _interrupted(self) -> bool:
         cmd = self.lifeline.poll()
         if cmd is None:
             return False
-        op = cmd.get("op")
-        if op in ("cancel", "stop"):
+        if isinstance(cmd, p.Cancel | p.Stop):
             self.engine.abort_all()
-            self.outcome = "cancelled" if op == "cancel" else "interrupted"
-            if op == "stop":
+            self.started.clear()
+            self.outcome = "cancelled" if isinstance(cmd, p.Cancel) else "interrupted"
+            if isinstance(cmd, p.Stop):
                 self.lifeline.commands.put(cmd)  # the main loop exits after this task
             return True
         return False
 
+    def _ids(self, index: int) -> tuple[str, str]:
+        self.started.pop(index, None)
+        return request_ids(self.task.job_id, self.task.model, index)
+
     def _record(self, fin: Finished) -> None:
-        ids = request_ids(self.job_id, self.model, fin.index)
+        if self.log.done[fin.index]:  # already failed by its timeout
+            return
+        ids = self._ids(fin.index)
         if fin.status_code == 200:
             payload = success_line(fin.custom_id, fin.body, ids)
             self.log.append(fin.index, True, fin.prompt_tokens, fin.completion_tokens, payload)
@@ -220,19 +266,38 @@ class TaskRun:
                 fin.status_code,
                 err.get("message", "request failed"),
                 ids,
+                type=err.get("type", "invalid_request_error"),
                 param=err.get("param"),
                 code=err.get("code"),
             )
             self.log.append(fin.index, False, 0, 0, payload)
 
     def _record_line_error(self, e: LineError) -> None:
-        ids = request_ids(self.job_id, self.model, e.index)
+        ids = self._ids(e.index)
         payload = error_line(e.custom_id, 400, f"line {e.line}: {e.message}", ids, param=e.param, code=e.code)
         self.log.append(e.index, False, 0, 0, payload)
 
     def _record_failure(self, index: int, custom_id: str, code: str, message: str) -> None:
-        payload = failure_line(custom_id, code, message, request_ids(self.job_id, self.model, index))
+        payload = failure_line(custom_id, code, message, self._ids(index))
         self.log.append(index, False, 0, 0, payload)
+
+
+def serve(channel: Channel, lifeline: Lifeline, spec: p.Start) -> int:
+    started = time.time()
+    try:
+        engine = make_engine(spec)
+    except Exception as exc:  # any load failure is reported, then the process ends
+        log.exception("model %s failed to load", spec.model)
+        channel.send(p.LoadFailed(load_failure_reason(exc)))
+        return 3
+    channel.send(p.Loaded(load_seconds=round(time.time() - started, 3), capacity=engine.capacity))
+    while True:
+        cmd = lifeline.commands.get()
+        if isinstance(cmd, p.Stop):
+            return 0
+        if isinstance(cmd, p.Run):
+            outcome = TaskRun(engine, cmd.task, channel, lifeline).run()
+            channel.send(p.TaskDone(outcome))
 
 
 def main() -> int:
@@ -243,31 +308,21 @@ def main() -> int:
         stream=sys.stderr,
         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
     )
-    spec = orjson.loads(sys.stdin.buffer.readline())
-    channel = Channel(int(spec["event_fd"]))
+    spec = p.decode(sys.stdin.buffer.readline(), p.COMMANDS)
+    assert isinstance(spec, p.Start)
+    channel = Channel(spec.event_fd)
     lifeline = Lifeline()
-    started = time.time()
     try:
-        engine = make_engine(spec)
-    except Exception as exc:  # any load failure is reported, then the process ends
-        log.exception("model %s failed to load", spec["model"])
-        channel.send("load_failed", reason=load_failure_reason(exc))
-        return 3
-    channel.send(
-        "loaded", load_seconds=round(time.time() - started, 3), capacity=engine.capacity, pid=os.getpid()
-    )
-    while True:
-        cmd = lifeline.commands.get()
-        if cmd["op"] == "stop":
-            channel.send("stopped")
-            return 0
-        if cmd["op"] == "run":
-            task = cmd["task"]
-            outcome = TaskRun(engine, task, channel, lifeline).run()
-            channel.send("task_done", job_id=task["job_id"], model=task["model"], outcome=outcome)
+        return serve(channel, lifeline, spec)
+    except Exception:  # a fault no request owns: end here; the daemon resumes and hunts the culprit
+        log.exception("the model process failed")
+        return 4
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except BaseException:
+        code = 5
     sys.stdout.flush()
     os._exit(code)  # vLLM leaves non-daemon threads; the daemon waits for this exit to free memory

@@ -1,6 +1,7 @@
 """Taking a complete drop: journal the intent, move the file into state/, then record the job.
 
-Each step is idempotent, so `finish_pending_claims` at start completes any claim a crash interrupted.
+Each step is idempotent, so `finish_pending` completes any claim a crash interrupted. Taking is a
+boundary: a drop whose taking fails twice is set aside in state/quarantine/, never replayed.
 """
 
 from __future__ import annotations
@@ -8,19 +9,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-from hashlib import blake2b
 from pathlib import Path
+from typing import Any
 
+from dropbox_runner import dedupe
 from dropbox_runner.config import Registry
-from dropbox_runner.fsutil import fsync_dir, move_into, read_json, read_json_or_none, write_json
+from dropbox_runner.errors import is_environmental
+from dropbox_runner.fsutil import (
+    NotRegularFile,
+    files_equal,
+    fsync_dir,
+    move_into,
+    read_json,
+    read_json_or_none,
+    write_json,
+)
 from dropbox_runner.intake.manifest import Manifest, read_manifest
 from dropbox_runner.intake.scanner import Drop
-from dropbox_runner.journal import JobSpec, Journal, new_job_id
-from dropbox_runner.lifecycle import Status
-from dropbox_runner.requests import summarize
-from dropbox_runner.results.publish import write_batch_json
+from dropbox_runner.jobs import Jobs
+from dropbox_runner.journal import JobSpec, new_job_id
+from dropbox_runner.lines import summarize
 
 log = logging.getLogger("dropbox_runner.intake")
+
+ATTEMPTS = 2
 
 
 def _crash_point(step: str) -> None:
@@ -29,17 +41,16 @@ def _crash_point(step: str) -> None:
         os._exit(137)
 
 
-def dedupe_key(sha256: str, models: list[str]) -> str:
-    return f"{sha256}-{blake2b(','.join(models).encode(), digest_size=8).hexdigest()}"
-
-
 class Claimer:
-    def __init__(self, journal: Journal, registry: Registry) -> None:
-        self.journal = journal
-        self.layout = journal.layout
+    def __init__(self, jobs: Jobs, registry: Registry) -> None:
+        self.jobs = jobs
+        self.journal = jobs.journal
+        self.layout = jobs.layout
         self.registry = registry
+        self._failed_moves: dict[Path, int] = {}
 
-    def claim(self, drop: Drop) -> JobSpec | None:
+    def claim(self, drop: Drop) -> None:
+        """Take one drop. Raises only for a failing disk (the daemon pauses and tries again)."""
         job_id = new_job_id()
         record = {
             "job_id": job_id,
@@ -48,56 +59,97 @@ class Claimer:
             "model_folder": drop.model_folder,
             "reject": drop.reject,
             "created_at": time.time(),
+            "attempts": 0,
         }
-        write_json(self.layout.claims / f"{job_id}.json", record)
+        write_json(self._intent(job_id), record)
         _crash_point("after_intent")
-        job_dir = self.layout.jobs / job_id
-        job_dir.mkdir(exist_ok=True)
         try:
+            job_dir = self.journal.make_dir(job_id)
             if drop.manifest is not None:
                 move_into(drop.manifest, job_dir / f"manifest{drop.manifest.suffix}")
-            move_into(drop.path, job_dir / "input.jsonl")
-        except FileNotFoundError:
-            log.info("%s vanished before it could be taken", drop.path)
+            move_into(drop.path, job_dir / "input.jsonl", after_copy=lambda: _crash_point("after_copy"))
+        except (FileNotFoundError, NotRegularFile) as exc:
+            log.info("%s was not taken: %s", drop.path, exc)
             self._abandon(job_id, record)
-            return None
-        except OSError:  # e.g. state/ is full: the drop stays in the inbox and is tried again
+            return
+        except Exception as exc:
             self._abandon(job_id, record)
-            raise
-        ready = drop.path.parent / f"{drop.path.name}.ready"
-        ready.unlink(missing_ok=True)
+            if is_environmental(exc):  # e.g. state/ is full: the drop stays in the inbox
+                raise
+            self._move_failed(drop, exc)
+            return
+        (drop.path.parent / f"{drop.path.name}.ready").unlink(missing_ok=True)
         _crash_point("after_move")
-        return self.finish(job_id)
+        self._finish_guarded(job_id)
 
-    def _abandon(self, job_id: str, record: dict) -> None:
+    def _intent(self, job_id: str) -> Path:
+        return self.layout.claims / f"{job_id}.json"
+
+    def _abandon(self, job_id: str, record: dict[str, Any]) -> None:
         job_dir = self.layout.jobs / job_id
         manifest = next(job_dir.glob("manifest.*"), None)
         if manifest is not None and record.get("manifest"):  # give the manifest back with its file
             move_into(manifest, Path(record["manifest"]))
         self.journal.forget(job_id)
-        (self.layout.claims / f"{job_id}.json").unlink(missing_ok=True)
+        self._intent(job_id).unlink(missing_ok=True)
 
-    def finish_pending(self) -> list[JobSpec]:
-        """At start: complete every claim a crash interrupted, or undo those that never moved the file."""
-        finished = []
+    def _move_failed(self, drop: Drop, exc: Exception) -> None:
+        n = self._failed_moves[drop.path] = self._failed_moves.get(drop.path, 0) + 1
+        log.error("could not take %s (attempt %d): %s", drop.path, n, exc)
+        if n >= ATTEMPTS:
+            job_id = new_job_id()
+            self.jobs.quarantine(job_id, f"{drop.path} could not be moved out of the inbox: {exc}")
+            try:
+                move_into(drop.path, self.layout.quarantine / job_id / drop.path.name)
+            except OSError as again:
+                log.error(
+                    "%s stays in the inbox; the daemon ignores it until restarted (%s)", drop.path, again
+                )
+
+    def ignored(self, path: Path) -> bool:
+        """A drop that could not be moved twice: left alone until the next start."""
+        return self._failed_moves.get(path, 0) >= ATTEMPTS
+
+    def finish_pending(self) -> None:
+        """Complete every claim a crash or a failure interrupted, or undo those that never moved the file."""
         for entry in sorted(self.layout.claims.glob("batch_*.json")):
             record = read_json_or_none(entry)
-            if record is None:
+            if not isinstance(record, dict) or "job_id" not in record:
                 entry.unlink()
                 continue
             job_id = record["job_id"]
-            if not (self.layout.jobs / job_id / "input.jsonl").exists():
+            taken = self.layout.jobs / job_id / "input.jsonl"
+            if not taken.exists():
                 log.info("claim %s had not moved its file yet; it stays in the inbox", job_id)
                 self._abandon(job_id, record)
                 continue
-            log.info("finishing the interrupted claim of %s", record["source"])
-            spec = self.finish(job_id)
-            if spec:
-                finished.append(spec)
-        return finished
+            source = Path(record["source"])
+            if source.is_file() and not source.is_symlink() and files_equal(source, taken):
+                # A crash between the copy into state/ and the removal from the inbox.
+                log.info("removing %s from the inbox: its copy was taken before a crash", source)
+                source.unlink()
+                fsync_dir(source.parent)
+            log.info("finishing the claim of %s", record["source"])
+            self._finish_guarded(job_id)
 
-    def finish(self, job_id: str) -> JobSpec | None:
-        record = read_json(self.layout.claims / f"{job_id}.json")
+    def _finish_guarded(self, job_id: str) -> None:
+        try:
+            self.finish(job_id)
+        except Exception as exc:
+            if is_environmental(exc):
+                raise
+            log.exception("taking %s failed", job_id)
+            record = read_json_or_none(self._intent(job_id)) or {"job_id": job_id}
+            record["attempts"] = record.get("attempts", 0) + 1
+            if record["attempts"] >= ATTEMPTS:
+                reason = f"taking {record.get('source', 'the drop')} failed {ATTEMPTS} times; last: {exc!r}"
+                self.jobs.quarantine(job_id, reason[:2000])
+                self._intent(job_id).unlink(missing_ok=True)
+            else:
+                write_json(self._intent(job_id), record)
+
+    def finish(self, job_id: str) -> None:
+        record = read_json(self._intent(job_id))
         job_dir = self.layout.jobs / job_id
         source = Path(record["source"])
         name = source.name[: -len(".jsonl")]
@@ -115,42 +167,19 @@ class Claimer:
                 self._apply_manifest(spec, parsed, record.get("model_folder"), reasons)
         elif record.get("model_folder"):
             spec.models = [record["model_folder"]]
-        input_path = job_dir / "input.jsonl"
-        size = input_path.stat().st_size
-        if not reasons and size > self.registry.settings.max_file_bytes:
-            reasons.append(
-                f"the file is {size} bytes, larger than max_file_bytes "
-                f"({self.registry.settings.max_file_bytes})"
-            )
         if not reasons:
-            summary = summarize(input_path)
-            spec.sha256, spec.total, spec.valid = summary.sha256, summary.total, summary.valid
-            spec.line_errors = [
-                {"code": e.code, "message": e.message, "line": e.line} for e in summary.errors
-            ]
-            if summary.not_utf8_line is not None:
-                reasons.append(f"the file is not UTF-8 text (line {summary.not_utf8_line})")
-            elif summary.valid == 0:
-                reasons.append(
-                    "the file has no valid request line"
-                    + (
-                        f"; first problem: line {summary.errors[0].line}: {summary.errors[0].message}"
-                        if summary.errors
-                        else " (it is empty)"
-                    )
-                )
+            reasons += self._summarize(spec, job_dir / "input.jsonl")
         spec.rejected = reasons
+        spec.fingerprints = {m: self.registry.models[m].fingerprint() for m in spec.models if not reasons}
         spec.outbox = self._outbox_folder(name, job_id)
         _crash_point("after_outbox")
         if reasons:
-            write_json(job_dir / "spec.json", spec.model_dump())
-            write_batch_json(self.journal, spec, [])
-            self.journal.archive(job_id)
+            self.jobs.rejected(spec)
             log.warning("rejected %s: %s", rel_source, "; ".join(reasons))
         else:
-            self._dedupe(spec)
-            tasks = self.journal.create(spec)
-            write_batch_json(self.journal, spec, tasks)
+            if self.registry.settings.dedupe:
+                dedupe.reuse(self.journal, spec)
+            self.jobs.taken(spec)
             log.info(
                 "took %s as %s: %d lines for %s -> outbox/%s/",
                 rel_source,
@@ -159,9 +188,30 @@ class Claimer:
                 ", ".join(spec.models),
                 spec.outbox,
             )
-        (self.layout.claims / f"{job_id}.json").unlink(missing_ok=True)
+        self._intent(job_id).unlink(missing_ok=True)
         fsync_dir(self.layout.claims)
-        return spec
+
+    def _summarize(self, spec: JobSpec, input_path: Path) -> list[str]:
+        """Counts, hash and first line errors into the spec; the reasons to reject the whole file."""
+        limit = self.registry.settings.max_file_bytes
+        try:
+            size = os.lstat(input_path).st_size
+            if size > limit:
+                return [f"the file is {size} bytes, larger than max_file_bytes ({limit})"]
+            summary = summarize(input_path)
+        except NotRegularFile as exc:
+            return [str(exc)]
+        spec.sha256, spec.total, spec.valid = summary.sha256, summary.total, summary.valid
+        spec.line_errors = [{"code": e.code, "message": e.message, "line": e.line} for e in summary.errors]
+        if summary.not_utf8_line is not None:
+            return [f"the file is not UTF-8 text (line {summary.not_utf8_line})"]
+        if summary.valid == 0:
+            first = summary.errors[0] if summary.errors else None
+            return [
+                "the file has no valid request line"
+                + (f"; first problem: line {first.line}: {first.message}" if first else " (it is empty)")
+            ]
+        return []
 
     def _apply_manifest(self, spec: JobSpec, m: Manifest, folder: str | None, reasons: list[str]) -> None:
         spec.models = list(m.models) or ([folder] if folder else [])
@@ -185,33 +235,10 @@ class Claimer:
                 fsync_dir(self.layout.outbox)
                 return folder
             except FileExistsError:
-                existing = read_json_or_none(path / "batch.json")
-                if (existing is None and not any(path.iterdir())) or (existing or {}).get("id") == job_id:
-                    return folder
+                if path.is_dir() and not path.is_symlink():
+                    existing = read_json_or_none(path / "batch.json")
+                    if (existing is None and not any(path.iterdir())) or (
+                        isinstance(existing, dict) and existing.get("id") == job_id
+                    ):
+                        return folder
             n += 1
-
-    def _dedupe(self, spec: JobSpec) -> None:
-        """A byte-identical drop for the same models as a completed job reuses that job's logs."""
-        if not self.registry.settings.dedupe:
-            return
-        earlier = read_json_or_none(self.layout.dedupe / f"{dedupe_key(spec.sha256, spec.models)}.json")
-        if earlier is None:
-            return
-        src_dir = self.layout.job_dir(earlier["job_id"])
-        if not all((src_dir / f"{m}.log").exists() for m in spec.models):
-            return
-        for m in spec.models:
-            for suffix in (".log", ".marker"):
-                dst = self.layout.jobs / spec.id / f"{m}{suffix}"
-                dst.unlink(missing_ok=True)
-                os.link(src_dir / f"{m}{suffix}", dst)
-        spec.dedupe_of = earlier["job_id"]
-        log.info("%s is byte-identical to %s; its results are republished", spec.name, earlier["job_id"])
-
-
-def record_completed(journal: Journal, spec: JobSpec) -> None:
-    """Index a completed job for dedupe."""
-    write_json(
-        journal.layout.dedupe / f"{dedupe_key(spec.sha256, spec.models)}.json",
-        {"job_id": spec.id, "status": Status.COMPLETED.value},
-    )

@@ -12,33 +12,58 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dropbox_runner import plainyaml
+from dropbox_runner.fsutil import read_regular
+from dropbox_runner.lines import check_defaults, quote
+
+MAX_MANIFEST_BYTES = 1 << 20
+PRIORITY_LIMIT = 100_000
+
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[str] = Field(default_factory=list)
-    priority: int = 0
+    priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
     defaults: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 def read_manifest(path: Path) -> Manifest | str:
-    """The manifest, or a sentence saying what is wrong with it."""
+    """The manifest, or a sentence saying what is wrong with it (never follows a symlink)."""
+    kind = "JSON" if path.name.endswith(".json") else "YAML"
     try:
-        text = path.read_bytes()
-        if path.name.endswith(".json"):
-            raw = orjson.loads(text)
-        else:
-            raw = yaml.safe_load(text.decode("utf-8"))
+        text = read_regular(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as exc:
+        return f"manifest {path.name} cannot be read: {exc}"
+    return parse_manifest(text, path.name, kind)
+
+
+def parse_manifest(text: bytes, name: str, kind: str) -> Manifest | str:
+    """Total over any bytes: a Manifest or the reason it is refused."""
+    try:
+        raw = orjson.loads(text) if kind == "JSON" else plainyaml.load(text.decode("utf-8"))
     except (orjson.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        kind = "JSON" if path.name.endswith(".json") else "YAML"
-        return f"manifest {path.name} is not valid {kind} ({str(exc).splitlines()[0][:120]})"
+        return f"manifest {name} is not valid {kind} ({str(exc).splitlines()[0][:160] if str(exc) else exc})"
     if not isinstance(raw, dict):
-        return f'manifest {path.name} must be an object like {{"models": ["tiny-llama"]}}'
+        return f'manifest {name} must be an object like {{"models": ["tiny-llama"]}}'
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        return f"manifest {path.name}: {key}: {what}"
+        key = ".".join(str(p) for p in err["loc"])[:100]
+        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"][:160]
+        return f"manifest {name}: {key}: {what}"
+    problem = check_defaults(manifest.defaults)
+    if problem:
+        return f"manifest {name}: defaults: {problem}"
+    try:
+        size = len(orjson.dumps(manifest.metadata))
+    except TypeError:  # an integer past 64 bits
+        return f"manifest {name}: metadata holds a number JSON cannot carry"
+    if size > 64 * 1024:
+        return f"manifest {name}: metadata is larger than 64 KiB"
+    long_model = next((m for m in manifest.models if len(m) > 64), None)
+    if long_model is not None:
+        return f"manifest {name}: models: no model is named {quote(long_model)}"
+    return manifest

@@ -42,7 +42,6 @@ class Drop:
 class _Watch:
     signature: tuple
     stable_since: float
-    first_seen: float
 
 
 def find_manifest(folder: Path, stem: str) -> Path | None:
@@ -75,12 +74,8 @@ class Scanner:
         self.clock = clock
         self._watch: dict[Path, _Watch] = {}
         self._told: set[Path] = set()
-        self.unsettled = 0
-
-    @property
-    def pending(self) -> int:
-        """Candidates seen but not yet settled: the daemon keeps scanning while there are any."""
-        return self.unsettled
+        self.pending = 0  # candidates not yet settled: `run --once` waits for them
+        self.waiting = 0  # root-level files waiting for their manifest's grace to end
 
     def _tell_once(self, path: Path, why: str) -> None:
         if path not in self._told:
@@ -129,7 +124,7 @@ class Scanner:
         now = self.clock()
         ready: list[Drop] = []
         alive: set[Path] = set()
-        self.unsettled = 0
+        self.pending = self.waiting = 0
         for path, folder in self.candidates():
             st = _regular(path)
             if st is None:
@@ -141,11 +136,11 @@ class Scanner:
             sig = (st.st_size, st.st_mtime_ns, st.st_ino, mst and (mst.st_size, mst.st_mtime_ns))
             w = self._watch.get(path)
             if w is None:
-                w = self._watch[path] = _Watch(sig, now, now)
+                w = self._watch[path] = _Watch(sig, now)
             elif w.signature != sig:
                 w.signature, w.stable_since = sig, now
             if now - w.stable_since < self.settings.settle_seconds:
-                self.unsettled += 1
+                self.pending += 1
                 continue
             if self.settings.require_ready_marker and not (path.parent / f"{path.name}.ready").exists():
                 continue
@@ -153,6 +148,8 @@ class Scanner:
             drop = self._decide(path, folder, manifest, time.time() - st.st_mtime)
             if drop is not None:
                 ready.append(drop)
+            else:
+                self.waiting += 1
         for gone in set(self._watch) - alive:
             del self._watch[gone]
         return ready

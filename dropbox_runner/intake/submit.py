@@ -4,11 +4,10 @@ fsync, rename. Used by `dropbox-runner submit` and by the HTTP API.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner.fsutil import fsync_dir, write_json
+from dropbox_runner.fsutil import staged, write_json
 from dropbox_runner.layout import Layout
 
 
@@ -41,13 +40,8 @@ def submit_file(
         if metadata:
             manifest["metadata"] = metadata
         write_json(folder / f"{stem}.manifest.json", manifest)
-    hidden = folder / f".{stem}.jsonl.submit"
-    with open(src, "rb") as fin, open(hidden, "wb") as fout:
+    target = folder / f"{stem}.jsonl"
+    with open(src, "rb") as fin, staged(target) as fout:  # a hidden name until it is whole
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    target = folder / f"{stem}.jsonl"
-    os.rename(hidden, target)
-    fsync_dir(folder)
     return target

@@ -6,13 +6,12 @@ Reads the published per-model files in step, so memory stays at one line per mod
 from __future__ import annotations
 
 import math
-import os
 from contextlib import ExitStack
 from typing import Any
 
 import orjson
 
-from dropbox_runner.fsutil import fsync_dir
+from dropbox_runner.fsutil import staged
 from dropbox_runner.journal import JobSpec, Journal
 
 
@@ -37,8 +36,7 @@ def publish_compare(journal: Journal, spec: JobSpec) -> None:
     paths = {m: out_dir / f"{m}.jsonl" for m in spec.models}
     if not all(p.exists() for p in paths.values()):
         return
-    tmp = out_dir / ".compare.jsonl.tmp"
-    with ExitStack() as stack, open(tmp, "wb") as out:
+    with ExitStack() as stack, staged(out_dir / "compare.jsonl") as out:
         files = {m: stack.enter_context(open(p, "rb")) for m, p in paths.items()}
         for rows in zip(*files.values(), strict=False):
             parsed = [orjson.loads(r) for r in rows]
@@ -51,7 +49,3 @@ def publish_compare(journal: Journal, spec: JobSpec) -> None:
                 )
                 + b"\n"
             )
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, out_dir / "compare.jsonl")
-    fsync_dir(out_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from dropbox_runner.fsutil import write_atomic
+from dropbox_runner.fsutil import staged, write_atomic
 
 
 class Marker(BaseModel):
@@ -280,21 +280,19 @@ def rewrite_without_failures(path: Path, total: int) -> int:
         log.recover()
         kept = [r for r in committed_records(path) if r.ok]
         dropped = log.marker.count - len(kept)
-        fresh = path.with_name(f".{path.name}.retry")
-        with open(fresh, "wb") as f:
+        size = 0
+        # The new log first, then its marker: a crash between leaves a marker past the log's end,
+        # and recovery keeps the log's intact records.
+        with staged(path) as f:
             for r in kept:
-                f.write(encode_record(r.index, True, r.prompt_tokens, r.completion_tokens, r.payload))
-            f.flush()
-            os.fsync(f.fileno())
+                size += f.write(encode_record(r.index, True, r.prompt_tokens, r.completion_tokens, r.payload))
         m = Marker(
-            bytes=fresh.stat().st_size,
+            bytes=size,
             count=len(kept),
             started_at=log.marker.started_at,
             prompt_tokens=sum(r.prompt_tokens for r in kept),
             completion_tokens=sum(r.completion_tokens for r in kept),
         )
-        # Marker first would point past a shorter file; so: new log in place, then its marker.
-        os.replace(fresh, path)
         write_atomic(marker_path(path), m.model_dump_json().encode())
         return dropped
     finally:

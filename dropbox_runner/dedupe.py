@@ -1,0 +1,54 @@
+"""Dedupe: a drop whose results are already known is republished instead of run again.
+
+The key covers everything that decides results: the bytes, the models, the manifest's defaults
+and each model's entry in models.yaml. Results are copied, never shared: a retry of the earlier
+job must not change the later one.
+"""
+
+from __future__ import annotations
+
+import logging
+from hashlib import blake2b
+
+import orjson
+
+from dropbox_runner.fsutil import copy_atomic, read_json_or_none, write_json
+from dropbox_runner.journal import JobSpec, Journal
+
+log = logging.getLogger("dropbox_runner.dedupe")
+
+
+def dedupe_key(spec: JobSpec) -> str:
+    decides = {
+        "models": spec.models,
+        "defaults": spec.defaults,
+        "fingerprints": {m: spec.fingerprints.get(m) for m in spec.models},
+    }
+    digest = blake2b(orjson.dumps(decides, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
+    return f"{spec.sha256}-{digest}"
+
+
+def reuse(journal: Journal, spec: JobSpec) -> bool:
+    """Copy a completed twin's committed results into this job's folder; True if there was one."""
+    earlier = read_json_or_none(journal.layout.dedupe / f"{dedupe_key(spec)}.json")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("job_id"), str):
+        return False
+    source = journal.layout.job_dir(earlier["job_id"])
+    files = [f"{m}{suffix}" for m in spec.models for suffix in (".log", ".marker")]
+    if not all((source / name).is_file() for name in files):
+        return False
+    for name in files:  # each log before its marker, so a marker never points past its log
+        copy_atomic(source / name, journal.job_dir(spec.id) / name)
+    spec.dedupe_of = earlier["job_id"]
+    log.info(
+        "%s is byte-identical to %s, for the same models, defaults and model entries; its results are "
+        "republished",
+        spec.name,
+        earlier["job_id"],
+    )
+    return True
+
+
+def remember(journal: Journal, spec: JobSpec) -> None:
+    """Index a completed job for dedupe."""
+    write_json(journal.layout.dedupe / f"{dedupe_key(spec)}.json", {"job_id": spec.id})

@@ -1,0 +1,308 @@
+"""The model slot: at most one model process, the task it runs, and what its events mean.
+
+Starts and swaps model processes, hands them tasks, turns their events into job operations, and
+applies the crash policy when one dies or hangs. The daemon's loop drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from dropbox_runner import crashes
+from dropbox_runner import protocol as p
+from dropbox_runner.config import EngineKind, Registry, model_problem, resolve_model_path
+from dropbox_runner.jobs import Jobs
+from dropbox_runner.journal import JobSpec, TaskRecord
+from dropbox_runner.lifecycle import Status
+from dropbox_runner.memory import fit_problem, is_memory_failure
+from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
+from dropbox_runner.scheduler import Choice
+from dropbox_runner.supervisor import ModelProcess, group_rss_bytes
+
+log = logging.getLogger("dropbox_runner.daemon")
+
+PROGRESS_LOG_SECONDS = 10.0
+BATCH_JSON_SECONDS = 2.0
+LOAD_ATTEMPTS = 3  # a model process killed while loading is started again, this many times in all
+
+
+class Execution:
+    def __init__(self, jobs: Jobs, registry: Registry) -> None:
+        self.jobs, self.journal, self.layout = jobs, jobs.journal, jobs.layout
+        self.registry, self.settings = registry, registry.settings
+        self.proc: ModelProcess | None = None
+        self.task: TaskRecord | None = None
+        self.spec: JobSpec | None = None
+        self.sent = False  # the task was handed to the model process
+        self.memory_retry: dict[str, float] = {}
+        self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
+        self.swaps: deque[dict[str, Any]] = deque(maxlen=20)
+        self.pause_reason: str | None = None  # set when the disk failed: the daemon pauses
+        self._io_error: str | None = None
+        self._last_batch_json = self._last_progress_log = 0.0
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.proc.name if self.proc is not None and self.proc.alive() else None
+
+    # -- starting a task ---------------------------------------------------------------------------
+    def start(self, choice: Choice, stopping: bool = False) -> None:
+        spec = self.journal.spec(choice.job_id)
+        task = self.journal.task(choice.job_id, choice.model)
+        if task.status.final:
+            self.journal.dequeue(task)
+            return
+        self.task, self.spec, self.sent = task, spec, False
+        self.jobs.started(spec, task)
+        marker = read_marker(self.journal.log_path(spec.id, task.model))
+        if marker is not None and marker.count >= spec.total:
+            log.info("%s/%s: every line already has a result; publishing", spec.id, task.model)
+            self.finish(Status.COMPLETED)
+            return
+        log.info("next: %s (%s) on %s: %s", spec.name, spec.id, task.model, choice.reason)
+        if self.proc is not None and (self.proc.name != task.model or not self.proc.alive()):
+            self.end_model(f"{task.model} is needed next")
+        if self.proc is None:
+            self._load(task.model)
+        elif self.proc.loaded and not stopping:
+            self._send_run()
+
+    def _load(self, model: str) -> None:
+        config = self.registry.models[model]
+        problem = model_problem(self.layout.root, model, config)
+        if config.engine == EngineKind.VLLM and problem is None:
+            folder = resolve_model_path(self.layout.root, config)
+            problem = fit_problem(model, Path(folder), config.engine_args) if folder else None
+        if problem:
+            self._fail_model(model, f"the model {model} cannot run here: {problem}")
+            return
+        if model in self.memory_retry:
+            config = config.model_copy(deep=True)
+            config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
+        log.info("loading %s", model)
+        self.proc = ModelProcess(self.layout, model, config)
+
+    def end_model(self, why: str) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        seconds = proc.end(self.settings.stop_timeout_seconds)
+        log.info("swap: ended %s (pid %d) in %.2fs because %s", proc.name, proc.pid, seconds, why)
+        self.swaps.append({"model": proc.name, "unload_seconds": round(seconds, 3), "at": time.time()})
+
+    def _send_run(self) -> None:
+        task, spec, proc = self.task, self.spec, self.proc
+        if task.load_seconds is None:
+            task.load_seconds = proc.load_seconds
+            self.journal.save_task(task)
+        model = self.registry.models[task.model]
+        timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
+        order = p.TaskOrder(
+            job_id=spec.id,
+            model=task.model,
+            input=str(self.journal.input_path(spec.id)),
+            log=str(self.journal.log_path(spec.id, task.model)),
+            total=spec.total,
+            defaults=[spec.defaults, model.defaults],
+            commit_interval_ms=self.settings.commit_interval_ms,
+            request_timeout_seconds=timeout,
+            poison=task.poison,
+            isolate_until=task.isolate_until,
+        )
+        self.sent = proc.send(p.Run(order))
+        proc.last_event_at = time.monotonic()
+
+    # -- events ------------------------------------------------------------------------------------
+    def pump(self, timeout: float, stopping: bool = False) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        for ev in proc.events(timeout):
+            self._event(ev, stopping)
+            if self.proc is not proc:
+                return
+        if not proc.alive():
+            for ev in proc.drain():
+                self._event(ev, stopping)
+                if self.proc is not proc:
+                    return
+            self._died(proc, proc.exit_description())
+        elif not proc.loaded and proc.silent_for() > self.settings.load_timeout_seconds:
+            log.error("%s did not load within load_timeout_seconds; ending it", proc.name)
+            proc.end(1.0)
+            self._died(proc, f"did not load in {self.settings.load_timeout_seconds:g}s")
+        elif self.sent and self.task is not None and proc.silent_for() > self.settings.stall_timeout_seconds:
+            log.error(
+                "no result from %s for %.0fs with requests in flight; ending it", proc.name, proc.silent_for()
+            )
+            proc.end(1.0)
+            self._died(proc, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+
+    def _event(self, ev: p.Message, stopping: bool) -> None:
+        task = self.task
+        if isinstance(ev, p.Loaded):
+            log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev.load_seconds, ev.capacity)
+            if task is not None and not stopping:
+                self._send_run()
+        elif isinstance(ev, p.LoadFailed):
+            proc, self.proc = self.proc, None
+            proc.end(self.settings.stop_timeout_seconds)
+            self._load_failed(proc.name, ev.reason)
+        elif task is None:
+            return
+        elif isinstance(ev, p.Resumed):
+            for note in ev.notes:
+                log.warning("recovery of %s/%s: %s", task.job_id, task.model, note)
+            if ev.kept:
+                log.info("resuming %s/%s after %d committed results", task.job_id, task.model, ev.kept)
+        elif isinstance(ev, p.IoError):
+            self._io_error = ev.message
+        elif isinstance(ev, p.Progress):
+            self._progress(ev)
+        elif isinstance(ev, p.TaskDone):
+            outcome = {"completed": Status.COMPLETED, "cancelled": Status.CANCELLED}.get(ev.outcome)
+            if outcome is None:
+                self.requeue("the daemon is stopping")
+            else:
+                self.finish(outcome)
+
+    def _progress(self, ev: p.Progress) -> None:
+        now = time.monotonic()
+        if now - self._last_batch_json >= BATCH_JSON_SECONDS:
+            self._last_batch_json = now
+            self.jobs.progressed(self.spec, self.task)
+        if now - self._last_progress_log >= PROGRESS_LOG_SECONDS:
+            self._last_progress_log = now
+            elapsed = (ev.updated_at or 0) - (ev.started_at or 0)
+            tps = ev.completion_tokens / elapsed if elapsed > 0 else 0.0
+            log.info(
+                "progress %s/%s: %d/%d done, %d failed, %.0f tok/s",
+                self.spec.name,
+                self.task.model,
+                ev.count,
+                self.spec.total,
+                ev.failed,
+                tps,
+            )
+
+    # -- ending a task -----------------------------------------------------------------------------
+    def finish(self, outcome: Status, error: str | None = None) -> None:
+        task, spec = self.task, self.spec
+        self.task = self.spec = None
+        self.jobs.finalized(spec, task, outcome, error)
+
+    def requeue(self, why: str) -> None:
+        task, spec = self.task, self.spec
+        self.task = self.spec = None
+        self.jobs.requeued(spec, task, why)
+
+    def drop(self, job_id: str) -> None:
+        """Forget the running task of a job that failed at its boundary, ending its model process."""
+        if self.task is not None and self.task.job_id == job_id:
+            self.task = self.spec = None
+            if self.proc is not None:
+                self.end_model(f"job {job_id} failed")
+
+    def cancel(self, spec: JobSpec) -> None:
+        running = self.task if self.task is not None and self.task.job_id == spec.id else None
+        models = self.jobs.cancelled(spec, running)
+        log.info("cancel %s: %s", spec.id, ", ".join(models) or "no queued task")
+        if running is not None and self.proc is not None and self.sent:
+            self.proc.send(p.Cancel())
+        elif running is not None:
+            self.finish(Status.CANCELLED)
+
+    def stop(self) -> None:
+        """Warm stop: the running task commits and goes back in line; the model process ends."""
+        if self.task is not None and self.proc is not None and self.proc.alive() and self.sent:
+            self.proc.send(p.Stop())
+            deadline = time.monotonic() + self.settings.stop_timeout_seconds
+            while self.task is not None and time.monotonic() < deadline and self.proc and self.proc.alive():
+                self.pump(0.2, stopping=True)
+        if self.task is not None:
+            self.requeue("the daemon stopped")
+        if self.proc is not None:
+            self.proc.end(self.settings.stop_timeout_seconds)
+            self.proc = None
+
+    def abort_after_disk_error(self) -> None:
+        if self.proc is not None:
+            self.proc.end(self.settings.stop_timeout_seconds)
+            self.proc = None
+        self.task = self.spec = None
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _load_failed(self, model: str, reason: str) -> None:
+        log.error("%s could not load: %s", model, reason)
+        config = self.registry.models[model]
+        if config.engine == EngineKind.VLLM and is_memory_failure(reason):
+            util = crashes.memory_retry_utilization(config.engine_args, model in self.memory_retry)
+            if util is not None:
+                self.memory_retry[model] = util
+                log.warning("retrying %s once with gpu_memory_utilization %.3f", model, util)
+                self._load(model)
+                return
+        self._fail_model(model, f"the model {model} could not load: {reason}")
+
+    def _fail_model(self, model: str, message: str) -> None:
+        """Fail the running task and every queued task of a model that cannot run; the queue moves on."""
+        log.error("failing the tasks of %s: %s", model, message)
+        if self.task is not None and self.task.model == model:
+            self.finish(Status.FAILED, message)
+        for _, job_id, m in self.journal.queued():
+            if m == model:
+                spec = self.journal.spec(job_id)
+                self.jobs.finalized(spec, self.journal.task(job_id, m), Status.FAILED, message)
+
+    def _died(self, proc: ModelProcess, why: str) -> None:
+        self.proc = None
+        proc.end(1.0)
+        task = self.task
+        if task is None:
+            log.warning("the model process of %s %s while idle", proc.name, why)
+            return
+        if self._io_error:
+            self.pause_reason, self._io_error = f"{self._io_error}; nothing committed is lost", None
+            self.requeue("it resumes once the disk accepts writes again")
+            return
+        if not proc.loaded:
+            deaths = self.load_deaths[proc.name] = self.load_deaths.get(proc.name, 0) + 1
+            if deaths < LOAD_ATTEMPTS:
+                self.requeue(f"the model process {why} while loading; loading it again")
+            else:
+                self._load_failed(proc.name, f"the model process {why} while loading, {deaths} times")
+            return
+        self.load_deaths.pop(proc.name, None)
+        log_path = self.journal.log_path(task.job_id, task.model)
+        alone = proc.alone if self.sent else None
+        verdict = crashes.after_crash(task, alone, first_missing(log_path), read_fed_mark(log_path), why)
+        log.error(
+            "the model process of %s %s during %s (crash %d): %s",
+            proc.name,
+            why,
+            task.job_id,
+            task.crashes,
+            verdict.note,
+        )
+        if verdict.give_up:
+            self.finish(Status.FAILED, verdict.note)
+        else:
+            self.journal.save_task(task)
+            self.requeue("restarting the model process and resuming from the last commit")
+
+    # -- for the status snapshot -------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        proc = self.proc
+        return {
+            "loaded_model": proc.name if proc and proc.loaded else None,
+            "loading_model": proc.name if proc and not proc.loaded else None,
+            "model_pid": proc.pid if proc else None,
+            "load_seconds": proc.load_seconds if proc else None,
+            "model_rss_mb": round(group_rss_bytes(proc.pid) / 2**20, 1) if proc else None,
+            "running": {"job_id": self.task.job_id, "model": self.task.model} if self.task else None,
+            "swaps": list(self.swaps),
+        }

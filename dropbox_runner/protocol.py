@@ -1,0 +1,141 @@
+"""The pipe between the daemon and a model process: typed commands and events, one JSON line each.
+
+Commands go down the model process's stdin; events come up an inherited pipe. Both sides encode
+and decode here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import orjson
+
+
+class ProtocolError(ValueError):
+    """A line on the pipe that is not a known message."""
+
+
+@dataclass(slots=True)
+class Message:
+    tag: ClassVar[str] = ""
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"m": self.tag, **{f.name: getattr(self, f.name) for f in fields(self)}}) + b"\n"
+
+
+# -- commands: daemon -> model process ---------------------------------------------------------------
+@dataclass(slots=True)
+class Start(Message):
+    """The first line: which model to load and where to send events."""
+
+    tag: ClassVar[str] = "start"
+    event_fd: int
+    model: str
+    engine: str
+    task: str
+    path: str | None
+    engine_args: dict[str, Any]
+
+
+@dataclass(slots=True)
+class TaskOrder:
+    job_id: str
+    model: str
+    input: str
+    log: str
+    total: int
+    defaults: list[dict[str, Any]]
+    commit_interval_ms: int
+    request_timeout_seconds: float | None = None
+    poison: list[int] = field(default_factory=list)
+    isolate_until: int = -1
+
+
+@dataclass(slots=True)
+class Run(Message):
+    tag: ClassVar[str] = "run"
+    task: TaskOrder
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"m": self.tag, "task": self.task}) + b"\n"
+
+
+@dataclass(slots=True)
+class Cancel(Message):
+    tag: ClassVar[str] = "cancel"
+
+
+@dataclass(slots=True)
+class Stop(Message):
+    tag: ClassVar[str] = "stop"
+
+
+# -- events: model process -> daemon -----------------------------------------------------------------
+@dataclass(slots=True)
+class Loaded(Message):
+    tag: ClassVar[str] = "loaded"
+    load_seconds: float
+    capacity: int
+
+
+@dataclass(slots=True)
+class LoadFailed(Message):
+    tag: ClassVar[str] = "load_failed"
+    reason: str
+
+
+@dataclass(slots=True)
+class Resumed(Message):
+    tag: ClassVar[str] = "resumed"
+    kept: int
+    notes: list[str]
+
+
+@dataclass(slots=True)
+class Running(Message):
+    """A line about to run alone while a crash culprit is hunted; None once no line runs alone."""
+
+    tag: ClassVar[str] = "running"
+    index: int | None
+
+
+@dataclass(slots=True)
+class Progress(Message):
+    """The committed marker; sent after commits, dropped when the pipe is full (the next one says more)."""
+
+    tag: ClassVar[str] = "progress"
+    count: int
+    failed: int
+    completion_tokens: int
+    started_at: float | None
+    updated_at: float | None
+
+
+@dataclass(slots=True)
+class IoError(Message):
+    tag: ClassVar[str] = "io_error"
+    message: str
+
+
+@dataclass(slots=True)
+class TaskDone(Message):
+    tag: ClassVar[str] = "task_done"
+    outcome: str  # completed | cancelled | interrupted
+
+
+COMMANDS: dict[str, type[Message]] = {c.tag: c for c in (Start, Run, Cancel, Stop)}
+EVENTS: dict[str, type[Message]] = {
+    c.tag: c for c in (Loaded, LoadFailed, Resumed, Running, Progress, IoError, TaskDone)
+}
+
+
+def decode(line: bytes, table: dict[str, type[Message]]) -> Message:
+    try:
+        obj = orjson.loads(line)
+        cls = table[obj.pop("m")]
+        if cls is Run:
+            return Run(TaskOrder(**obj["task"]))
+        return cls(**obj)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"not a message: {line[:200]!r}") from exc

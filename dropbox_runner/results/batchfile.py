@@ -1,0 +1,91 @@
+"""batch.json: the job as an OpenAI-style batch object, built from its spec, task records and markers.
+
+Only `jobs` calls `write_batch_json`: every change of a job writes it once, through here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dropbox_runner.fsutil import write_json
+from dropbox_runner.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.lifecycle import Status, job_status
+from dropbox_runner.results.log import Marker, read_marker
+from dropbox_runner.status import model_row
+
+
+def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[str, Any]:
+    """One model of batch.json; counts and rates as `status` computes them."""
+    row = model_row(
+        spec.model_dump(), task.model_dump(mode="json"), marker.model_dump() if marker else None, time.time()
+    )
+    usage = row["usage"]
+    return {
+        "status": task.status.value,
+        "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
+        "output_file": f"{task.model}.jsonl",
+        "error_file": f"{task.model}.errors.jsonl",
+        "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        "tokens_per_second": row["tokens_per_second"],
+        "load_seconds": task.load_seconds,
+        "started_at": _int(marker.started_at if marker else None),
+        "completed_at": _int(task.completed_at),
+        "error": task.error,
+    }
+
+
+def _int(t: float | None) -> int | None:
+    return int(t) if t is not None else None
+
+
+def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> dict[str, Any]:
+    """The OpenAI-style batch object of a job."""
+    models = {t.model: model_entry(spec, t, read_marker(journal.log_path(spec.id, t.model))) for t in tasks}
+    status = Status.FAILED if spec.rejected else job_status([t.status for t in tasks])
+    counts = {"total": 0, "completed": 0, "failed": 0}
+    for entry in models.values():
+        for k in counts:
+            counts[k] += entry["request_counts"][k]
+    if spec.rejected:
+        counts = {"total": spec.total, "completed": 0, "failed": spec.total}
+    done_at = max((t.completed_at or 0 for t in tasks), default=0) or (
+        spec.created_at if spec.rejected else None
+    )
+    starts = [t.in_progress_at for t in tasks if t.in_progress_at]
+    errors = [{"code": "invalid_file", "message": r, "line": None} for r in spec.rejected]
+    errors += [
+        {"code": t.error_code, "message": f"{t.model}: {t.error}", "line": None}
+        for t in tasks
+        if t.error_code == "internal_error"
+    ]
+    errors += spec.line_errors
+    return {
+        "id": spec.id,
+        "object": "batch",
+        "endpoint": None,
+        "input_file": f"{spec.name}.jsonl",
+        "completion_window": "24h",
+        "status": status.value,
+        "output_folder": spec.outbox,
+        "created_at": int(spec.created_at),
+        "in_progress_at": _int(min(starts)) if starts else None,
+        "finalizing_at": None,
+        "completed_at": _int(done_at) if status == Status.COMPLETED else None,
+        "failed_at": _int(done_at) if status == Status.FAILED else None,
+        "cancelled_at": _int(done_at) if status == Status.CANCELLED else None,
+        "expires_at": None,
+        "expired_at": None,
+        "request_counts": counts,
+        "models": models,
+        "metadata": spec.metadata,
+        "dedupe_of": spec.dedupe_of,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "updated_at": round(time.time(), 3),
+    }
+
+
+def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> None:
+    out_dir = journal.layout.outbox / spec.outbox
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "batch.json", batch_document(journal, spec, tasks))
