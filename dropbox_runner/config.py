@@ -29,7 +29,9 @@ EMBEDDED_MODELS = ("tiny-llama", "tiny-qwen")
 # Names an outbox folder already uses for other files: compare.jsonl, <model>.errors.jsonl.
 RESERVED_NAMES = ("compare",)
 RESERVED_SUFFIXES = (".errors",)
-ECHO_ARGS = frozenset({"delay_ms", "max_in_flight", "crash_on", "raise_on", "hang_on", "slow_on"})
+ECHO_ARGS = frozenset(
+    {"delay_ms", "max_in_flight", "load_delay_ms", "crash_on", "raise_on", "hang_on", "slow_on"}
+)
 
 
 class EngineKind(StrEnum):

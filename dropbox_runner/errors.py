@@ -4,6 +4,7 @@ Core code raises these; only `cli.py` converts them to click errors and exit cod
 """
 
 import errno
+import os
 
 # Failures of the machine, not of a drop or a job: the daemon pauses and tries again later.
 ENVIRONMENTAL_ERRNOS = frozenset(
@@ -29,3 +30,10 @@ class LockHeld(RunnerError):
 
 class JobNotFound(RunnerError):
     """No job matches the given name or id."""
+
+
+def fault_point(step: str, name: str = "") -> None:
+    """Test hook: DROPBOX_RUNNER_FAULT_AT=<step>[:<job name>] raises here, as an unexpected bug would."""
+    wanted = os.environ.get("DROPBOX_RUNNER_FAULT_AT")
+    if wanted and wanted in (step, f"{step}:{name}"):
+        raise RuntimeError(f"injected fault at {step}")

@@ -6,6 +6,7 @@ Every file the runner writes goes through `staged`: a hidden name opened with O_
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -92,7 +93,12 @@ def read_json_or_none(path: Path) -> Any | None:
 
 def open_regular(path: Path) -> IO[bytes]:
     """Open for reading only if `path` is a regular file itself: no symlink followed, no FIFO waited on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise NotRegularFile(f"{path.name} is not a regular file (a symlink)") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -106,13 +112,7 @@ def open_regular(path: Path) -> IO[bytes]:
 
 def read_regular(path: Path, cap: int) -> bytes:
     """The bytes of a regular file of at most `cap` bytes; raises NotRegularFile or ValueError."""
-    try:
-        f = open_regular(path)
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
-            raise NotRegularFile(f"{path.name} is a symlink") from None
-        raise
-    with f:
+    with open_regular(path) as f:
         data = f.read(cap + 1)
     if len(data) > cap:
         raise ValueError(f"{path.name} is larger than {cap} bytes")
@@ -134,7 +134,7 @@ def move_into(src: Path, dst: Path, *, after_copy: Any = None) -> None:
     try:
         os.rename(src, dst)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: src and dst on different filesystems
+        if exc.errno != errno.EXDEV:
             raise
         copy_atomic(src, dst)
         if not files_equal(src, dst):

@@ -112,3 +112,65 @@ def test_overlong_line_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     raws = list(rq.iter_raw_lines(io.BytesIO(data)))
     assert raws[0].data is None and raws[1].line == 2
     assert isinstance(rq.parse_line(raws[1], IdSet()), Request)
+
+
+# Hostile values that once raised instead of failing their line (issue 11), kept as plain tests.
+@pytest.mark.parametrize(
+    ("line", "param"),
+    [
+        ({"custom_id": "a", "url": ["/v1/chat/completions"], "body": {}}, "url"),
+        ({"custom_id": "a", "url": {"x": 1}, "body": {}}, "url"),
+        ({"custom_id": "a", "method": ["POST"], "url": "/v1/completions", "body": {"prompt": "x"}}, "method"),
+        (chat(response_format={"type": "json_schema", "json_schema": "a string"}), "response_format"),
+        (chat(response_format={"type": "json_schema", "json_schema": {"schema": [1]}}), "response_format"),
+        (chat(response_format={"type": ["json_object"]}), "response_format"),
+        (chat(chat_template_kwargs=[1, 2]), "chat_template_kwargs"),
+        (chat(logit_bias=[1, 2]), "logit_bias"),
+        (chat(logit_bias={"abc": 1}), "logit_bias"),
+        (chat(logit_bias={"5": "high"}), "logit_bias"),
+        (chat(logprobs="yes"), "logprobs"),
+        (chat(stop_token_ids=["a"]), "stop_token_ids"),
+        (chat(ignore_eos="true"), "ignore_eos"),
+        (chat(seed=2**63), "seed"),
+        (
+            {"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": "many"}},
+            "logprobs",
+        ),
+        (
+            {
+                "custom_id": "a",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            },
+            "messages[0].content[0]",
+        ),
+        (
+            {
+                "custom_id": "a",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            },
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_hostile_values_fail_their_line_naming_the_field(line: dict, param: str) -> None:
+    result = parse(line)
+    assert isinstance(result, LineError), result
+    assert result.param == param
+
+
+def test_messages_quote_at_most_about_200_characters_of_a_value() -> None:
+    huge = "x" * 1_000_000
+    for obj in (
+        {"custom_id": "a", "url": huge, "body": {}},
+        chat(temperature=huge),
+        chat(**{huge: 1}),
+    ):
+        result = parse(obj)
+        assert isinstance(result, LineError)
+        assert len(result.message) < 400 and (result.param is None or len(result.param) <= 200)
+    seen = IdSet()
+    first = parse_line(RawLine(0, 1, json.dumps({**chat(), "custom_id": huge}).encode()), seen)
+    again = parse_line(RawLine(1, 2, json.dumps({**chat(), "custom_id": huge}).encode()), seen)
+    assert isinstance(first, Request) and isinstance(again, LineError) and len(again.message) < 400

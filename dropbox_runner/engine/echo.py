@@ -13,6 +13,8 @@ import time
 from hashlib import blake2b
 from typing import Any
 
+import orjson
+
 from dropbox_runner.engine.base import (
     Finished,
     chat_body,
@@ -57,6 +59,8 @@ class EchoEngine:
         self.crash_on = engine_args.get("crash_on")
         self.raise_on = engine_args.get("raise_on")
         self.hang_on = engine_args.get("hang_on")
+        self.slow_on = engine_args.get("slow_on")  # that request takes a minute
+        time.sleep(float(engine_args.get("load_delay_ms", 0)) / 1000)  # imitate a model's load
         self._due: list[tuple[float, int, Finished]] = []
         self._seq = 0
 
@@ -67,7 +71,8 @@ class EchoEngine:
     def submit(self, req: Request) -> None:
         finished = self._answer(req)
         self._seq += 1
-        heapq.heappush(self._due, (time.monotonic() + self.delay, self._seq, finished))
+        delay = 60.0 if self.slow_on and self.slow_on in _prompt_text(req) else self.delay
+        heapq.heappush(self._due, (time.monotonic() + delay, self._seq, finished))
 
     def _answer(self, req: Request) -> Finished:
         body = req.body
@@ -123,3 +128,8 @@ class EchoEngine:
 
     def abort_all(self) -> None:
         self._due.clear()
+
+
+def _prompt_text(req: Request) -> str:
+    payload = req.body.get("messages") or req.body.get("prompt") or req.body.get("input") or ""
+    return orjson.dumps(payload).decode()

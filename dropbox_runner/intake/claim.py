@@ -14,7 +14,7 @@ from typing import Any
 
 from dropbox_runner import dedupe
 from dropbox_runner.config import Registry
-from dropbox_runner.errors import is_environmental
+from dropbox_runner.errors import fault_point, is_environmental
 from dropbox_runner.fsutil import (
     NotRegularFile,
     files_equal,
@@ -167,6 +167,7 @@ class Claimer:
                 self._apply_manifest(spec, parsed, record.get("model_folder"), reasons)
         elif record.get("model_folder"):
             spec.models = [record["model_folder"]]
+        fault_point("claim", name)
         if not reasons:
             reasons += self._summarize(spec, job_dir / "input.jsonl")
         spec.rejected = reasons

@@ -11,6 +11,7 @@ from typing import BinaryIO
 
 import orjson
 
+from dropbox_runner.errors import fault_point
 from dropbox_runner.fsutil import fsync_dir, staged
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.lifecycle import Status
@@ -37,6 +38,7 @@ def _custom_id(data: bytes | None) -> str | None:
 
 def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Status) -> None:
     """Write `<model>.jsonl` (every line, in order) and `<model>.errors.jsonl` (failed lines, if any)."""
+    fault_point("publish", spec.name)
     log_path = journal.log_path(spec.id, task.model)
     offsets = array("q", [-1]) * spec.total
     present = 0

@@ -1,0 +1,240 @@
+"""Validation is total: any JSON value in any field gives a request or the validator's own error.
+
+Property-based (hypothesis). Shrunk failures found here are kept as plain tests in test_lines.py,
+test_config.py and test_containment.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dropbox_runner.config import parse_registry
+from dropbox_runner.engine.echo import EchoEngine
+from dropbox_runner.errors import ConfigError
+from dropbox_runner.intake.manifest import Manifest, parse_manifest
+from dropbox_runner.lines import (
+    HONOURED,
+    INFORMATIONAL,
+    VLLM_EXTRAS,
+    IdSet,
+    LineError,
+    RawLine,
+    Request,
+    parse_line,
+)
+
+EXAMPLES = settings(
+    max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+URLS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v2/nope"]
+BODY_KEYS = sorted(
+    HONOURED | VLLM_EXTRAS | INFORMATIONAL | {"messages", "prompt", "input", "tools", "stream"}
+)
+
+
+def message() -> st.SearchStrategy:
+    part = st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url"]) | json_values}, optional={"text": json_values}
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "role": st.sampled_from(["user", "system", "assistant"]) | json_values,
+            "content": st.text(max_size=20) | st.lists(part, max_size=3) | json_values,
+        },
+    )
+
+
+def body() -> st.SearchStrategy:
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "messages": st.lists(message(), max_size=3) | json_values,
+            "prompt": st.text(max_size=10) | json_values,
+            "input": st.text(max_size=10) | json_values,
+            "response_format": st.fixed_dictionaries(
+                {"type": st.sampled_from(["json_schema", "json_object", "text"]) | json_values},
+                optional={"json_schema": json_values | st.fixed_dictionaries({"schema": json_values})},
+            )
+            | json_values,
+        },
+    ).flatmap(
+        lambda base: st.dictionaries(st.sampled_from(BODY_KEYS), json_values, max_size=5).map(
+            lambda extra: {**extra, **base}
+        )
+    )
+
+
+def line() -> st.SearchStrategy:
+    return (
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "custom_id": st.text(min_size=1, max_size=10) | json_values,
+                "method": st.just("POST") | json_values,
+                "url": st.sampled_from(URLS) | json_values,
+                "body": body() | json_values,
+            },
+        )
+        | json_values
+    )
+
+
+def encode(obj: object) -> bytes | None:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # an integer past 64 bits: JSON text can still carry it
+        return json.dumps(obj).encode()
+
+
+@EXAMPLES
+@given(
+    line(),
+    st.lists(st.dictionaries(st.sampled_from(sorted(HONOURED | VLLM_EXTRAS)), json_values), max_size=2),
+)
+def test_any_line_gives_a_request_or_a_line_error(obj: object, defaults: list) -> None:
+    result = parse_line(RawLine(0, 1, encode(obj)), IdSet(), tuple(defaults))
+    assert isinstance(result, Request | LineError)
+    if isinstance(result, LineError):
+        assert len(result.message) < 600 and (result.param is None or len(result.param) <= 200)
+
+
+@EXAMPLES
+@given(line())
+def test_every_accepted_request_runs_on_the_echo_engine(obj: object) -> None:
+    result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
+    if isinstance(result, Request):
+        engine = EchoEngine("echo", {})
+        engine.submit(result)
+        assert [f.index for f in engine.step()] == [0]
+
+
+@EXAMPLES
+@given(st.binary(max_size=200))
+def test_any_bytes_give_a_request_or_a_line_error(data: bytes) -> None:
+    assert isinstance(parse_line(RawLine(0, 1, data), IdSet()), Request | LineError)
+
+
+manifests = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "models": st.lists(st.text(max_size=8), max_size=3) | json_values,
+            "priority": st.integers() | json_values,
+            "defaults": st.dictionaries(st.sampled_from(sorted(HONOURED | VLLM_EXTRAS)), json_values)
+            | json_values,
+            "metadata": json_values,
+        },
+    )
+    | json_values
+)
+
+
+@EXAMPLES
+@given(manifests)
+def test_any_json_manifest_parses_or_says_why(obj: object) -> None:
+    result = parse_manifest(encode(obj), "m.manifest.json", "JSON")
+    assert isinstance(result, Manifest | str)
+    if isinstance(result, Manifest):
+        orjson.dumps(result.model_dump())  # what goes into spec.json can be written
+
+
+@EXAMPLES
+@given(manifests)
+def test_any_yaml_manifest_parses_or_says_why(obj: object) -> None:
+    text = json.dumps(obj)  # JSON is YAML; the YAML path must accept or refuse it the same way
+    result = parse_manifest(text.encode(), "m.manifest.yaml", "YAML")
+    assert isinstance(result, Manifest | str)
+
+
+@EXAMPLES
+@given(st.text(alphabet=st.sampled_from(list("ab:-&*!{}[]|>,'\" \n#?%@`~\t0.")), max_size=60))
+def test_any_yaml_text_parses_or_says_why(text: str) -> None:
+    assert isinstance(parse_manifest(text.encode(), "m.manifest.yaml", "YAML"), Manifest | str)
+
+
+registries = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "settings": st.dictionaries(
+                st.sampled_from(
+                    ["settle_seconds", "poll", "commit_interval_ms", "dedupe", "api_key", "colour"]
+                ),
+                json_values,
+            )
+            | json_values,
+            "models": st.dictionaries(
+                st.text(max_size=10),
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "path": st.text(max_size=12) | json_values,
+                        "engine": st.sampled_from(["echo", "vllm"]) | json_values,
+                        "task": st.sampled_from(["generate", "embed"]) | json_values,
+                        "engine_args": json_values,
+                        "defaults": json_values,
+                    },
+                )
+                | json_values,
+                max_size=3,
+            )
+            | json_values,
+        },
+    )
+    | json_values
+)
+
+
+@EXAMPLES
+@given(registries)
+def test_any_models_yaml_loads_or_names_the_key(
+    tmp_path_factory: pytest.TempPathFactory, obj: object
+) -> None:
+    try:
+        parse_registry(json.dumps(obj), Path("/nonexistent-root"))
+    except ConfigError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def sampling_engine():
+    """The vLLM engine's mapping of a body to SamplingParams, without loading a model."""
+    pytest.importorskip("vllm")
+    from dropbox_runner.engine.vllm_engine import VllmEngine
+
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.max_model_len = 512
+    return engine
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(line())
+def test_every_accepted_request_maps_to_vllm_parameters_or_a_400(sampling_engine, obj: object) -> None:
+    from dropbox_runner.engine.base import RequestRejected
+
+    result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
+    if isinstance(result, Request) and result.kind != "embedding":
+        try:
+            sampling_engine._sampling_params(result, 10)
+        except RequestRejected:
+            pass
