@@ -48,6 +48,9 @@ def vroot(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
             {**cfg, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
         )
     )
+    # weights beside it, so that the folder passes the checks made before loading and vLLM itself refuses
+    for weights in (models_dir / "tiny-llama").glob("*.safetensors"):
+        (bad / weights.name).symlink_to(weights)
     (root / "models.yaml").write_text(f"""
 settings: {{settle_seconds: 0.2, commit_interval_ms: 200}}
 models:
