@@ -1,4 +1,4 @@
-"""The `dropbox-runner` command line (CONTRACT.md section 5).
+"""The `dropbox-runner` command line (section 5 of the contract, shared/CONTRACT.md).
 
 Core code raises RunnerError; only this module turns errors into one sentence and an exit code.
 """

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dropbox_runner import plainyaml
 from dropbox_runner.errors import ConfigError
-from dropbox_runner.lines import check_defaults
+from dropbox_runner.fieldrules import check_defaults
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")

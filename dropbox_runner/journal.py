@@ -129,18 +129,17 @@ class Journal:
         return self.spec(job_id)
 
     def archive(self, job_id: str) -> None:
-        src = self.layout.jobs / job_id
-        if src.exists():
-            os.replace(src, self.layout.archive / job_id)
-            fsync_dir(self.layout.jobs)
-            fsync_dir(self.layout.archive)
+        self._move(job_id, self.layout.jobs, self.layout.archive)
 
     def unarchive(self, job_id: str) -> None:
-        src = self.layout.archive / job_id
-        if src.exists():
-            os.replace(src, self.layout.jobs / job_id)
-            fsync_dir(self.layout.archive)
-            fsync_dir(self.layout.jobs)
+        self._move(job_id, self.layout.archive, self.layout.jobs)
+
+    @staticmethod
+    def _move(job_id: str, src: Path, dst: Path) -> None:
+        if (src / job_id).exists():
+            os.replace(src / job_id, dst / job_id)
+            fsync_dir(src)
+            fsync_dir(dst)
 
     def forget(self, job_id: str) -> None:
         shutil.rmtree(self.layout.jobs / job_id, ignore_errors=True)

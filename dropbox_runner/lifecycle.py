@@ -24,10 +24,11 @@ class Status(StrEnum):
 FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 _ALLOWED: dict[Status, frozenset[Status]] = {
-    Status.QUEUED: frozenset({Status.IN_PROGRESS, Status.FAILED, Status.CANCELLED, Status.FINALIZING}),
-    # in_progress -> queued happens when the model process dies or the daemon stops mid-task.
-    Status.IN_PROGRESS: frozenset({Status.QUEUED, Status.FINALIZING, Status.FAILED, Status.CANCELLED}),
-    Status.FINALIZING: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.FINALIZING}),
+    # queued -> finalizing: cancelled, or failed because its model cannot run, before it started
+    Status.QUEUED: frozenset({Status.IN_PROGRESS, Status.FINALIZING}),
+    # in_progress -> queued: the model process died or the daemon stopped mid-task
+    Status.IN_PROGRESS: frozenset({Status.QUEUED, Status.FINALIZING}),
+    Status.FINALIZING: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED}),
     # retry re-opens a finished task
     Status.COMPLETED: frozenset({Status.QUEUED}),
     Status.FAILED: frozenset({Status.QUEUED}),

@@ -6,6 +6,7 @@ and decode here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -18,7 +19,10 @@ class ProtocolError(ValueError):
 
 @dataclass(slots=True)
 class Message:
-    tag: ClassVar[str] = ""
+    tag: ClassVar[str] = ""  # the class name in snake case: LoadFailed -> load_failed
+
+    def __init_subclass__(cls) -> None:  # no super(): slots=True makes a new class
+        cls.tag = re.sub(r"(?<!^)([A-Z])", r"_\1", cls.__name__).lower()
 
     def encode(self) -> bytes:
         return orjson.dumps({"m": self.tag, **{f.name: getattr(self, f.name) for f in fields(self)}}) + b"\n"
@@ -29,7 +33,6 @@ class Message:
 class Start(Message):
     """The first line: which model to load and where to send events."""
 
-    tag: ClassVar[str] = "start"
     event_fd: int
     model: str
     engine: str
@@ -54,7 +57,8 @@ class TaskOrder:
 
 @dataclass(slots=True)
 class Run(Message):
-    tag: ClassVar[str] = "run"
+    """Run one task; the model process answers with events, then TaskDone."""
+
     task: TaskOrder
 
     def encode(self) -> bytes:
@@ -63,31 +67,34 @@ class Run(Message):
 
 @dataclass(slots=True)
 class Cancel(Message):
-    tag: ClassVar[str] = "cancel"
+    """Abort what is in flight; the task ends cancelled."""
 
 
 @dataclass(slots=True)
 class Stop(Message):
-    tag: ClassVar[str] = "stop"
+    """Commit and exit (a swap, or the daemon stopping)."""
 
 
 # -- events: model process -> daemon -----------------------------------------------------------------
 @dataclass(slots=True)
 class Loaded(Message):
-    tag: ClassVar[str] = "loaded"
+    """The model is ready; `capacity` requests may be in flight."""
+
     load_seconds: float
     capacity: int
 
 
 @dataclass(slots=True)
 class LoadFailed(Message):
-    tag: ClassVar[str] = "load_failed"
+    """The model could not load; `reason` is its error in one sentence."""
+
     reason: str
 
 
 @dataclass(slots=True)
 class Resumed(Message):
-    tag: ClassVar[str] = "resumed"
+    """The task's log was recovered: `kept` results were already committed."""
+
     kept: int
     notes: list[str]
 
@@ -96,7 +103,6 @@ class Resumed(Message):
 class Running(Message):
     """A line about to run alone while a crash culprit is hunted; None once no line runs alone."""
 
-    tag: ClassVar[str] = "running"
     index: int | None
 
 
@@ -104,7 +110,6 @@ class Running(Message):
 class Progress(Message):
     """The committed marker; sent after commits, dropped when the pipe is full (the next one says more)."""
 
-    tag: ClassVar[str] = "progress"
     count: int
     failed: int
     completion_tokens: int
@@ -114,13 +119,15 @@ class Progress(Message):
 
 @dataclass(slots=True)
 class IoError(Message):
-    tag: ClassVar[str] = "io_error"
+    """A commit failed (disk full, I/O error): the model process stops right after."""
+
     message: str
 
 
 @dataclass(slots=True)
 class TaskDone(Message):
-    tag: ClassVar[str] = "task_done"
+    """The task ended: completed, cancelled, or interrupted (the daemon is stopping)."""
+
     outcome: str  # completed | cancelled | interrupted
 
 

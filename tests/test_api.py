@@ -247,3 +247,50 @@ def test_the_status_page_shows_a_moving_progress_bar(served) -> None:
         finally:
             browser.close()
     assert (ARTIFACTS / "status-page.png").stat().st_size > 1000
+
+
+def test_with_a_key_every_route_but_healthz_needs_it(root: Path) -> None:
+    import http.cookiejar
+    import urllib.request
+
+    server = Server(root, env={"DROPBOX_RUNNER_API_KEY": "sekrit"})
+    server.wait_up()
+
+    def status_of(path: str, headers: dict | None = None, opener=None, method: str = "GET", data=None) -> int:
+        req = urllib.request.Request(server.url + path, headers=headers or {}, method=method, data=data)
+        try:
+            return (opener or urllib.request.build_opener()).open(req, timeout=10).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        routes = [
+            "/",
+            "/api/status",
+            "/outbox/x/echo.jsonl",
+            "/v1/models",
+            "/v1/files",
+            "/v1/batches",
+            "/metrics",
+        ]
+        for path in routes:
+            assert status_of(path) == 401, path
+            assert status_of(path, {"Authorization": "Bearer wrong"}) == 401, path
+        bearer = {"Authorization": "Bearer sekrit"}
+        for path in ["/", "/api/status", "/v1/models", "/v1/files", "/v1/batches"]:
+            assert status_of(path, bearer) == 200, path
+        assert status_of("/outbox/x/echo.jsonl", bearer) == 404
+        assert status_of("/healthz") == 200
+        # A browser opens /?key=... once; the page's own requests then carry the cookie.
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        assert status_of("/?key=sekrit", opener=browser) == 200
+        assert status_of("/api/status", opener=browser) == 200
+        # hostile create calls are answered with 4xx, never a 500
+        for body in (b"[1]", b"not json", b'{"input_file_id": [1]}', b'{"input_file_id": {"a": 1}}'):
+            code = status_of(
+                "/v1/batches", {**bearer, "Content-Type": "application/json"}, method="POST", data=body
+            )
+            assert 400 <= code < 500, body
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
@@ -20,6 +21,7 @@ from dropbox_runner import catalog
 from dropbox_runner import status as status_view
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
+from dropbox_runner.fieldrules import quote
 from dropbox_runner.fsutil import read_json_or_none
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
@@ -220,23 +222,26 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.post("/v1/batches")
     async def create_batch(request: Request) -> dict[str, Any]:
-        body = await request.json()
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            body = None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        meta = store.file_meta(str(body.get("input_file_id", "")))
+        file_id = body.get("input_file_id")
+        meta = store.file_meta(file_id) if isinstance(file_id, str) else None
         if meta is None:
             raise ApiError(
-                404,
-                f"no file with id {body.get('input_file_id')!r}",
-                param="input_file_id",
-                code="file_not_found",
+                404, f"no file with id {quote(file_id)}", param="input_file_id", code="file_not_found"
             )
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise ApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         if body.get("completion_window", "24h") != "24h":
             raise ApiError(400, "completion_window must be '24h'", param="completion_window")
-        metadata = {str(k): str(v) for k, v in (body.get("metadata") or {}).items()}
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ApiError(400, "metadata must be an object of strings", param="metadata")
         path = store.file_path(meta["id"])
         if metadata.get("models"):
             models = [m.strip() for m in metadata["models"].split(",") if m.strip()]

@@ -56,34 +56,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{rid}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": c["index"],
-                "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": c.get("logprobs"),
-                "finish_reason": c["finish_reason"],
-            }
-            for c in choices
-        ],
-        "usage": usage(pt, ct),
-    }
+    return _generation_body("chat", rid, model, choices, pt, ct)
 
 
 def completion_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
+    return _generation_body("completion", rid, model, choices, pt, ct)
+
+
+def _generation_body(
+    kind: str, rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int
+) -> dict[str, Any]:
+    """A chat.completion or a text_completion body (choices: index, text, finish_reason, logprobs)."""
+    chat = kind == "chat"
     return {
-        "id": f"cmpl-{rid}",
-        "object": "text_completion",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
             {
                 "index": c["index"],
-                "text": c["text"],
+                **({"message": {"role": "assistant", "content": c["text"]}} if chat else {"text": c["text"]}),
                 "logprobs": c.get("logprobs"),
                 "finish_reason": c["finish_reason"],
             }

@@ -19,7 +19,8 @@ from dropbox_runner.engine.base import (
     embedding_body,
     requested_max_tokens,
 )
-from dropbox_runner.lines import HONOURED, VLLM_EXTRAS, Request
+from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
+from dropbox_runner.lines import Request
 
 # Fields of a line that need more than being passed to SamplingParams as they are.
 MAPPED_FIELDS = frozenset(
