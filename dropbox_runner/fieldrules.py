@@ -66,7 +66,7 @@ INFORMATIONAL = frozenset(
     }
 )
 PAYLOAD = {"chat": "messages", "completion": "prompt", "embedding": "input"}
-SAMPLING_FOR = {"chat", "completion"}
+SAMPLING_FOR = {"chat", "completion", "response"}
 
 
 QUOTE_CHARS = 200  # a message never quotes more of a user's value than this
@@ -85,7 +85,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_number(key: str, v: Any, lo: float | None, hi: float | None, integer: bool) -> str | None:
+def check_number(key: str, v: Any, lo: float | None, hi: float | None, integer: bool) -> str | None:
     if (
         isinstance(v, bool)
         or not isinstance(v, int | float)
@@ -173,7 +173,7 @@ def _check_field(kind: str, key: str, v: Any) -> str | None:
         return None
     rule = NUMBER_RULES.get(key)
     if rule is not None:
-        return _check_number(key, v, *rule)
+        return check_number(key, v, *rule)
     if key in BOOL_FIELDS:
         return None if isinstance(v, bool) else f"`{key}` must be true or false, got {quote(v)}"
     if key == "stop":
@@ -191,7 +191,7 @@ def _check_field(kind: str, key: str, v: Any) -> str | None:
     if key == "logprobs":
         if kind == "chat":
             return None if isinstance(v, bool) else f"`logprobs` must be true or false, got {quote(v)}"
-        return _check_number(key, v, 0, 20, True) if not isinstance(v, bool) else None
+        return check_number(key, v, 0, 20, True) if not isinstance(v, bool) else None
     return None
 
 

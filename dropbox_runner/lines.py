@@ -15,11 +15,13 @@ import orjson
 
 from dropbox_runner.fieldrules import HONOURED, SAMPLING_FOR, VLLM_EXTRAS, check_body, quote
 from dropbox_runner.fsutil import open_regular
+from dropbox_runner.openai_responses import to_chat
 
 URLS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    "/v1/responses": "response",
 }
 MAX_LINE_BYTES = 32 * 1024 * 1024
 BOM = b"\xef\xbb\xbf"
@@ -31,7 +33,7 @@ class Request:
     index: int  # position among non-blank lines: line `index` of every output file answers it
     line: int  # 1-based physical line in the file, for people
     custom_id: str
-    kind: str  # chat | completion | embedding
+    kind: str  # chat | completion | embedding | response (its body already the chat it amounts to)
     body: dict[str, Any]
 
 
@@ -129,11 +131,16 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
     body = obj.get("body")
     if not isinstance(body, dict):
         return LineError(raw.index, raw.line, cid, "line has no `body` object", "body")
+    if kind == "response":  # runs as the chat request it amounts to; answered as a Response
+        chat = to_chat(body)
+        if isinstance(chat, tuple):
+            return LineError(raw.index, raw.line, cid, chat[1], chat[0])
+        body = chat
     if defaults and kind in SAMPLING_FOR:
         body = merged_body(
             body, *({k: v for k, v in d.items() if k in HONOURED | VLLM_EXTRAS} for d in defaults)
         )
-    problem = check_body(kind, body)
+    problem = check_body("chat" if kind == "response" else kind, body)
     if problem:
         return LineError(raw.index, raw.line, cid, problem[1], problem[0])
     return Request(raw.index, raw.line, cid, kind, body)

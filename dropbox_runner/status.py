@@ -67,6 +67,7 @@ def model_row(
         "usage": {
             "prompt_tokens": m.get("prompt_tokens", 0),
             "completion_tokens": m.get("completion_tokens", 0),
+            "cached_tokens": m.get("cached_tokens", 0),
         },
         "load_seconds": task.get("load_seconds"),
         "error": task.get("error"),

@@ -111,3 +111,29 @@ def test_one_writer_at_a_time_and_the_kernel_drops_a_dead_writers_lock(tmp_path:
         holder.kill()
         holder.wait(timeout=10)
     ResultLog(p, 10, blocking_lock=False).close()
+
+
+def test_records_of_the_first_round_without_a_cached_count_still_read() -> None:
+    import zlib
+
+    from dropbox_runner.results.log import decode_record, encode_record
+
+    payload = b'{"custom_id": "a b"}'
+    old = b"12 o 3 4 %08x %s\n" % (zlib.crc32(payload), payload)
+    rec = decode_record(old, 0)
+    assert rec is not None and (rec.index, rec.ok, rec.prompt_tokens, rec.completion_tokens) == (
+        12,
+        True,
+        3,
+        4,
+    )
+    assert rec.cached_tokens == 0 and rec.payload == payload
+    new = decode_record(encode_record(123456, False, 5, 6, payload, 2), 0)
+    assert (new.index, new.ok, new.prompt_tokens, new.completion_tokens, new.cached_tokens) == (
+        123456,
+        False,
+        5,
+        6,
+        2,
+    )
+    assert decode_record(old.replace(b" 3 ", b" 9 ", 1)[:-1] + b"x\n", 0) is None

@@ -28,7 +28,7 @@ from dropbox_runner.layout import Layout
 
 API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
 KEY_COOKIE = "dropbox_runner_key"  # set by opening /?key=<key>, so the page's own requests carry it
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 PAGE = Path(__file__).with_name("page.html")
 STATUS_MAP = {"queued": "validating"}  # our other statuses are OpenAI's own
 

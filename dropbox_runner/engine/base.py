@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dropbox_runner.lines import Request
+from dropbox_runner.openai_responses import response_body
 
 
 @dataclass(slots=True)
@@ -21,6 +22,7 @@ class Finished:
     error: dict[str, Any] | None = None  # {"message", "param", "type", "code"}
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class RequestRejected(Exception):
@@ -47,26 +49,23 @@ class Engine(Protocol):
     def abort_all(self) -> None: ...
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
-def chat_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
-    return _generation_body("chat", rid, model, choices, pt, ct)
-
-
-def completion_body(rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int) -> dict[str, Any]:
-    return _generation_body("completion", rid, model, choices, pt, ct)
-
-
-def _generation_body(
-    kind: str, rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int
+def generation_body(
+    kind: str, rid: str, model: str, choices: list[dict[str, Any]], pt: int, ct: int, cached: int = 0
 ) -> dict[str, Any]:
-    """A chat.completion or a text_completion body (choices: index, text, finish_reason, logprobs)."""
+    """The body answering a chat, completion or responses request (choices: index, text,
+    finish_reason, logprobs); a responses request has one choice."""
+    if kind == "response":
+        c = choices[0]
+        return response_body(rid, model, c["text"], c["finish_reason"], pt, ct, cached)
     chat = kind == "chat"
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
@@ -82,7 +81,7 @@ def _generation_body(
             }
             for c in choices
         ],
-        "usage": usage(pt, ct),
+        "usage": usage(pt, ct, cached),
     }
 
 

@@ -17,9 +17,8 @@ import orjson
 
 from dropbox_runner.engine.base import (
     Finished,
-    chat_body,
-    completion_body,
     embedding_body,
+    generation_body,
     message_text,
     requested_max_tokens,
 )
@@ -82,7 +81,7 @@ class EchoEngine:
             pt = sum(len(t.split()) for t in inputs)
             out = embedding_body(self.model_name, [echo_embedding(t) for t in inputs], pt)
             return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt)
-        if req.kind == "chat":
+        if req.kind in ("chat", "response"):
             messages = body["messages"]
             text = next(
                 (message_text(m.get("content")) for m in reversed(messages) if m["role"] == "user"), ""
@@ -96,8 +95,7 @@ class EchoEngine:
         reply, ct, finish = echo_reply(text, body)
         n = body.get("n") or 1
         choices = [{"index": i, "text": reply, "finish_reason": finish} for i in range(n)]
-        make = chat_body if req.kind == "chat" else completion_body
-        out = make(f"{req.index}", self.model_name, choices, pt, ct * n)
+        out = generation_body(req.kind, f"{req.index}", self.model_name, choices, pt, ct * n)
         return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt, completion_tokens=ct * n)
 
     def _maybe_crash(self, text: str) -> None:

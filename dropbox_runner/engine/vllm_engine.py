@@ -14,9 +14,8 @@ from typing import Any
 from dropbox_runner.engine.base import (
     Finished,
     RequestRejected,
-    chat_body,
-    completion_body,
     embedding_body,
+    generation_body,
     requested_max_tokens,
 )
 from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
@@ -104,7 +103,7 @@ class VllmEngine:
 
     def _prompt_ids(self, req: Request) -> list[list[int]]:
         body = req.body
-        if req.kind == "chat":
+        if req.kind in ("chat", "response"):
             kwargs = dict(body.get("chat_template_kwargs") or {})
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -205,8 +204,11 @@ class VllmEngine:
                 )
             choices.append(choice)
         rid = f"{os.getpid():x}{time.monotonic_ns():x}"
-        make = chat_body if req.kind == "chat" else completion_body
-        body = make(rid, self.model_name, choices, p.prompt_tokens, completion_tokens)
+        n = req.body.get("n") or 1  # the n choices of a prompt share it: count its cache hits once
+        cached = sum(o.num_cached_tokens or 0 for o in outs[::n])
+        body = generation_body(
+            req.kind, rid, self.model_name, choices, p.prompt_tokens, completion_tokens, cached
+        )
         return Finished(
             req.index,
             req.custom_id,
@@ -214,6 +216,7 @@ class VllmEngine:
             body,
             prompt_tokens=p.prompt_tokens,
             completion_tokens=completion_tokens,
+            cached_tokens=cached,
         )
 
     def _token(self, token_id: int, lp: Any) -> str:
@@ -272,4 +275,4 @@ class VllmEngine:
         self._pending.clear()
 
 
-PAYLOAD_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+PAYLOAD_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input", "response": "input"}

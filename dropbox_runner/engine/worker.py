@@ -258,7 +258,9 @@ class TaskRun:
         ids = self._ids(fin.index)
         if fin.status_code == 200:
             payload = success_line(fin.custom_id, fin.body, ids)
-            self.log.append(fin.index, True, fin.prompt_tokens, fin.completion_tokens, payload)
+            self.log.append(
+                fin.index, True, fin.prompt_tokens, fin.completion_tokens, payload, fin.cached_tokens
+            )
         else:
             err = fin.error or {}
             payload = error_line(

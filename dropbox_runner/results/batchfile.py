@@ -26,7 +26,12 @@ def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[
         "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
         "output_file": f"{task.model}.jsonl",
         "error_file": f"{task.model}.errors.jsonl",
-        "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        "usage": {
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
+        },
         "tokens_per_second": row["tokens_per_second"],
         "load_seconds": task.load_seconds,
         "started_at": _int(marker.started_at if marker else None),

@@ -1,7 +1,8 @@
 """The append-only result log of one (job, model) task, with group commit and a durable marker.
 
-Record: `<index> <o|e> <prompt_tokens> <completion_tokens> <crc32> <json>\n`; the marker holds the
-committed byte length, so everything before it is durable and everything after it is discarded.
+Record: `<index> <O|E> <prompt_tokens> <completion_tokens> <cached_tokens> <crc32> <json>\n` (logs
+of the first round have `o|e` and no cached count, and still read); the marker holds the committed
+byte length, so everything before it is durable and everything after it is discarded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Marker(BaseModel):
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     started_at: float | None = None
     updated_at: float | None = None
 
@@ -58,13 +60,17 @@ def read_fed_mark(log_path: Path) -> int:
     return struct.unpack("<q", data[:8])[0] if len(data) >= 8 else -1
 
 
-def encode_record(index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes) -> bytes:
+def encode_record(
+    index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes, cached_tokens: int = 0
+) -> bytes:
     crc = zlib.crc32(payload)
-    return b"%d %s %d %d %08x %s\n" % (
+    flag = b"O" if ok else b"E"
+    return b"%d %s %d %d %d %08x %s\n" % (
         index,
-        b"o" if ok else b"e",
+        flag,
         prompt_tokens,
         completion_tokens,
+        cached_tokens,
         crc,
         payload,
     )
@@ -79,23 +85,28 @@ class Record:
     payload: bytes
     offset: int
     end: int
+    cached_tokens: int = 0
 
 
 def decode_record(line: bytes, offset: int) -> Record | None:
     """The record of one full line, or None if it is torn or corrupt."""
     if not line.endswith(b"\n"):
         return None
-    parts = line[:-1].split(b" ", 5)
-    if len(parts) != 6:
+    space = line.find(b" ")
+    new = line[space + 1 : space + 2] in (b"O", b"E")
+    parts = line[:-1].split(b" ", 6 if new else 5)
+    if len(parts) != (7 if new else 6):
         return None
     try:
-        index, flag, pt, ct, crc = int(parts[0]), parts[1], int(parts[2]), int(parts[3]), int(parts[4], 16)
+        index, flag, pt, ct = int(parts[0]), parts[1], int(parts[2]), int(parts[3])
+        cached = int(parts[4]) if new else 0
+        crc = int(parts[-2], 16)
     except ValueError:
         return None
-    payload = parts[5]
-    if flag not in (b"o", b"e") or zlib.crc32(payload) != crc:
+    payload = parts[-1]
+    if flag not in (b"O", b"E", b"o", b"e") or zlib.crc32(payload) != crc:
         return None
-    return Record(index, flag == b"o", pt, ct, payload, offset, offset + len(line))
+    return Record(index, flag in (b"O", b"o"), pt, ct, payload, offset, offset + len(line), cached)
 
 
 def iter_records(path: Path, limit: int | None = None) -> Iterator[Record | None]:
@@ -138,7 +149,7 @@ class ResultLog:
         self.done = bytearray(total)
         self.marker = Marker()
         self._pending: list[bytes] = []
-        self._pending_stats = [0, 0, 0, 0]  # count, failed, prompt, completion
+        self._pending_stats = [0, 0, 0, 0, 0]  # count, failed, prompt, completion, cached
         self._io_lock = threading.Lock()
         self.closed = False
         # The highest line fed to the engine, in a shared page: one memory store per request, no
@@ -181,6 +192,7 @@ class ResultLog:
             m.failed += 0 if r.ok else 1
             m.prompt_tokens += r.prompt_tokens
             m.completion_tokens += r.completion_tokens
+            m.cached_tokens += r.cached_tokens
             end = r.end
         rec.dropped_bytes = size - end
         rec.kept = m.count
@@ -194,10 +206,16 @@ class ResultLog:
 
     # -- writing --------------------------------------------------------------------------------
     def append(
-        self, index: int, ok: bool, prompt_tokens: int, completion_tokens: int, payload: bytes
+        self,
+        index: int,
+        ok: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        payload: bytes,
+        cached: int = 0,
     ) -> None:
         """Buffer one result; it becomes durable at the next commit."""
-        data = encode_record(index, ok, prompt_tokens, completion_tokens, payload)
+        data = encode_record(index, ok, prompt_tokens, completion_tokens, payload, cached)
         with self._io_lock:
             self._pending.append(data)
             s = self._pending_stats
@@ -205,6 +223,7 @@ class ResultLog:
             s[1] += 0 if ok else 1
             s[2] += prompt_tokens
             s[3] += completion_tokens
+            s[4] += cached
         self.done[index] = 1
 
     def commit(self) -> bool:
@@ -213,7 +232,7 @@ class ResultLog:
             if self.closed:
                 return False
             pending, self._pending = self._pending, []
-            stats, self._pending_stats = self._pending_stats, [0, 0, 0, 0]
+            stats, self._pending_stats = self._pending_stats, [0, 0, 0, 0, 0]
             if not pending:
                 return False
             data = b"".join(pending)
@@ -228,6 +247,7 @@ class ResultLog:
             m.failed += stats[1]
             m.prompt_tokens += stats[2]
             m.completion_tokens += stats[3]
+            m.cached_tokens += stats[4]
             m.updated_at = time.time()
             if m.started_at is None:
                 m.started_at = m.updated_at
@@ -285,13 +305,18 @@ def rewrite_without_failures(path: Path, total: int) -> int:
         # and recovery keeps the log's intact records.
         with staged(path) as f:
             for r in kept:
-                size += f.write(encode_record(r.index, True, r.prompt_tokens, r.completion_tokens, r.payload))
+                size += f.write(
+                    encode_record(
+                        r.index, True, r.prompt_tokens, r.completion_tokens, r.payload, r.cached_tokens
+                    )
+                )
         m = Marker(
             bytes=size,
             count=len(kept),
             started_at=log.marker.started_at,
             prompt_tokens=sum(r.prompt_tokens for r in kept),
             completion_tokens=sum(r.completion_tokens for r in kept),
+            cached_tokens=sum(r.cached_tokens for r in kept),
         )
         write_atomic(marker_path(path), m.model_dump_json().encode())
         return dropped
