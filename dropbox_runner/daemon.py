@@ -27,6 +27,7 @@ from dropbox_runner.intake.watcher import Watcher, should_poll
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout, acquire_root
+from dropbox_runner.lifecycle import Status
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -65,7 +66,7 @@ class Daemon:
         self.stopping = False
         self.signals = 0
         self.last_scan = float("-inf")
-        self.last_snapshot = 0.0
+        self.last_snapshot = self.last_expiry_check = 0.0
         self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
@@ -169,6 +170,7 @@ class Daemon:
             self._recover()
         self._intake()
         self._controls()
+        self._expire()
         execution = self.execution
         if execution.task is None and not self._start_next():
             if self.once and self._idle():
@@ -246,6 +248,15 @@ class Daemon:
     def _retry(self, spec) -> None:
         models = self.jobs.retried(spec)
         log.info("retry %s: %s", spec.id, ", ".join(models) or "nothing failed")
+
+    def _expire(self) -> None:
+        """End jobs whose completion window ran out (checked about once a second)."""
+        now = time.time()
+        if now - self.last_expiry_check < 1.0:
+            return
+        self.last_expiry_check = now
+        for spec in self.jobs.due_to_expire(now):
+            self._guarded(spec.id, self.execution.cancel, spec, Status.EXPIRED)
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(

@@ -38,6 +38,7 @@ class Execution:
         self.task: TaskRecord | None = None
         self.spec: JobSpec | None = None
         self.sent = False  # the task was handed to the model process
+        self.cancel_outcome = Status.CANCELLED  # or EXPIRED, when its completion window ran out
         self.memory_retry: dict[str, float] = {}
         self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
         self.swaps: deque[dict[str, Any]] = deque(maxlen=20)
@@ -56,7 +57,10 @@ class Execution:
         if task.status.final:
             self.journal.dequeue(task)
             return
-        self.task, self.spec, self.sent = task, spec, False
+        if spec.expires_at is not None and time.time() >= spec.expires_at:
+            self.jobs.cancelled(spec, None, Status.EXPIRED)  # a queued job that expired never loads
+            return
+        self.task, self.spec, self.sent, self.cancel_outcome = task, spec, False, Status.CANCELLED
         self.jobs.started(spec, task)
         marker = read_marker(self.journal.log_path(spec.id, task.model))
         if marker is not None and marker.count >= spec.total:
@@ -164,7 +168,7 @@ class Execution:
         elif isinstance(ev, p.Progress):
             self._progress(ev)
         elif isinstance(ev, p.TaskDone):
-            outcome = {"completed": Status.COMPLETED, "cancelled": Status.CANCELLED}.get(ev.outcome)
+            outcome = {"completed": Status.COMPLETED, "cancelled": self.cancel_outcome}.get(ev.outcome)
             if outcome is None:
                 self.requeue("the daemon is stopping")
             else:
@@ -207,14 +211,19 @@ class Execution:
             if self.proc is not None:
                 self.end_model(f"job {job_id} failed")
 
-    def cancel(self, spec: JobSpec) -> None:
+    def cancel(self, spec: JobSpec, outcome: Status = Status.CANCELLED) -> None:
+        """Cancel a job (or expire it): queued tasks end now, the running one at its next step."""
         running = self.task if self.task is not None and self.task.job_id == spec.id else None
-        models = self.jobs.cancelled(spec, running)
-        log.info("cancel %s: %s", spec.id, ", ".join(models) or "no queued task")
+        if running is not None and self.cancel_outcome == Status.EXPIRED:
+            return  # already expiring
+        models = self.jobs.cancelled(spec, running, outcome)
+        verb = "cancel" if outcome == Status.CANCELLED else "expire"
+        log.info("%s %s: %s", verb, spec.id, ", ".join(models) or "no queued task")
         if running is not None and self.proc is not None and self.sent:
+            self.cancel_outcome = outcome
             self.proc.send(p.Cancel())
         elif running is not None:
-            self.finish(Status.CANCELLED)
+            self.finish(outcome)
 
     def stop(self) -> None:
         """Warm stop: the running task commits and goes back in line; the model process ends."""

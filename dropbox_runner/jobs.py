@@ -116,16 +116,29 @@ class Jobs:
         self.journal.archive(spec.id)
         log.info("job %s (%s) is %s: outbox/%s/", spec.id, spec.name, status.value, spec.outbox)
 
-    def cancelled(self, spec: JobSpec, running: TaskRecord | None = None) -> list[str]:
-        """Cancel every queued task of a job; returns their models. The running one is the caller's."""
-        cancelled = []
+    def cancelled(
+        self, spec: JobSpec, running: TaskRecord | None = None, outcome: Status = Status.CANCELLED
+    ) -> list[str]:
+        """Cancel (or expire) every queued task of a job; returns their models. The running one is the
+        caller's."""
+        ended = []
         for task in self.journal.tasks(spec):
             if task.status == Status.QUEUED and not (running and running.model == task.model):
-                self._finalize(spec, task, Status.CANCELLED, None)
-                cancelled.append(task.model)
-        if cancelled:
+                self._finalize(spec, task, outcome, None)
+                ended.append(task.model)
+        if ended:
             self._settle(spec)
-        return cancelled
+        return ended
+
+    def due_to_expire(self, now: float) -> list[JobSpec]:
+        """Unfinished jobs whose completion window has run out."""
+        due = []
+        for job_id in catalog.active_ids(self.layout):
+            job = catalog.read_job(self.layout, job_id)
+            expires_at = job.spec.get("expires_at") if job else None
+            if expires_at is not None and now >= expires_at:
+                due.append(self.journal.spec(job_id))
+        return due
 
     def retried(self, spec: JobSpec) -> list[str]:
         """Re-queue the failed lines of a finished job's tasks; returns the models re-queued."""

@@ -43,6 +43,8 @@ class JobSpec(BaseModel):
     line_errors: list[dict[str, Any]] = Field(default_factory=list)  # first bad lines, for batch.json
     dedupe_of: str | None = None
     fingerprints: dict[str, str] = Field(default_factory=dict)  # each model's entry, for dedupe
+    completion_window: str | None = None  # as given; the job expires at expires_at
+    expires_at: float | None = None
 
 
 class TaskRecord(BaseModel):

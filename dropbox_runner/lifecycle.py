@@ -15,24 +15,26 @@ class Status(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     @property
     def final(self) -> bool:
         return self in FINAL
 
 
-FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 
 _ALLOWED: dict[Status, frozenset[Status]] = {
     # queued -> finalizing: cancelled, or failed because its model cannot run, before it started
     Status.QUEUED: frozenset({Status.IN_PROGRESS, Status.FINALIZING}),
     # in_progress -> queued: the model process died or the daemon stopped mid-task
     Status.IN_PROGRESS: frozenset({Status.QUEUED, Status.FINALIZING}),
-    Status.FINALIZING: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED}),
+    Status.FINALIZING: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.EXPIRED}),
     # retry re-opens a finished task
     Status.COMPLETED: frozenset({Status.QUEUED}),
     Status.FAILED: frozenset({Status.QUEUED}),
     Status.CANCELLED: frozenset({Status.QUEUED}),
+    Status.EXPIRED: frozenset({Status.QUEUED}),
 }
 
 
@@ -56,6 +58,8 @@ def job_status(task_statuses: list[Status]) -> Status:
         return Status.IN_PROGRESS if any(s.final for s in task_statuses) else Status.QUEUED
     if any(s == Status.FINALIZING for s in task_statuses):
         return Status.FINALIZING
+    if any(s == Status.EXPIRED for s in task_statuses):
+        return Status.EXPIRED
     if any(s == Status.CANCELLED for s in task_statuses):
         return Status.CANCELLED
     if all(s == Status.FAILED for s in task_statuses):

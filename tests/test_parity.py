@@ -67,3 +67,42 @@ def test_cached_tokens_are_in_every_body_and_summed_in_batch_json(root: Path) ->
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     json.dumps(usage)
+
+
+def test_a_job_past_its_completion_window_ends_expired_keeping_finished_lines(root: Path) -> None:
+    (root / "inbox/paced/late.manifest.json").write_text('{"completion_window": "2s"}')
+    write_jsonl(root / "inbox/paced/late.jsonl", [chat_line(i) for i in range(20000)])
+    proc = run_once(root, timeout=60)
+    batch = batch_json(root, "late")
+    assert batch["status"] == "expired" and batch["expired_at"] and batch["completion_window"] == "2s"
+    assert (
+        batch["expires_at"] == int(batch["created_at"] + 2) or batch["expires_at"] == batch["created_at"] + 2
+    )
+    out = read_jsonl(root / "outbox/late/paced.jsonl")
+    assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(20000)]
+    done = [x for x in out if x["response"] is not None]
+    expired = [x for x in out if x["response"] is None]
+    assert done and expired and all(x["error"]["code"] == "batch_expired" for x in expired)
+    assert batch["request_counts"] == {"total": 20000, "completed": len(done), "failed": len(expired)}
+    assert "expire " in proc.stderr
+
+
+def test_a_queued_job_that_expires_never_loads_its_model(root: Path) -> None:
+    (root / "inbox/paced/first.manifest.json").write_text('{"priority": 5}')
+    write_jsonl(root / "inbox/paced/first.jsonl", [chat_line(i) for i in range(6000)])
+    (root / "inbox/echo2/waits.manifest.json").write_text('{"completion_window": 1}')
+    write_jsonl(root / "inbox/echo2/waits.jsonl", [chat_line(i) for i in range(5)])
+    proc = run_once(root, timeout=60)
+    assert batch_json(root, "first")["status"] == "completed"
+    batch = batch_json(root, "waits")
+    assert batch["status"] == "expired" and batch["request_counts"]["failed"] == 5
+    assert "loading echo2" not in proc.stderr
+    assert all(x["error"]["code"] == "batch_expired" for x in read_jsonl(root / "outbox/waits/echo2.jsonl"))
+
+
+def test_a_bad_completion_window_rejects_the_drop(root: Path) -> None:
+    (root / "inbox/echo/w.manifest.json").write_text('{"completion_window": "soon"}')
+    write_jsonl(root / "inbox/echo/w.jsonl", [chat_line(0)])
+    run_once(root)
+    batch = batch_json(root, "w")
+    assert batch["status"] == "failed" and "completion_window" in batch["errors"]["data"][0]["message"]

@@ -23,6 +23,7 @@ from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.fieldrules import quote
 from dropbox_runner.fsutil import read_json_or_none
+from dropbox_runner.intake.manifest import window_seconds
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
 
@@ -182,7 +183,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             status, counts = m["status"], m["request_counts"]
         else:
             status, counts = "queued", {"total": 0, "completed": 0, "failed": 0}
-        if record.get("cancel_requested") and status not in ("completed", "failed", "cancelled"):
+        if record.get("cancel_requested") and status not in ("completed", "failed", "cancelled", "expired"):
             status = "cancelling"
         done_at = (m or {}).get("completed_at") or (b or {}).get("failed_at")
         folder = (b or {}).get("output_folder")
@@ -201,8 +202,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             "failed_at": done_at if status == "failed" else None,
             "cancelled_at": done_at if status == "cancelled" else None,
             "finalizing_at": None,
-            "expires_at": None,
-            "expired_at": None,
+            "expires_at": (b or {}).get("expires_at"),
+            "expired_at": (b or {}).get("expired_at") if status == "expired" else None,
             "cancelling_at": None,
             "output_file_id": f"file-out-{record['id']}" if has(".jsonl") else None,
             "error_file_id": f"file-err-{record['id']}" if has(".errors.jsonl") else None,
@@ -237,8 +238,11 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         endpoint = body.get("endpoint")
         if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise ApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
-        if body.get("completion_window", "24h") != "24h":
-            raise ApiError(400, "completion_window must be '24h'", param="completion_window")
+        window = body.get("completion_window", "24h")
+        if window_seconds(window) is None:
+            raise ApiError(
+                400, 'completion_window must be "24h", "30m", "90s" or seconds', param="completion_window"
+            )
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ApiError(400, "metadata must be an object of strings", param="metadata")
@@ -273,7 +277,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
                 "outbox": stem,
                 "input_file_id": meta["id"],
                 "endpoint": endpoint,
-                "completion_window": "24h",
+                "completion_window": str(window),
                 "created_at": now,
                 "metadata": {**metadata, **links},
             }
@@ -288,6 +292,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             one_model_folder=False,
             stem=stem,
             metadata={**metadata, "api_batches": ",".join(ids)},
+            completion_window=str(window),
         )
         return api_batch(records[0])
 

@@ -24,7 +24,7 @@ from dropbox_runner.fsutil import (
     read_json_or_none,
     write_json,
 )
-from dropbox_runner.intake.manifest import Manifest, read_manifest
+from dropbox_runner.intake.manifest import Manifest, read_manifest, window_seconds
 from dropbox_runner.intake.scanner import Drop
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import JobSpec, new_job_id
@@ -217,6 +217,9 @@ class Claimer:
     def _apply_manifest(self, spec: JobSpec, m: Manifest, folder: str | None, reasons: list[str]) -> None:
         spec.models = list(m.models) or ([folder] if folder else [])
         spec.priority, spec.defaults, spec.metadata = m.priority, m.defaults, m.metadata
+        if m.completion_window is not None:
+            spec.completion_window = str(m.completion_window)
+            spec.expires_at = spec.created_at + window_seconds(m.completion_window)
         if not spec.models:
             reasons.append('the manifest names no model; give "models": ["<model>", ...]')
         if len(set(spec.models)) != len(spec.models):

@@ -27,6 +27,7 @@ class Manifest(BaseModel):
     priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
     defaults: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    completion_window: str | int | float | None = None
 
 
 def read_manifest(path: Path) -> Manifest | str:
@@ -54,6 +55,11 @@ def parse_manifest(text: bytes, name: str, kind: str) -> Manifest | str:
         key = ".".join(str(p) for p in err["loc"])[:100]
         what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"][:160]
         return f"manifest {name}: {key}: {what}"
+    if manifest.completion_window is not None and window_seconds(manifest.completion_window) is None:
+        return (
+            f"manifest {name}: completion_window: {quote(manifest.completion_window)} is not a duration; "
+            'give "24h", "30m", "90s" or a number of seconds'
+        )
     problem = check_defaults(manifest.defaults)
     if problem:
         return f"manifest {name}: defaults: {problem}"
@@ -67,3 +73,20 @@ def parse_manifest(text: bytes, name: str, kind: str) -> Manifest | str:
     if long_model is not None:
         return f"manifest {name}: models: no model is named {quote(long_model)}"
     return manifest
+
+
+def window_seconds(window: Any) -> float | None:
+    """Seconds of a completion window: "24h", "30m", "90s", "2d" or a positive number; None if neither."""
+    if isinstance(window, bool):
+        return None
+    if isinstance(window, int | float):
+        return float(window) if 0 < window < 10**9 else None
+    if not isinstance(window, str) or len(window) > 20:
+        return None
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(window[-1:])
+    number = window[:-1] if unit else window
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        return None
+    return value if 0 < value < 10**9 else None

@@ -28,13 +28,16 @@ def submit_file(
     stem: str,
     priority: int | None = None,
     metadata: dict[str, Any] | None = None,
+    completion_window: str | None = None,
 ) -> Path:
     """Drop `src` for `models`; returns the path it has in the inbox."""
     folder = layout.inbox / models[0] if one_model_folder else layout.inbox
     folder.mkdir(parents=True, exist_ok=True)
     stem = free_stem(folder, stem.lstrip(".") or "batch")
-    if not one_model_folder or priority is not None or metadata:
+    if not one_model_folder or priority is not None or metadata or completion_window:
         manifest: dict[str, Any] = {"priority": priority or 0}
+        if completion_window:
+            manifest["completion_window"] = completion_window
         if not one_model_folder:
             manifest["models"] = models
         if metadata:

@@ -22,6 +22,7 @@ from dropbox_runner.results.records import failure_line, request_ids
 MISSING_REASON = {
     Status.CANCELLED: ("batch_cancelled", "the batch was cancelled before this request ran"),
     Status.FAILED: ("engine_failed", "the model could not run this request"),
+    Status.EXPIRED: ("batch_expired", "the batch expired (completion_window) before this request ran"),
 }
 
 
