@@ -99,3 +99,11 @@ def quarantined(layout: Layout) -> list[dict[str, Any]]:
             reason = "(no reason.txt)"
         out.append({"id": job_id, "folder": f"state/quarantine/{job_id}/", "reason": reason})
     return out
+
+
+def undelivered_events(layout: Layout) -> int:
+    """Webhook events journaled and not yet delivered to every URL."""
+    try:
+        return len([n for n in os.listdir(layout.state / "webhooks") if n.startswith("evt_")])
+    except FileNotFoundError:
+        return 0

@@ -193,7 +193,7 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
             return (
                 orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(job)
             )
-        doc = st.collect(layout, show_all=show_all)
+        doc = st.collect(layout, show_all=show_all, with_history=as_json)
         return (
             orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
             if as_json

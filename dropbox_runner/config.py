@@ -44,6 +44,37 @@ class Task(StrEnum):
     EMBED = "embed"
 
 
+class Webhook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://")
+    secret: str  # Standard Webhooks: "whsec_" and base64
+    events: list[str] = Field(
+        default_factory=lambda: ["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _base64(cls, v: str) -> str:
+        import base64
+        import binascii
+
+        try:
+            base64.b64decode(v.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError('must be "whsec_" followed by base64') from None
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+        unknown = [e for e in v if e not in known]
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0][:40]!r}; known: {', '.join(known)}")
+        return v
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +92,9 @@ class Settings(BaseModel):
     stall_timeout_seconds: float = Field(300.0, gt=0)  # no commit while requests are in flight
     load_timeout_seconds: float = Field(1800.0, gt=0)
     request_timeout_seconds: float | None = Field(None, gt=0)
+    keep_finished_days: float | None = Field(None, gt=0)
+    webhooks: list[Webhook] = Field(default_factory=list)
+    webhook_retry_hours: float = Field(24.0, gt=0)
     api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)
     max_upload_bytes: int = Field(1024**3, gt=0)
 

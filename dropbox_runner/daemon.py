@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from dropbox_runner import scheduler, status
+from dropbox_runner import scheduler, status, webhooks
 from dropbox_runner.config import Registry, is_embedded_path, model_problem
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.execution import Execution
 from dropbox_runner.fsutil import read_json_or_none, write_json
+from dropbox_runner.history import History
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import Watcher, should_poll
@@ -33,6 +34,7 @@ log = logging.getLogger("dropbox_runner.daemon")
 
 IO_RETRY_SECONDS = 5.0
 FAST_SCAN_SECONDS = 0.25  # while a candidate settles or waits for its manifest
+PRUNE_SECONDS = 60.0
 
 
 def setup_logging(layout: Layout, level: int = logging.INFO) -> None:
@@ -61,12 +63,14 @@ class Daemon:
         self.jobs = Jobs(self.journal)
         self.claimer = Claimer(self.jobs, registry)
         self.scanner = Scanner(layout.inbox, self.settings, list(registry.models))
-        self.execution = Execution(self.jobs, registry)
+        self.history = History(layout)
+        self.sender = webhooks.Sender(layout, self.settings.webhooks, self.settings.webhook_retry_hours)
+        self.execution = Execution(self.jobs, registry, self.history)
         self.watcher: Watcher | None = None
         self.stopping = False
         self.signals = 0
         self.last_scan = float("-inf")
-        self.last_snapshot = self.last_expiry_check = 0.0
+        self.last_snapshot = self.last_expiry_check = self.last_prune = 0.0
         self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
@@ -84,6 +88,7 @@ class Daemon:
             poll = should_poll(self.settings.poll, self.layout.inbox)
             self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
             self.watcher.start()
+            self.sender.start()
             self._loop()
             return 0
         finally:
@@ -139,8 +144,10 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.execution.stop()
+        self.history.tick(force=True)
         if self.watcher:
             self.watcher.stop()
+        self.sender.stop()
         self._snapshot(force=True, stopped=True)
         log.info("stopped")
 
@@ -171,6 +178,7 @@ class Daemon:
         self._intake()
         self._controls()
         self._expire()
+        self._prune()
         execution = self.execution
         if execution.task is None and not self._start_next():
             if self.once and self._idle():
@@ -184,6 +192,7 @@ class Daemon:
         if execution.pause_reason:
             self._pause(execution.pause_reason)
             execution.pause_reason = None
+        self.history.tick()
         self._snapshot()
         return True
 
@@ -257,6 +266,15 @@ class Daemon:
         self.last_expiry_check = now
         for spec in self.jobs.due_to_expire(now):
             self._guarded(spec.id, self.execution.cancel, spec, Status.EXPIRED)
+
+    def _prune(self) -> None:
+        """keep_finished_days: finished jobs older than that leave the archive and the outbox."""
+        keep = self.settings.keep_finished_days
+        now = time.time()
+        if keep is None or now - self.last_prune < PRUNE_SECONDS:
+            return
+        self.last_prune = now
+        self.jobs.pruned(keep, now)
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(

@@ -52,3 +52,11 @@ def reuse(journal: Journal, spec: JobSpec) -> bool:
 def remember(journal: Journal, spec: JobSpec) -> None:
     """Index a completed job for dedupe."""
     write_json(journal.layout.dedupe / f"{dedupe_key(spec)}.json", {"job_id": spec.id})
+
+
+def forget(journal: Journal, spec: JobSpec) -> None:
+    """Drop the index entry of a job that is removed, if it points to it."""
+    path = journal.layout.dedupe / f"{dedupe_key(spec)}.json"
+    entry = read_json_or_none(path)
+    if isinstance(entry, dict) and entry.get("job_id") == spec.id:
+        path.unlink(missing_ok=True)

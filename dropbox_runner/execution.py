@@ -15,6 +15,7 @@ from typing import Any
 from dropbox_runner import crashes
 from dropbox_runner import protocol as p
 from dropbox_runner.config import EngineKind, Registry, model_problem, resolve_model_path
+from dropbox_runner.history import History
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import JobSpec, TaskRecord
 from dropbox_runner.lifecycle import Status
@@ -31,8 +32,8 @@ LOAD_ATTEMPTS = 3  # a model process killed while loading is started again, this
 
 
 class Execution:
-    def __init__(self, jobs: Jobs, registry: Registry) -> None:
-        self.jobs, self.journal, self.layout = jobs, jobs.journal, jobs.layout
+    def __init__(self, jobs: Jobs, registry: Registry, history: History) -> None:
+        self.jobs, self.journal, self.layout, self.history = jobs, jobs.journal, jobs.layout, history
         self.registry, self.settings = registry, registry.settings
         self.proc: ModelProcess | None = None
         self.task: TaskRecord | None = None
@@ -45,6 +46,7 @@ class Execution:
         self.pause_reason: str | None = None  # set when the disk failed: the daemon pauses
         self._io_error: str | None = None
         self._last_batch_json = self._last_progress_log = 0.0
+        self._counted = (0, 0)  # requests and completion tokens of the running task already in history
 
     @property
     def loaded_model(self) -> str | None:
@@ -63,6 +65,7 @@ class Execution:
         self.task, self.spec, self.sent, self.cancel_outcome = task, spec, False, Status.CANCELLED
         self.jobs.started(spec, task)
         marker = read_marker(self.journal.log_path(spec.id, task.model))
+        self._counted = (marker.count, marker.completion_tokens) if marker else (0, 0)
         if marker is not None and marker.count >= spec.total:
             log.info("%s/%s: every line already has a result; publishing", spec.id, task.model)
             self.finish(Status.COMPLETED)
@@ -94,9 +97,11 @@ class Execution:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        started = time.time()
         seconds = proc.end(self.settings.stop_timeout_seconds)
         log.info("swap: ended %s (pid %d) in %.2fs because %s", proc.name, proc.pid, seconds, why)
         self.swaps.append({"model": proc.name, "unload_seconds": round(seconds, 3), "at": time.time()})
+        self.history.swapped(proc.name, started, seconds)
 
     def _send_run(self) -> None:
         task, spec, proc = self.task, self.spec, self.proc
@@ -150,6 +155,7 @@ class Execution:
         task = self.task
         if isinstance(ev, p.Loaded):
             log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev.load_seconds, ev.capacity)
+            self.history.loaded(self.proc.name, time.time() - ev.load_seconds, ev.load_seconds)
             if task is not None and not stopping:
                 self._send_run()
         elif isinstance(ev, p.LoadFailed):
@@ -175,6 +181,9 @@ class Execution:
                 self.finish(outcome)
 
     def _progress(self, ev: p.Progress) -> None:
+        requests, tokens = self._counted
+        self.history.done(self.task.model, max(0, ev.count - requests), max(0, ev.completion_tokens - tokens))
+        self._counted = (ev.count, ev.completion_tokens)
         now = time.monotonic()
         if now - self._last_batch_json >= BATCH_JSON_SECONDS:
             self._last_batch_json = now

@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 
-from dropbox_runner import catalog, dedupe
+from dropbox_runner import catalog, dedupe, webhooks
 from dropbox_runner.fsutil import fsync_dir, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
@@ -31,9 +31,9 @@ class Jobs:
         self.journal = journal
         self.layout = journal.layout
 
-    def _record(self, spec: JobSpec, tasks: list[TaskRecord]) -> None:
+    def _record(self, spec: JobSpec, tasks: list[TaskRecord]) -> dict:
         """batch.json, from the records as saved: the only place it is written."""
-        write_batch_json(self.journal, spec, tasks)
+        return write_batch_json(self.journal, spec, tasks)
 
     # -- intake ------------------------------------------------------------------------------------
     def taken(self, spec: JobSpec) -> None:
@@ -43,8 +43,9 @@ class Jobs:
     def rejected(self, spec: JobSpec) -> None:
         """A whole file was refused: the reasons go to batch.json, the original to the archive."""
         self.journal.save_spec(spec)
-        self._record(spec, [])
+        document = self._record(spec, [])
         self.journal.archive(spec.id)
+        webhooks.announce(self.layout, document)
 
     # -- running -----------------------------------------------------------------------------------
     def started(self, spec: JobSpec, task: TaskRecord) -> None:
@@ -112,8 +113,9 @@ class Jobs:
         status = job_status([t.status for t in tasks])
         if status == Status.COMPLETED:
             dedupe.remember(self.journal, spec)
-        self._record(spec, tasks)  # the last write for the job
+        document = self._record(spec, tasks)  # the last write for the job
         self.journal.archive(spec.id)
+        webhooks.announce(self.layout, document)
         log.info("job %s (%s) is %s: outbox/%s/", spec.id, spec.name, status.value, spec.outbox)
 
     def cancelled(
@@ -208,6 +210,34 @@ class Jobs:
                 (self.layout.queue / key).unlink(missing_ok=True)
         fsync_dir(self.layout.quarantine)
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
+
+    def pruned(self, keep_days: float, now: float) -> list[str]:
+        """Remove finished jobs older than `keep_days` from state/archive/ and outbox/; returns them."""
+        removed = []
+        for job_id in catalog.job_ids(self.layout.archive):
+            job = catalog.read_job(self.layout, job_id)
+            if job is None or job.folder.parent != self.layout.archive:
+                continue
+            ends = [t.get("completed_at") for t in job.tasks]
+            finished_at = max((e for e in ends if e), default=None) if job.tasks else job.spec["created_at"]
+            if finished_at is None or now - finished_at < keep_days * 86400:
+                continue
+            spec = self.journal.spec(job_id)
+            dedupe.forget(self.journal, spec)
+            shutil.rmtree(job.folder, ignore_errors=True)
+            shutil.rmtree(self.layout.outbox / spec.outbox, ignore_errors=True)
+            log.info(
+                "removed %s (outbox/%s/), finished %.1f days ago (keep_finished_days %g)",
+                job_id,
+                spec.outbox,
+                (now - finished_at) / 86400,
+                keep_days,
+            )
+            removed.append(job_id)
+        if removed:
+            fsync_dir(self.layout.archive)
+            fsync_dir(self.layout.outbox)
+        return removed
 
     # -- recovery at start -------------------------------------------------------------------------
     def recover(self) -> None:

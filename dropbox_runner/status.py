@@ -14,6 +14,7 @@ from typing import Any
 
 from dropbox_runner import catalog
 from dropbox_runner.fsutil import read_json_or_none, write_json
+from dropbox_runner.history import read_history, recent_rates
 from dropbox_runner.layout import Layout
 from dropbox_runner.lifecycle import Status, job_status
 
@@ -97,19 +98,23 @@ def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any] | None:
     }
 
 
-def collect(layout: Layout, *, show_all: bool = False) -> dict[str, Any]:
+def collect(layout: Layout, *, show_all: bool = False, with_history: bool = True) -> dict[str, Any]:
     now = time.time()
     active = catalog.active_ids(layout)
     finished = catalog.job_ids(layout.archive)
     hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
     finished = finished if show_all else finished[:RECENT_FINISHED]
     views = (job_view(layout, j, now) for j in active + finished)
+    history = read_history(layout)
     return {
         "root": str(layout.root),
         "daemon": daemon_state(layout),
         "jobs": [v for v in views if v is not None],
         "hidden_finished": hidden,
         "quarantined": catalog.quarantined(layout),
+        "webhooks_undelivered": catalog.undelivered_events(layout),
+        "recent_tokens_per_second": recent_rates(history),
+        **({"history": {k: history[k] for k in ("points", "loads", "swaps")}} if with_history else {}),
         "queue_length": len([k for k in os.listdir(layout.queue) if not k.startswith(".")])
         if layout.queue.exists()
         else 0,
@@ -155,11 +160,14 @@ def daemon_line(state: dict[str, Any]) -> str:
     elif snap.get("loading_model"):
         parts.append(f"loading {snap['loading_model']}")
     parts.append(f"watching the inbox ({snap.get('watch_mode')})")
+    rates = state.get("recent_tokens_per_second") or {}
+    if snap.get("loaded_model") in rates:
+        parts.append(f"{rates[snap['loaded_model']]:.0f} tok/s over the last minute")
     return "; ".join(parts) + "."
 
 
 def render_table(doc: dict[str, Any], bars: bool = False) -> str:
-    lines = [daemon_line(doc["daemon"])]
+    lines = [daemon_line({**doc["daemon"], "recent_tokens_per_second": doc.get("recent_tokens_per_second")})]
     for name, problem in (doc["daemon"]["snapshot"].get("model_problems") or {}).items():
         lines.append(f"model {name} cannot run here: {problem}")
     if not doc["jobs"] and not doc.get("quarantined"):
@@ -184,6 +192,8 @@ def render_table(doc: dict[str, Any], bars: bool = False) -> str:
             lines.append(line)
     if doc["hidden_finished"]:
         lines.append(f"... {doc['hidden_finished']} older finished jobs (--all shows them)")
+    if doc.get("webhooks_undelivered"):
+        lines.append(f"{doc['webhooks_undelivered']} webhook events not yet delivered (state/webhooks/)")
     for q in doc.get("quarantined", []):
         lines.append(f"quarantined {q['folder']}: {q['reason'][:200]}")
     return "\n".join(lines)

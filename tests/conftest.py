@@ -114,7 +114,7 @@ def batch_json(root: Path, name: str) -> dict[str, Any] | None:
 
 def finished(root: Path, name: str) -> bool:
     b = batch_json(root, name)
-    return bool(b and b["status"] in ("completed", "failed", "cancelled"))
+    return bool(b and b["status"] in ("completed", "failed", "cancelled", "expired"))
 
 
 @pytest.fixture

@@ -106,3 +106,262 @@ def test_a_bad_completion_window_rejects_the_drop(root: Path) -> None:
     run_once(root)
     batch = batch_json(root, "w")
     assert batch["status"] == "failed" and "completion_window" in batch["errors"]["data"][0]["message"]
+
+
+def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
+    yaml = (
+        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  request_timeout_seconds: 1\n")
+    )
+    (root / "models.yaml").write_text(yaml + "  slowpoke: {engine: echo, engine_args: {slow_on: SLOW}}\n")
+    (root / "inbox/slowpoke").mkdir()
+    lines = [chat_line(i) for i in range(6)]
+    lines[2] = chat_line(2, text="SLOW request")
+    write_jsonl(root / "inbox/slowpoke/t.jsonl", lines)
+    run_once(root, timeout=60)
+    out = read_jsonl(root / "outbox/t/slowpoke.jsonl")
+    codes = [x["error"]["code"] if x["response"] is None else x["response"]["status_code"] for x in out]
+    assert codes == [200, 200, "request_timeout", 200, 200, 200]
+
+
+# -- webhooks -----------------------------------------------------------------------------------------
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that records what it gets; `up` decides whether it answers 2xx."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.got: list[tuple[dict, bytes]] = []
+        self.up = True
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.up:
+                    outer.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204 if outer.up else 503)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+SECRET = "whsec_" + __import__("base64").b64encode(b"a secret of thirty-two bytes!!!!").decode()
+
+
+def hooks_yaml(root: Path, url: str) -> None:
+    yaml = (root / "models.yaml").read_text()
+    (root / "models.yaml").write_text(
+        yaml.replace("settings:\n", f"settings:\n  webhooks: [{{url: '{url}', secret: '{SECRET}'}}]\n")
+    )
+
+
+def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path) -> None:
+    import signal
+
+    from standardwebhooks.webhooks import Webhook
+
+    from conftest import Daemon, finished, wait_for
+
+    receiver = Receiver()
+    hooks_yaml(root, receiver.url)
+    receiver.up = False  # down when the event happens
+    d = Daemon(root)
+    try:
+        write_jsonl(root / "inbox/echo/ok.jsonl", [chat_line(0)])
+        wait_for(lambda: finished(root, "ok"), what="ok")
+        wait_for(lambda: list((root / "state/webhooks").glob("evt_*.json")), what="the journaled event")
+        status = __import__("subprocess").run(
+            [__import__("sys").executable, "-m", "dropbox_runner", "status", "--root", str(root)],
+            capture_output=True,
+            text=True,
+        )
+        assert "1 webhook events not yet delivered" in status.stdout
+    finally:
+        d.kill(signal.SIGKILL)
+    assert receiver.got == []
+    receiver.up = True
+    d = Daemon(root)
+    try:
+        write_jsonl(root / "inbox/echo/bad.jsonl", ["not json"])  # rejected: batch.failed
+        (root / "inbox/paced/stop.manifest.json").write_text('{"completion_window": "1s"}')
+        write_jsonl(root / "inbox/paced/stop.jsonl", [chat_line(i) for i in range(20000)])  # batch.expired
+        write_jsonl(root / "inbox/paced/gone.jsonl", [chat_line(i) for i in range(5)])
+        wait_for(lambda: finished(root, "bad") and finished(root, "stop"), timeout=60, what="bad and stop")
+        wait_for(lambda: len(receiver.got) >= 3, timeout=30, what="three events")
+    finally:
+        d.kill(signal.SIGTERM)
+        receiver.close()
+    verifier = Webhook(SECRET)
+    events = [verifier.verify(body, headers) for headers, body in receiver.got]
+    types = {e["type"]: e for e in events}
+    assert {"batch.completed", "batch.failed", "batch.expired"} <= set(types)
+    assert [e["data"]["name"] for e in events].count("ok") == 1, "delivered once the receiver was up"
+    done = next(e for e in events if e["data"]["name"] == "ok")
+    assert done["object"] == "event" and done["id"].startswith("evt_")
+    assert done["data"]["name"] == "ok" and done["data"]["status"] == "completed"
+    assert done["data"]["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+    assert not list((root / "state/webhooks").glob("evt_*.json")), "delivered events leave the journal"
+
+
+def test_a_cancelled_job_announces_batch_cancelled(root: Path) -> None:
+    import subprocess
+    import sys
+
+    from standardwebhooks.webhooks import Webhook
+
+    from conftest import wait_for
+
+    receiver = Receiver()
+    hooks_yaml(root, receiver.url)
+    from dropbox_runner.config import load_registry
+    from dropbox_runner.daemon import Daemon as Core
+    from dropbox_runner.intake.scanner import Drop
+    from dropbox_runner.layout import Layout
+
+    core = Core(Layout(root), load_registry(root))
+    core.layout.make(["echo"])
+    write_jsonl(root / "inbox/echo/q.jsonl", [chat_line(0)])
+    core.claimer.claim(Drop(root / "inbox/echo/q.jsonl", "echo", None))
+    cancel = subprocess.run(
+        [sys.executable, "-m", "dropbox_runner", "cancel", "q", "--root", str(root)], capture_output=True
+    )
+    assert cancel.returncode == 0
+    core.sender.start()
+    try:
+        wait_for(lambda: receiver.got, timeout=20, what="the cancelled event")
+    finally:
+        core.sender.stop()
+        receiver.close()
+    event = Webhook(SECRET).verify(receiver.got[0][1], receiver.got[0][0])
+    assert event["type"] == "batch.cancelled"
+
+
+# -- metrics, history, retention --------------------------------------------------------------------
+def test_metrics_agree_with_status_json(root: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_api import Server
+
+    write_jsonl(root / "inbox/echo/m.jsonl", [chat_line(0), chat_line(1), "bad line"])
+    write_jsonl(root / "inbox/echo2/n.jsonl", [chat_line(0)])
+    run_once(root)
+    server = Server(root)
+    server.wait_up()
+    try:
+        text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    finally:
+        server.stop()
+    doc = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dropbox_runner", "status", "--json", "--all", "--root", str(root)],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("dropbox_runner_requests_total", (("model", "echo"), ("outcome", "succeeded")))] == 2
+    assert samples[("dropbox_runner_requests_total", (("model", "echo"), ("outcome", "failed")))] == 1
+    assert samples[("dropbox_runner_requests_total", (("model", "echo2"), ("outcome", "succeeded")))] == 1
+    echo = [m for j in doc["jobs"] for m in j["models"] if m["model"] == "echo"]
+    assert samples[("dropbox_runner_tokens_total", (("kind", "completion"), ("model", "echo")))] == sum(
+        m["usage"]["completion_tokens"] for m in echo
+    )
+    assert samples[("dropbox_runner_jobs", (("status", "completed"),))] == 2
+    assert samples[("dropbox_runner_queue_tasks", ())] == doc["queue_length"] == 0
+    assert samples[("dropbox_runner_daemon_up", ())] == 0
+    assert samples[("dropbox_runner_model_loads_total", (("model", "echo"),))] == 1
+    assert ("dropbox_runner_model_load_seconds_count", (("model", "echo2"),)) in samples
+
+
+def test_status_json_carries_a_bounded_history_of_points_loads_and_swaps(root: Path) -> None:
+    import subprocess
+    import sys
+
+    write_jsonl(root / "inbox/echo/h.jsonl", [chat_line(i) for i in range(10)])
+    write_jsonl(root / "inbox/echo2/g.jsonl", [chat_line(i) for i in range(4)])
+    run_once(root)
+    doc = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dropbox_runner", "status", "--json", "--root", str(root)],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    history = doc["history"]
+    last = history["points"][-1]
+    assert (
+        last["models"]["echo"] == {"requests": 10, "tokens": 40} and last["models"]["echo2"]["requests"] == 4
+    )
+    assert {x["model"] for x in history["loads"]} == {"echo", "echo2"}
+    assert all(x["end"] >= x["start"] for x in history["loads"] + history["swaps"])
+    assert history["swaps"], "the swap between the two models is there"
+
+
+def test_history_stays_bounded_over_ten_thousand_points(tmp_path: Path) -> None:
+    from dropbox_runner.history import MAX_POINTS, History
+    from dropbox_runner.layout import Layout
+
+    layout = Layout(tmp_path)
+    layout.state.mkdir()
+    clock = iter(range(0, 10**9, 10))
+    history = History(layout, clock=lambda: next(clock))
+    sizes = []
+    for i in range(10_000):
+        history.done("tiny-llama", 3, 96)
+        history.done("tiny-qwen", 1, 32)
+        if i % 50 == 0:
+            history.loaded("tiny-llama", i, 1.5)
+        history.tick(save=i % 500 == 0)
+        if i % 500 == 0:
+            sizes.append((layout.state / "history.json").stat().st_size)
+    history.save()
+    sizes.append((layout.state / "history.json").stat().st_size)
+    assert len(history.points) == MAX_POINTS
+    full = sizes[MAX_POINTS // 500 + 1]  # once the window is full the file stops growing
+    assert max(sizes) < 1_500_000 and all(size <= full * 1.01 for size in sizes)
+    reopened = History(layout)
+    assert len(reopened.points) == MAX_POINTS and reopened.totals["tiny-llama"]["requests"] == 30_000
+
+
+def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(root: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from conftest import Daemon, wait_for
+
+    write_jsonl(root / "inbox/echo/old.jsonl", [chat_line(0)])
+    run_once(root)
+    old_id = batch_json(root, "old")["id"]
+    task = root / "state/archive" / old_id / "echo.task.json"
+    record = json.loads(task.read_text())
+    record["completed_at"] = time.time() - 3 * 86400  # finished three days ago
+    task.write_text(json.dumps(record))
+    yaml = (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  keep_finished_days: 1\n")
+    (root / "models.yaml").write_text(yaml)
+    write_jsonl(root / "inbox/paced/running.jsonl", [chat_line(i) for i in range(20000)])
+    d = Daemon(root)
+    try:
+        wait_for(lambda: not (root / "outbox/old").exists(), what="the old job removed")
+        wait_for(lambda: not (root / "state/archive" / old_id).exists(), what="its state removed")
+        running = wait_for(lambda: batch_json(root, "running"), what="the running job")
+        assert running["status"] in ("queued", "in_progress")
+        assert any(os.scandir(root / "state/jobs"))
+    finally:
+        d.kill(signal.SIGTERM)
+    assert f"removed {old_id} (outbox/old/)" in (root / "state/daemon.log").read_text()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from dropbox_runner import catalog
 from dropbox_runner import status as status_view
@@ -355,6 +355,12 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
     @app.get("/healthz")
     def health() -> dict[str, Any]:
         return {"status": "ok", "daemon_running": status_view.daemon_state(layout)["running"]}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from dropbox_runner.api import metrics as prometheus
+
+        return Response(prometheus.render(layout), media_type=prometheus.CONTENT_TYPE)
 
     @app.get("/api/status")
     def status_json() -> dict[str, Any]:

@@ -90,7 +90,9 @@ def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> 
     }
 
 
-def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> None:
+def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> dict[str, Any]:
     out_dir = journal.layout.outbox / spec.outbox
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "batch.json", batch_document(journal, spec, tasks))
+    document = batch_document(journal, spec, tasks)
+    write_json(out_dir / "batch.json", document)
+    return document
