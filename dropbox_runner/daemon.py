@@ -11,13 +11,10 @@ import logging.handlers
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from dropbox_runner import scheduler, status, webhooks
-from dropbox_runner.config import Registry, is_embedded_path, model_problem
+from dropbox_runner.config import Registry, model_problem
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.execution import Execution
 from dropbox_runner.fsutil import read_json_or_none, write_json
@@ -108,27 +105,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, handler)
 
     def _check_models(self) -> None:
-        """Build the embedded tiny models on first use; say which models cannot run here, and why."""
-        missing = [
-            Path(m.path).name
-            for m in self.registry.models.values()
-            if m.path
-            and is_embedded_path(self.layout.root, m.path)
-            and not (self.layout.root / m.path / "config.json").exists()
-        ]
-        if missing:
-            log.info("building the embedded models %s (first use)", ", ".join(missing))
-            args = [
-                sys.executable,
-                "-m",
-                "dropbox_runner.engine.tinymodels",
-                str(self.layout.root / "models"),
-            ]
-            done = subprocess.run([*args, *missing], stdout=subprocess.DEVNULL, check=False)
-            if done.returncode != 0:
-                log.error(
-                    "building %s failed (exit %d); see the log above", ", ".join(missing), done.returncode
-                )
+        """Say which models cannot run here, and why (the packaged ones are built when first loaded)."""
         for name, model in self.registry.models.items():
             problem = model_problem(self.layout.root, name, model)
             if problem:

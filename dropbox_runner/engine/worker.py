@@ -90,6 +90,11 @@ def make_engine(spec: p.Start) -> Engine:
         return EchoEngine(spec.model, spec.engine_args)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
+    if spec.build and not (Path(spec.path) / "config.json").exists():
+        from dropbox_runner.engine import tinymodels
+
+        log.info("building %s into %s (first use)", spec.build, spec.path)
+        tinymodels.main([str(Path(spec.path).parent), spec.build])
     return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args)
 
 
