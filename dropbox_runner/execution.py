@@ -53,7 +53,7 @@ class Execution:
         return self.proc.name if self.proc is not None and self.proc.alive() else None
 
     # -- starting a task ---------------------------------------------------------------------------
-    def start(self, choice: Choice, stopping: bool = False) -> None:
+    def start(self, choice: Choice) -> None:
         spec = self.journal.spec(choice.job_id)
         task = self.journal.task(choice.job_id, choice.model)
         if task.status.final:
@@ -75,8 +75,8 @@ class Execution:
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
             self._load(task.model)
-        elif self.proc.loaded and not stopping:
-            self._send_run()
+        if self.proc is not None and self.task is not None:
+            self._send_run()  # while it loads, too: the model process prepares the lines meanwhile
 
     def _load(self, model: str) -> None:
         config = self.registry.models[model]
@@ -105,9 +105,6 @@ class Execution:
 
     def _send_run(self) -> None:
         task, spec, proc = self.task, self.spec, self.proc
-        if task.load_seconds is None:
-            task.load_seconds = proc.load_seconds
-            self.journal.save_task(task)
         model = self.registry.models[task.model]
         timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
         order = p.TaskOrder(
@@ -123,20 +120,19 @@ class Execution:
             isolate_until=task.isolate_until,
         )
         self.sent = proc.send(p.Run(order))
-        proc.last_event_at = time.monotonic()
 
     # -- events ------------------------------------------------------------------------------------
-    def pump(self, timeout: float, stopping: bool = False) -> None:
+    def pump(self, timeout: float) -> None:
         proc = self.proc
         if proc is None:
             return
         for ev in proc.events(timeout):
-            self._event(ev, stopping)
+            self._event(ev)
             if self.proc is not proc:
                 return
         if not proc.alive():
             for ev in proc.drain():
-                self._event(ev, stopping)
+                self._event(ev)
                 if self.proc is not proc:
                     return
             self._died(proc, proc.exit_description())
@@ -144,20 +140,26 @@ class Execution:
             log.error("%s did not load within load_timeout_seconds; ending it", proc.name)
             proc.end(1.0)
             self._died(proc, f"did not load in {self.settings.load_timeout_seconds:g}s")
-        elif self.sent and self.task is not None and proc.silent_for() > self.settings.stall_timeout_seconds:
+        elif (
+            self.sent
+            and self.task is not None
+            and proc.loaded
+            and proc.silent_for() > self.settings.stall_timeout_seconds
+        ):
             log.error(
                 "no result from %s for %.0fs with requests in flight; ending it", proc.name, proc.silent_for()
             )
             proc.end(1.0)
             self._died(proc, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
 
-    def _event(self, ev: p.Message, stopping: bool) -> None:
+    def _event(self, ev: p.Message) -> None:
         task = self.task
         if isinstance(ev, p.Loaded):
             log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev.load_seconds, ev.capacity)
             self.history.loaded(self.proc.name, time.time() - ev.load_seconds, ev.load_seconds)
-            if task is not None and not stopping:
-                self._send_run()
+            if task is not None and task.load_seconds is None:
+                task.load_seconds = ev.load_seconds
+                self.journal.save_task(task)
         elif isinstance(ev, p.LoadFailed):
             proc, self.proc = self.proc, None
             proc.end(self.settings.stop_timeout_seconds)
@@ -240,7 +242,7 @@ class Execution:
             self.proc.send(p.Stop())
             deadline = time.monotonic() + self.settings.stop_timeout_seconds
             while self.task is not None and time.monotonic() < deadline and self.proc and self.proc.alive():
-                self.pump(0.2, stopping=True)
+                self.pump(0.2)
         if self.task is not None:
             self.requeue("the daemon stopped")
         if self.proc is not None:

@@ -343,3 +343,35 @@ def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) ->
 
     assert cos(vecs[0], vecs[1]) > 0.9
     assert cos(vecs[0], vecs[2]) < 0.3 and cos(vecs[2], vecs[3]) < 0.3
+
+
+def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> None:
+    import random
+
+    from openai.types.responses import Response
+
+    root = vroot.root
+    documents = [
+        " ".join(f"{w}{d}" for w in ("alpha", "beta", "gamma", "delta", "kappa") * 12) for d in range(4)
+    ]
+    lines = [
+        chat_line(i, f"{documents[i % 4]} question {i}?", max_tokens=4, temperature=0) for i in range(32)
+    ]
+    random.Random(7).shuffle(lines)
+    lines.append(
+        {
+            "custom_id": "resp",
+            "url": "/v1/responses",
+            "body": {"input": "hello there", "max_output_tokens": 5},
+        }
+    )
+    name = drop(root, "tiny-llama/prefix.jsonl", lines)
+    batch = wait_done(root, name)
+    out = read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")
+    assert [x["custom_id"] for x in out] == [x["custom_id"] for x in lines], "published in input order"
+    cached = [x["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for x in out[:-1]]
+    assert sum(1 for c in cached if c > 0) >= 24, cached  # all but the first of each document, about
+    usage = batch["models"]["tiny-llama"]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == sum(cached)
+    response = Response.model_validate(out[-1]["response"]["body"])
+    assert response.usage.output_tokens <= 5 and response.output_text is not None

@@ -41,6 +41,34 @@ MAPPED_FIELDS = frozenset(
 SAMPLING_FIELDS = tuple(sorted((HONOURED | VLLM_EXTRAS) - MAPPED_FIELDS))
 
 
+def load_tokenizer(path: str, engine_args: dict[str, Any]) -> Any:
+    """The tokenizer vLLM itself loads for this model, without loading the model."""
+    from vllm.tokenizers.registry import get_tokenizer
+
+    return get_tokenizer(path, trust_remote_code=bool(engine_args.get("trust_remote_code", False)))
+
+
+def prompt_ids(tokenizer: Any, req: Request) -> list[list[int]]:
+    """The token ids of a request's prompt(s): the chat template rendered, then tokenized."""
+    body = req.body
+    if req.kind in ("chat", "response"):
+        kwargs = dict(body.get("chat_template_kwargs") or {})
+        try:
+            text = tokenizer.apply_chat_template(
+                body["messages"],
+                tokenize=False,
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                continue_final_message=body.get("continue_final_message", False),
+                **kwargs,
+            )
+        except Exception as exc:  # the template itself rejects the conversation
+            raise RequestRejected(f"the chat template rejected the messages: {exc}", "messages") from exc
+        return [tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))]
+    payload = body["prompt"] if req.kind == "completion" else body["input"]
+    texts = [payload] if isinstance(payload, str) else payload
+    return [tokenizer.encode(t, add_special_tokens=True) for t in texts]
+
+
 @dataclass
 class _Pending:
     req: Request
@@ -72,10 +100,12 @@ class VllmEngine:
         return len(self._pending)
 
     # -- requests -> engine ---------------------------------------------------------------------
-    def submit(self, req: Request) -> None:
+    def submit(self, req: Request, prompts: list[list[int]] | None = None) -> None:
+        """Add a request; `prompts` are its token ids when the feed-ahead already made them."""
         from vllm.inputs import TokensPrompt
 
-        prompts = self._prompt_ids(req)
+        if prompts is None:
+            prompts = prompt_ids(self.tokenizer, req)
         pt = sum(len(p) for p in prompts)
         for ids in prompts:
             if len(ids) > self.max_model_len:
@@ -100,25 +130,6 @@ class VllmEngine:
                         p.seed += i
                 self.engine.add_request(f"{req.index}:{part}", TokensPrompt(prompt_token_ids=ids), p)
                 part += 1
-
-    def _prompt_ids(self, req: Request) -> list[list[int]]:
-        body = req.body
-        if req.kind in ("chat", "response"):
-            kwargs = dict(body.get("chat_template_kwargs") or {})
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    body["messages"],
-                    tokenize=False,
-                    add_generation_prompt=body.get("add_generation_prompt", True),
-                    continue_final_message=body.get("continue_final_message", False),
-                    **kwargs,
-                )
-            except Exception as exc:  # the template itself rejects the conversation
-                raise RequestRejected(f"the chat template rejected the messages: {exc}", "messages") from exc
-            return [self.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))]
-        payload = body["prompt"] if req.kind == "completion" else body["input"]
-        texts = [payload] if isinstance(payload, str) else payload
-        return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
 
     def _pooling_params(self):
         from vllm import PoolingParams

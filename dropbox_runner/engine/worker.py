@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dropbox_runner import protocol as p
 from dropbox_runner.engine.base import Engine, Finished, RequestRejected
+from dropbox_runner.engine.feedahead import FeedAhead, grouped
 from dropbox_runner.lines import IdSet, LineError, Request, iter_raw_lines, parse_line
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids, success_line
@@ -58,18 +59,34 @@ class Channel:
 
 
 class Lifeline:
-    """Reads commands from stdin; EOF means the daemon died, so the whole process group goes at once."""
+    """Reads commands from stdin; EOF means the daemon died, so the whole process group goes at once.
 
-    def __init__(self) -> None:
+    A task's order may arrive while the engine still loads: its feed-ahead starts at once.
+    """
+
+    def __init__(self, spec: p.Start) -> None:
+        self.spec = spec
         self.commands: queue.Queue[p.Message] = queue.Queue()
         self.active_log: ResultLog | None = None
+        self.ahead: FeedAhead | None = None
         threading.Thread(target=self._read, name="lifeline", daemon=True).start()
 
     def _read(self) -> None:
         for line in sys.stdin.buffer:
             if line.strip():
-                self.commands.put(p.decode(line, p.COMMANDS))
+                cmd = p.decode(line, p.COMMANDS)
+                if isinstance(cmd, p.Run) and self.spec.engine == "vllm" and self.ahead is None:
+                    self.ahead = FeedAhead(self.spec, cmd.task)
+                self.commands.put(cmd)
         self.die()
+
+    def feed_ahead_for(self, order: p.TaskOrder) -> FeedAhead | None:
+        """The feed-ahead prepared for this order (a vLLM model's), or None; each serves one task."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and not ahead.matches(order):
+            ahead.stop()
+            return None
+        return ahead
 
     def die(self) -> None:
         if self.active_log is not None:
@@ -119,8 +136,16 @@ ENGINE_ERROR = "the engine raised an error on this request: {}"
 class TaskRun:
     """One task: resume its log, feed the engine within its window, commit in the background."""
 
-    def __init__(self, engine: Engine, task: p.TaskOrder, channel: Channel, lifeline: Lifeline) -> None:
-        self.engine, self.task, self.channel, self.lifeline = engine, task, channel, lifeline
+    def __init__(
+        self, engine: Engine, task: p.TaskOrder, channel: Channel, lifeline: Lifeline, ahead: FeedAhead | None
+    ) -> None:
+        self.engine, self.task, self.channel, self.lifeline, self.ahead = (
+            engine,
+            task,
+            channel,
+            lifeline,
+            ahead,
+        )
         self.defaults = tuple(task.defaults)
         self.log = ResultLog(Path(task.log), task.total)
         self.interval = task.commit_interval_ms / 1000
@@ -167,39 +192,63 @@ class TaskRun:
                 self.channel.offer(self._progress())
 
     def _feed(self) -> None:
-        engine, done, task = self.engine, self.log.done, self.task
-        seen = IdSet()
-        poison = set(task.poison)
+        task = self.task
         alone = task.isolate_until >= 0  # lines up to isolate_until run one at a time
+        # With token ids from the feed-ahead, a window's worth of lines is read ahead and fed grouped
+        # by prompt prefix, so vLLM's prefix cache serves the lines that share one.
+        lookahead = self.engine.capacity if self.ahead is not None else 1
+        batch: list[tuple[Request, list[list[int]] | None]] = []
         self.log.mark_started()
-        with open(task.input, "rb") as f:
+        for req in self._requests():
+            if alone and req.index > task.isolate_until:
+                if not self._drain():  # the last line run alone ends before others start
+                    return
+                alone = False
+                self.channel.send(p.Running(None))
+            if alone:
+                if not self._feed_one(req, None, window=1, announce=True):
+                    return
+                continue
+            batch.append((req, self.ahead.take(req.index) if self.ahead is not None else None))
+            if len(batch) >= lookahead:
+                if not self._feed_batch(batch):
+                    return
+                batch = []
+        if self._feed_batch(batch):
+            self._drain()
+
+    def _requests(self):
+        """The task's lines still to run, in input order; bad lines and known poison fail on the way."""
+        done, seen, poison = self.log.done, IdSet(), set(self.task.poison)
+        with open(self.task.input, "rb") as f:
             for raw in iter_raw_lines(f):
                 parsed = parse_line(raw, seen, self.defaults)
                 if done[raw.index]:
                     continue
                 if isinstance(parsed, LineError):
                     self._record_line_error(parsed)
-                    continue
-                if raw.index in poison:
+                elif raw.index in poison:
                     self._record_failure(raw.index, parsed.custom_id, "engine_crash", POISON_MESSAGE)
-                    continue
-                if alone and raw.index > task.isolate_until:
-                    if not self._drain():  # the last line run alone ends before others start
-                        return
-                    alone = False
-                    self.channel.send(p.Running(None))
-                window = 1 if alone else engine.capacity
-                while engine.in_flight >= window:
-                    self._collect()
-                    if self._interrupted():
-                        return
-                if alone:
-                    self.channel.send(p.Running(raw.index))
-                self.log.fed(raw.index)
-                self._submit(parsed)
-                if self._interrupted():
-                    return
-        self._drain()
+                else:
+                    yield parsed
+
+    def _feed_batch(self, batch: list[tuple[Request, list[list[int]] | None]]) -> bool:
+        ordered = grouped(batch) if len(batch) > 1 else batch
+        return all(self._feed_one(req, ids, window=self.engine.capacity) for req, ids in ordered)
+
+    def _feed_one(
+        self, req: Request, ids: list[list[int]] | None, window: int, announce: bool = False
+    ) -> bool:
+        """Wait for room in the window, then submit; False if the task was interrupted."""
+        while self.engine.in_flight >= window:
+            self._collect()
+            if self._interrupted():
+                return False
+        if announce:
+            self.channel.send(p.Running(req.index))
+        self.log.fed(req.index)
+        self._submit(req, ids)
+        return not self._interrupted()
 
     def _drain(self) -> bool:
         """Collect until nothing is in flight; False if interrupted."""
@@ -209,9 +258,9 @@ class TaskRun:
                 return False
         return True
 
-    def _submit(self, req: Request) -> None:
+    def _submit(self, req: Request, ids: list[list[int]] | None = None) -> None:
         try:
-            self.engine.submit(req)
+            self.engine.submit(req, ids) if ids is not None else self.engine.submit(req)
         except RequestRejected as exc:
             error = {"message": str(exc), "param": exc.param, "code": "invalid_request"}
             self._record(Finished(req.index, req.custom_id, 400, error=error))
@@ -303,7 +352,11 @@ def serve(channel: Channel, lifeline: Lifeline, spec: p.Start) -> int:
         if isinstance(cmd, p.Stop):
             return 0
         if isinstance(cmd, p.Run):
-            outcome = TaskRun(engine, cmd.task, channel, lifeline).run()
+            ahead = lifeline.feed_ahead_for(cmd.task)
+            outcome = TaskRun(engine, cmd.task, channel, lifeline, ahead).run()
+            if ahead is not None:
+                log.info("feed-ahead prepared %d lines of %s", ahead.prepared, cmd.task.job_id)
+                ahead.stop()
             channel.send(p.TaskDone(outcome))
 
 
@@ -318,7 +371,7 @@ def main() -> int:
     spec = p.decode(sys.stdin.buffer.readline(), p.COMMANDS)
     assert isinstance(spec, p.Start)
     channel = Channel(spec.event_fd)
-    lifeline = Lifeline()
+    lifeline = Lifeline(spec)
     try:
         return serve(channel, lifeline, spec)
     except Exception:  # a fault no request owns: end here; the daemon resumes and hunts the culprit
