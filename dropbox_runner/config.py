@@ -93,6 +93,7 @@ class Settings(BaseModel):
     load_timeout_seconds: float = Field(1800.0, gt=0)
     request_timeout_seconds: float | None = Field(None, gt=0)
     keep_finished_days: float | None = Field(None, gt=0)
+    history_point_seconds: float = Field(10.0, gt=0)  # one point of throughput history this often
     webhooks: list[Webhook] = Field(default_factory=list)
     webhook_retry_hours: float = Field(24.0, gt=0)
     api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)

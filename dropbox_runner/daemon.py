@@ -60,7 +60,7 @@ class Daemon:
         self.jobs = Jobs(self.journal)
         self.claimer = Claimer(self.jobs, registry)
         self.scanner = Scanner(layout.inbox, self.settings, list(registry.models))
-        self.history = History(layout)
+        self.history = History(layout, every=self.settings.history_point_seconds)
         self.sender = webhooks.Sender(layout, self.settings.webhooks, self.settings.webhook_retry_hours)
         self.execution = Execution(self.jobs, registry, self.history)
         self.watcher: Watcher | None = None

@@ -22,9 +22,9 @@ MAX_EVENTS = 200  # loads and swaps kept
 
 
 class History:
-    def __init__(self, layout: Layout, clock: Any = time.time) -> None:
+    def __init__(self, layout: Layout, clock: Any = time.time, every: float = POINT_SECONDS) -> None:
         self.path = layout.state / "history.json"
-        self.clock = clock
+        self.clock, self.every = clock, every
         saved = read_json_or_none(self.path)
         saved = saved if isinstance(saved, dict) else {}
         self.points: deque[dict[str, Any]] = deque(saved.get("points") or [], maxlen=MAX_POINTS)
@@ -58,7 +58,7 @@ class History:
     def tick(self, force: bool = False, save: bool = True) -> bool:
         """Add a point every POINT_SECONDS (and save it); True if it did."""
         now = self.clock()
-        if not force and now - self.last_point < POINT_SECONDS:
+        if not force and now - self.last_point < self.every:
             return False
         self.last_point = now
         models = {

@@ -98,12 +98,16 @@ def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any] | None:
     }
 
 
-def collect(layout: Layout, *, show_all: bool = False, with_history: bool = True) -> dict[str, Any]:
+def collect(
+    layout: Layout, *, show_all: bool = False, with_history: bool = True, page: int = 0
+) -> dict[str, Any]:
+    """Every live job, and the finished ones newest first (RECENT_FINISHED a page; all with show_all)."""
     now = time.time()
     active = catalog.active_ids(layout)
     finished = catalog.job_ids(layout.archive)
-    hidden = 0 if show_all else max(0, len(finished) - RECENT_FINISHED)
-    finished = finished if show_all else finished[:RECENT_FINISHED]
+    start = 0 if show_all else max(0, page) * RECENT_FINISHED
+    hidden = 0 if show_all else max(0, len(finished) - start - RECENT_FINISHED)
+    finished = finished if show_all else finished[start : start + RECENT_FINISHED]
     views = (job_view(layout, j, now) for j in active + finished)
     history = read_history(layout)
     return {
@@ -111,7 +115,9 @@ def collect(layout: Layout, *, show_all: bool = False, with_history: bool = True
         "daemon": daemon_state(layout),
         "jobs": [v for v in views if v is not None],
         "hidden_finished": hidden,
+        "finished_total": len(catalog.job_ids(layout.archive)),
         "quarantined": catalog.quarantined(layout),
+        "queue": queue_view(layout, now),
         "webhooks_undelivered": catalog.undelivered_events(layout),
         "recent_tokens_per_second": recent_rates(history),
         **({"history": {k: history[k] for k in ("points", "loads", "swaps")}} if with_history else {}),
@@ -119,6 +125,95 @@ def collect(layout: Layout, *, show_all: bool = False, with_history: bool = True
         if layout.queue.exists()
         else 0,
     }
+
+
+FAILED_LINES_SHOWN = 20
+
+
+def job_detail(layout: Layout, job_id: str) -> dict[str, Any] | None:
+    """One job for the page: its view, batch.json's errors, the first failed lines of each model and
+    the files to download."""
+    job = job_view(layout, job_id, time.time())
+    if job is None:
+        return None
+    folder = layout.outbox / job["outbox"].split("/")[1]
+    batch = read_json_or_none(folder / "batch.json") or {}
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for m in job["models"]:
+        failed[m["model"]] = _first_failed(folder / f"{m['model']}.errors.jsonl")
+    return {
+        **job,
+        "batch": {k: batch.get(k) for k in ("status", "request_counts", "errors", "expires_at", "metadata")},
+        "failed_lines": failed,
+        "files": [{"name": n, "url": f"/outbox/{folder.name}/{n}"} for n in files],
+    }
+
+
+def _first_failed(path: os.PathLike) -> list[dict[str, Any]]:
+    import orjson
+
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if len(out) >= FAILED_LINES_SHOWN:
+                    break
+                try:
+                    x = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                response = x.get("response") or {}
+                error = (response.get("body") or {}).get("error") or x.get("error") or {}
+                out.append(
+                    {
+                        "custom_id": x.get("custom_id"),
+                        "status": response.get("status_code"),
+                        "code": error.get("code"),
+                        "message": error.get("message"),
+                    }
+                )
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def queue_view(layout: Layout, now: float) -> list[dict[str, Any]]:
+    """The tasks waiting, in the order their entries sort (priority, then arrival): job, model,
+    priority, wait.
+
+    The scheduler takes them in this order, except that work for the loaded model goes first within
+    the same priority, for at most max_swap_delay_seconds.
+    """
+    try:
+        keys = sorted(k for k in os.listdir(layout.queue) if not k.startswith("."))
+    except FileNotFoundError:
+        return []
+    out = []
+    names: dict[str, dict[str, Any] | None] = {}
+    for key in keys:
+        entry = read_json_or_none(layout.queue / key)
+        if not isinstance(entry, dict):
+            continue
+        job_id, model = entry.get("job_id"), entry.get("model")
+        task = read_json_or_none(layout.job_dir(job_id) / f"{model}.task.json") or {}
+        if task.get("status") != "queued":
+            continue  # running (its entry goes when it ends), or already ended
+        if job_id not in names:
+            names[job_id] = read_json_or_none(layout.job_dir(job_id) / "spec.json")
+        spec = names[job_id] or {}
+        queued_at = int(key.split("-", 2)[1]) / 1e9
+        out.append(
+            {
+                "job_id": job_id,
+                "name": spec.get("name"),
+                "outbox": spec.get("outbox"),
+                "model": model,
+                "priority": spec.get("priority", 0),
+                "waiting_seconds": round(max(0.0, now - queued_at), 1),
+            }
+        )
+    return out
 
 
 def write_snapshot(layout: Layout, live: dict[str, Any]) -> None:

@@ -223,18 +223,7 @@ def test_the_status_page_shows_a_moving_progress_bar(served) -> None:
     write_jsonl(root / "inbox/paced/page.jsonl", [chat_line(i) for i in range(15000)])
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch(p)
         try:
             page = browser.new_page()
             page.goto(server.url + "/")
@@ -247,6 +236,103 @@ def test_the_status_page_shows_a_moving_progress_bar(served) -> None:
         finally:
             browser.close()
     assert (ARTIFACTS / "status-page.png").stat().st_size > 1000
+
+
+def launch(p):
+    return p.chromium.launch(
+        executable_path=shutil.which("chromium"),
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_lines(root: Path) -> None:
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    yaml = (
+        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  history_point_seconds: 1\n")
+    )
+    (root / "models.yaml").write_text(yaml)
+    write_jsonl(
+        root / "inbox/echo/flawed.jsonl",
+        [chat_line(0), "not json", {"custom_id": "u", "url": 5}, chat_line(3)],
+    )
+    daemon = Daemon(root)
+    server = Server(root)
+    server.wait_up()
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        wait_for(lambda: (root / "outbox/flawed/echo.errors.jsonl").exists(), what="the flawed job")
+        write_jsonl(root / "inbox/paced/running.jsonl", [chat_line(i) for i in range(60000)])
+        (root / "inbox/echo2/behind.manifest.json").write_text('{"priority": -1}')
+        write_jsonl(root / "inbox/echo2/behind.jsonl", [chat_line(i) for i in range(3)])
+        with sync_playwright() as p:
+            browser = launch(p)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(server.url + "/")
+                page.locator('tr[data-queue-job="behind"]').wait_for(timeout=30000)
+                chart = page.locator("#chart")
+                wait_for(lambda: int(chart.get_attribute("data-points")) >= 3, timeout=30, what="points")
+                first = int(chart.get_attribute("data-points"))
+                assert page.locator("#chart polyline.series").count() >= 1
+                wait_for(
+                    lambda: int(chart.get_attribute("data-points")) > first,
+                    timeout=30,
+                    what="the chart grows",
+                )
+                assert page.locator("#chart rect.load").count() >= 1, "the loads are marked"
+                queue = page.locator("#queue tr").all_inner_texts()
+                assert any("behind" in row for row in queue)
+                page.screenshot(path=str(ARTIFACTS / "status-page-overview.png"), full_page=True)
+                page.set_viewport_size({"width": 390, "height": 844})
+                page.screenshot(path=str(ARTIFACTS / "status-page-phone.png"), full_page=True)
+                page.set_viewport_size({"width": 1280, "height": 900})
+
+                page.locator('tr[data-job="flawed"]').first.click()
+                page.locator("#job-view .failed-line").first.wait_for(timeout=10000)
+                text = page.locator("#job-errors").inner_text()
+                assert "line 2" in text and "not valid JSON" in text and "url" in text
+                links = page.locator("#job-files a.download")
+                names = links.all_inner_texts()
+                assert {"batch.json", "echo.jsonl", "echo.errors.jsonl"} <= set(names)
+                for i in range(links.count()):
+                    href = links.nth(i).get_attribute("href")
+                    body = urllib.request.urlopen(server.url + href, timeout=10).read()
+                    assert body == (root / href.lstrip("/")).read_bytes()
+                page.screenshot(path=str(ARTIFACTS / "status-page-job.png"), full_page=True)
+
+                page.goto(server.url + "/#job/behind")
+                page.locator("#cancel").wait_for(timeout=10000)
+                wait_for(lambda: page.locator("#cancel").is_enabled(), timeout=10, what="cancel enabled")
+                page.locator("#cancel").click()
+                wait_for(
+                    lambda: (batch_of(root, "behind") or {}).get("status") == "cancelled",
+                    timeout=30,
+                    what="cancelled",
+                )
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+        daemon.kill(signal.SIGTERM)
+
+
+def batch_of(root: Path, name: str) -> dict | None:
+    try:
+        return json.loads((root / "outbox" / name / "batch.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def test_with_a_key_every_route_but_healthz_needs_it(root: Path) -> None:

@@ -363,8 +363,36 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         return Response(prometheus.render(layout), media_type=prometheus.CONTENT_TYPE)
 
     @app.get("/api/status")
-    def status_json() -> dict[str, Any]:
-        return status_view.collect(layout)
+    def status_json(page: int = 0) -> dict[str, Any]:
+        return status_view.collect(layout, page=page)
+
+    def job_id_of(ref: str) -> str:
+        job_id = catalog.find_job(layout, ref)
+        if job_id is None:
+            raise ApiError(404, f"no job is named {quote(ref)}", code="job_not_found")
+        return job_id
+
+    @app.get("/api/jobs/{ref}")
+    def job_json(ref: str) -> dict[str, Any]:
+        detail = status_view.job_detail(layout, job_id_of(ref))
+        if detail is None:
+            raise ApiError(404, f"no job is named {quote(ref)}", code="job_not_found")
+        return detail
+
+    @app.post("/api/jobs/{ref}/{op}")
+    def job_operation(ref: str, op: str) -> dict[str, Any]:
+        from dropbox_runner.errors import RunnerError
+        from dropbox_runner.jobs import operate
+        from dropbox_runner.journal import Journal
+
+        if op not in ("cancel", "retry"):
+            raise ApiError(404, "the operations are cancel and retry", code="not_found")
+        journal = Journal(layout)
+        try:
+            done, models = operate(journal, journal.spec(job_id_of(ref)), op)
+        except RunnerError as exc:
+            raise ApiError(409, str(exc), code="not_possible") from None
+        return {"job": ref, "op": op, "done": done, "models": models}
 
     @app.get("/outbox/{folder}/{name}")
     def outbox_file(folder: str, name: str) -> FileResponse:
