@@ -94,6 +94,7 @@ class Settings(BaseModel):
     request_timeout_seconds: float | None = Field(None, gt=0)
     keep_finished_days: float | None = Field(None, gt=0)
     history_point_seconds: float = Field(10.0, gt=0)  # one point of throughput history this often
+    ray_address: str = "local"  # local: a private Ray instance of the daemon; auto or host:port: a cluster
     webhooks: list[Webhook] = Field(default_factory=list)
     webhook_retry_hours: float = Field(24.0, gt=0)
     api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)
@@ -115,10 +116,15 @@ class ModelConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
     request_timeout_seconds: float | None = Field(None, gt=0)
+    replicas: int = Field(1, ge=1, le=64)  # copies of the model that work on one task at once
+    executor: Literal["local", "ray"] = "local"
+    devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES of each local copy (default: by count)
 
     def fingerprint(self) -> str:
         """A digest of everything in this entry that changes results (for dedupe)."""
-        data = self.model_dump(mode="json", exclude={"request_timeout_seconds"})
+        data = self.model_dump(
+            mode="json", exclude={"request_timeout_seconds", "replicas", "executor", "devices"}
+        )
         return blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
 
 
@@ -202,6 +208,7 @@ def parse_registry(text: str, root: Path) -> Registry:
         raise ConfigError(f"{key[:200]}: {what[:200]}.") from None
     for name, model in registry.models.items():
         check_model_entry(name, model)
+        check_copies(name, model)
     return registry
 
 
@@ -221,10 +228,19 @@ def check_model_entry(name: str, model: ModelConfig) -> None:
         raise ConfigError(f"models.{name}.path: missing; a vllm model needs a folder or hub id.")
 
 
+def check_copies(name: str, model: ModelConfig) -> None:
+    if model.devices is not None and len(model.devices) != model.replicas:
+        raise ConfigError(
+            f"models.{name}.devices: {len(model.devices)} devices for {model.replicas} replicas; give one per copy."
+        )
+
+
 def model_problem(root: Path, name: str, model: ModelConfig) -> str | None:
     """A sentence saying why this entry cannot load on this machine, or None (without loading it)."""
     from dropbox_runner.memory import fit_problem
 
+    if model.executor == "ray" and importlib.util.find_spec("ray") is None:
+        return "executor: ray needs Ray (pip install 'dropbox-runner[ray]')"
     if model.engine == EngineKind.ECHO:
         return None
     if importlib.util.find_spec("vllm") is None:

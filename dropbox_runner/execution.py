@@ -14,7 +14,7 @@ from typing import Any
 
 from dropbox_runner import crashes
 from dropbox_runner import protocol as p
-from dropbox_runner.config import EngineKind, Registry, model_problem, resolve_model_path
+from dropbox_runner.config import EngineKind, ModelConfig, Registry, model_problem, resolve_model_path
 from dropbox_runner.history import History
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import JobSpec, TaskRecord
@@ -22,6 +22,7 @@ from dropbox_runner.lifecycle import Status
 from dropbox_runner.memory import fit_problem, is_memory_failure
 from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
 from dropbox_runner.scheduler import Choice
+from dropbox_runner.shards import ShardedRun
 from dropbox_runner.supervisor import ModelProcess, group_rss_bytes
 
 log = logging.getLogger("dropbox_runner.daemon")
@@ -39,6 +40,7 @@ class Execution:
         self.task: TaskRecord | None = None
         self.spec: JobSpec | None = None
         self.sent = False  # the task was handed to the model process
+        self.sharded: ShardedRun | None = None  # the running task's copies, when it has several
         self.cancel_outcome = Status.CANCELLED  # or EXPIRED, when its completion window ran out
         self.memory_retry: dict[str, float] = {}
         self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
@@ -71,6 +73,10 @@ class Execution:
             self.finish(Status.COMPLETED)
             return
         log.info("next: %s (%s) on %s: %s", spec.name, spec.id, task.model, choice.reason)
+        config = self.registry.models[task.model]
+        if config.replicas > 1 or config.executor == "ray":
+            self._start_copies(config)
+            return
         if self.proc is not None and (self.proc.name != task.model or not self.proc.alive()):
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
@@ -103,11 +109,40 @@ class Execution:
         self.swaps.append({"model": proc.name, "unload_seconds": round(seconds, 3), "at": time.time()})
         self.history.swapped(proc.name, started, seconds)
 
+    def _start_copies(self, config: ModelConfig) -> None:
+        """Several copies of the model on this task: the daemon leases them shards (see shards.py)."""
+        model = self.task.model
+        self.end_model(f"{model} runs on {config.replicas} copies next")
+        problem = model_problem(self.layout.root, model, config)
+        if problem:
+            self._fail_model(model, f"the model {model} cannot run here: {problem}")
+            return
+        log.info("loading %d copies of %s (%s)", config.replicas, model, config.executor)
+        self.sharded = ShardedRun(
+            self.layout,
+            self.journal,
+            self.settings,
+            self.history,
+            self.spec,
+            self.task,
+            config,
+            self._order(),
+        )
+        self.sent = True
+
+    def _end_copies(self) -> None:
+        sharded, self.sharded = self.sharded, None
+        if sharded is not None:
+            sharded.close()
+
     def _send_run(self) -> None:
-        task, spec, proc = self.task, self.spec, self.proc
+        self.sent = self.proc.send(p.Run(self._order()))
+
+    def _order(self) -> p.TaskOrder:
+        task, spec = self.task, self.spec
         model = self.registry.models[task.model]
         timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
-        order = p.TaskOrder(
+        return p.TaskOrder(
             job_id=spec.id,
             model=task.model,
             input=str(self.journal.input_path(spec.id)),
@@ -119,10 +154,12 @@ class Execution:
             poison=task.poison,
             isolate_until=task.isolate_until,
         )
-        self.sent = proc.send(p.Run(order))
 
     # -- events ------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
+        if self.sharded is not None:
+            self._pump_copies(timeout)
+            return
         proc = self.proc
         if proc is None:
             return
@@ -151,6 +188,19 @@ class Execution:
             )
             proc.end(1.0)
             self._died(proc, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+
+    def _pump_copies(self, timeout: float) -> None:
+        sharded = self.sharded
+        done = sharded.pump(timeout)
+        if done or sharded.failed:
+            self._end_copies()
+            if done:
+                self.finish(Status.COMPLETED)
+            else:
+                self.finish(Status.FAILED, sharded.failed)
+        elif time.monotonic() - self._last_batch_json >= BATCH_JSON_SECONDS:
+            self._last_batch_json = time.monotonic()
+            self.jobs.progressed(self.spec, self.task)
 
     def _event(self, ev: p.Message) -> None:
         task = self.task
@@ -219,6 +269,7 @@ class Execution:
         """Forget the running task of a job that failed at its boundary, ending its model process."""
         if self.task is not None and self.task.job_id == job_id:
             self.task = self.spec = None
+            self._end_copies()
             if self.proc is not None:
                 self.end_model(f"job {job_id} failed")
 
@@ -230,7 +281,10 @@ class Execution:
         models = self.jobs.cancelled(spec, running, outcome)
         verb = "cancel" if outcome == Status.CANCELLED else "expire"
         log.info("%s %s: %s", verb, spec.id, ", ".join(models) or "no queued task")
-        if running is not None and self.proc is not None and self.sent:
+        if running is not None and self.sharded is not None:
+            self._end_copies()  # what the copies sent is committed
+            self.finish(outcome)
+        elif running is not None and self.proc is not None and self.sent:
             self.cancel_outcome = outcome
             self.proc.send(p.Cancel())
         elif running is not None:
@@ -238,6 +292,7 @@ class Execution:
 
     def stop(self) -> None:
         """Warm stop: the running task commits and goes back in line; the model process ends."""
+        self._end_copies()
         if self.task is not None and self.proc is not None and self.proc.alive() and self.sent:
             self.proc.send(p.Stop())
             deadline = time.monotonic() + self.settings.stop_timeout_seconds
@@ -250,6 +305,10 @@ class Execution:
             self.proc = None
 
     def abort_after_disk_error(self) -> None:
+        try:
+            self._end_copies()
+        except OSError:
+            pass  # the disk failed: what the copies sent since the last commit runs again
         if self.proc is not None:
             self.proc.end(self.settings.stop_timeout_seconds)
             self.proc = None
@@ -324,5 +383,6 @@ class Execution:
             "load_seconds": proc.load_seconds if proc else None,
             "model_rss_mb": round(group_rss_bytes(proc.pid) / 2**20, 1) if proc else None,
             "running": {"job_id": self.task.job_id, "model": self.task.model} if self.task else None,
+            **(self.sharded.describe() if self.sharded is not None else {}),
             "swaps": list(self.swaps),
         }

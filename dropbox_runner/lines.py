@@ -55,10 +55,12 @@ class RawLine:
     offset: int = 0
 
 
-def iter_raw_lines(f: BinaryIO, start_offset: int = 0) -> Iterator[RawLine]:
-    """Non-blank lines with their positions; CRLF and a leading BOM accepted; over-long lines flagged."""
-    index = 0
-    line = 0
+def iter_raw_lines(f: BinaryIO, start_offset: int = 0, index: int = 0, line: int = 0) -> Iterator[RawLine]:
+    """Non-blank lines with their positions; CRLF and a leading BOM accepted; over-long lines flagged.
+
+    To start in the middle of a file, seek to `start_offset` and give the index and physical line
+    number of the line before it there.
+    """
     offset = start_offset
     while True:
         chunk = f.readline(MAX_LINE_BYTES + 1)

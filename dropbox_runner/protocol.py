@@ -54,6 +54,8 @@ class TaskOrder:
     request_timeout_seconds: float | None = None
     poison: list[int] = field(default_factory=list)
     isolate_until: int = -1
+    shard: list[int] | None = None  # [start, end): run only these lines and send results back (copies)
+    shard_at: list[int] | None = None  # offset, physical line and index of a line at or before the start
 
 
 @dataclass(slots=True)
@@ -119,6 +121,13 @@ class Progress(Message):
 
 
 @dataclass(slots=True)
+class Results(Message):
+    """A copy's results for the daemon to append: [index, ok, prompt, completion, cached, payload]."""
+
+    records: list[list[Any]]
+
+
+@dataclass(slots=True)
 class IoError(Message):
     """A commit failed (disk full, I/O error): the model process stops right after."""
 
@@ -134,7 +143,7 @@ class TaskDone(Message):
 
 COMMANDS: dict[str, type[Message]] = {c.tag: c for c in (Start, Run, Cancel, Stop)}
 EVENTS: dict[str, type[Message]] = {
-    c.tag: c for c in (Loaded, LoadFailed, Resumed, Running, Progress, IoError, TaskDone)
+    c.tag: c for c in (Loaded, LoadFailed, Resumed, Running, Progress, Results, IoError, TaskDone)
 }
 
 

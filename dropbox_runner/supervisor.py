@@ -25,7 +25,9 @@ log = logging.getLogger("dropbox_runner.supervisor")
 class ModelProcess:
     """One model process. It owns what it reports: loaded, capacity, load time, the line running alone."""
 
-    def __init__(self, layout: Layout, name: str, config: ModelConfig) -> None:
+    def __init__(
+        self, layout: Layout, name: str, config: ModelConfig, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.loaded = False
         self.load_seconds: float | None = None
@@ -34,7 +36,7 @@ class ModelProcess:
         self.started_at = time.monotonic()
         self.last_event_at = self.started_at
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         with open(layout.engine_log, "ab") as engine_log:

@@ -61,6 +61,7 @@ class FeedAhead:
         try:
             tokenizer = load_tokenizer(self.spec.path, self.spec.engine_args)
             defaults = tuple(self.order.defaults)
+            start, end = self.order.shard or (0, float("inf"))
             ids = _AnyIds()
             with open(Path(self.order.input), "rb") as f:
                 for raw in iter_raw_lines(f):
@@ -69,8 +70,8 @@ class FeedAhead:
                             self._cond.wait(0.5)
                         if self.stopped:
                             return
-                        if raw.index <= self.consumed:
-                            continue  # the feeding loop is past it
+                        if raw.index <= self.consumed or not start <= raw.index < end:
+                            continue  # the feeding loop is past it, or another copy's line
                     req = parse_line(raw, ids, defaults)
                     if not isinstance(req, Request) or req.kind == "embedding":
                         continue

@@ -19,6 +19,7 @@ from pathlib import Path
 from dropbox_runner import protocol as p
 from dropbox_runner.engine.base import Engine, Finished, RequestRejected
 from dropbox_runner.engine.feedahead import FeedAhead, grouped
+from dropbox_runner.engine.shardsink import ShardSink
 from dropbox_runner.lines import IdSet, LineError, Request, iter_raw_lines, parse_line
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids, success_line
@@ -147,7 +148,10 @@ class TaskRun:
             ahead,
         )
         self.defaults = tuple(task.defaults)
-        self.log = ResultLog(Path(task.log), task.total)
+        if task.shard is None:
+            self.log: ResultLog | ShardSink = ResultLog(Path(task.log), task.total)
+        else:  # a copy running a shard for the daemon: results go back up the pipe
+            self.log = ShardSink(task.total, task.shard[0], task.shard[1], channel.send)
         self.interval = task.commit_interval_ms / 1000
         self.timeout = task.request_timeout_seconds
         self.started: dict[int, tuple[float, str]] = {}  # in flight, oldest first: start time, custom_id
@@ -168,7 +172,8 @@ class TaskRun:
             self._commit()
             self.lifeline.active_log = None
             self.log.close()
-        self.channel.send(self._progress())
+        if self.task.shard is None:
+            self.channel.send(self._progress())
         return self.outcome
 
     def _progress(self) -> p.Progress:
@@ -188,7 +193,7 @@ class TaskRun:
         # The next commit is due one interval after the start of the last, not after its end.
         while not self._stop.wait(max(0.0, deadline - time.monotonic())):
             deadline = time.monotonic() + self.interval
-            if self._commit():
+            if self._commit() and self.task.shard is None:
                 self.channel.offer(self._progress())
 
     def _feed(self) -> None:
@@ -219,9 +224,18 @@ class TaskRun:
 
     def _requests(self):
         """The task's lines still to run, in input order; bad lines and known poison fail on the way."""
-        done, seen, poison = self.log.done, IdSet(), set(self.task.poison)
-        with open(self.task.input, "rb") as f:
-            for raw in iter_raw_lines(f):
+        done, seen, poison, task = self.log.done, IdSet(), set(self.task.poison), self.task
+        with open(task.input, "rb") as f:
+            lines = iter_raw_lines(f)
+            if task.shard is not None:  # a copy's shard: read from the checkpoint before it to its end
+                offset, line, index = task.shard_at
+                f.seek(offset)
+                lines = iter_raw_lines(f, offset, index, line - 1)
+            for raw in lines:
+                if task.shard is not None and (raw.index >= task.shard[1] or done[raw.index]):
+                    if raw.index >= task.shard[1]:
+                        return
+                    continue  # not this copy's line (repeated ids are the daemon's to fail)
                 parsed = parse_line(raw, seen, self.defaults)
                 if done[raw.index]:
                     continue

@@ -1,0 +1,140 @@
+"""Several copies of a model on one job (`replicas: N`): same outputs, faults contained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dropbox_runner.config import load_registry
+from dropbox_runner.errors import ConfigError
+from dropbox_runner.supervisor import group_members
+
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    read_jsonl,
+    run_once,
+    snapshot,
+    wait_for,
+    write_jsonl,
+)
+
+COPIES = """
+  rep: {engine: echo, replicas: 3, engine_args: {delay_ms: 2, max_in_flight: 16}}
+  repcrash: {engine: echo, replicas: 2, engine_args: {crash_on: POISON, max_in_flight: 8}}
+"""
+
+
+@pytest.fixture
+def rroot(root: Path) -> Path:
+    (root / "models.yaml").write_text((root / "models.yaml").read_text() + COPIES)
+    for name in ("rep", "repcrash"):
+        (root / "inbox" / name).mkdir()
+    return root
+
+
+def answers(path: Path) -> list[tuple]:
+    """What an output file says, without the ids and times that differ between runs."""
+    out = []
+    for x in read_jsonl(path):
+        body = (x["response"] or {}).get("body") or {}
+        choice = (body.get("choices") or [{}])[0]
+        out.append(
+            (x["custom_id"], (choice.get("message") or {}).get("content"), body.get("usage"), x["error"])
+        )
+    return out
+
+
+def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:
+    lines = [chat_line(i) for i in range(2000)] + ["not json", chat_line(5)]  # a bad line, a duplicate id
+    write_jsonl(rroot / "inbox/rep/many.jsonl", lines)
+    write_jsonl(rroot / "inbox/slow/one.jsonl", lines)
+    proc = run_once(rroot, timeout=120)
+    assert "loading 3 copies of rep" in proc.stderr
+    assert answers(rroot / "outbox/many/rep.jsonl") == answers(rroot / "outbox/one/slow.jsonl")
+    assert batch_json(rroot, "many")["request_counts"] == batch_json(rroot, "one")["request_counts"]
+
+
+def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None:
+    lines = [chat_line(i) for i in range(30000)]
+    write_jsonl(rroot / "inbox/rep/big.jsonl", lines)
+    d = Daemon(rroot)
+    try:
+        copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
+        wait_for(
+            lambda: (
+                (batch_json(rroot, "big") or {})
+                .get("models", {})
+                .get("rep", {})
+                .get("request_counts", {})
+                .get("completed", 0)
+                > 2000
+            )
+        )
+        os.kill(copies[1]["pid"], signal.SIGKILL)
+        wait_for(lambda: finished(rroot, "big"), timeout=120, what="the job after a copy died")
+    finally:
+        d.kill(signal.SIGTERM)
+    out = read_jsonl(rroot / "outbox/big/rep.jsonl")
+    assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(30000)]
+    assert all(x["response"]["status_code"] == 200 for x in out)
+    assert "copy 1 of rep killed by SIGKILL" in (rroot / "state/daemon.log").read_text()
+
+
+def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
+    lines = [chat_line(i) for i in range(400)]
+    lines[123] = chat_line(123, "POISON here")
+    write_jsonl(rroot / "inbox/repcrash/p.jsonl", lines)
+    run_once(rroot, timeout=120)
+    out = read_jsonl(rroot / "outbox/p/repcrash.jsonl")
+    failed = [i for i, x in enumerate(out) if x["response"] is None]
+    assert (
+        failed == [123] and out[123]["error"]["code"] == "engine_crash" and out[123]["custom_id"] == "q-123"
+    )
+
+
+def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path) -> None:
+    lines = [chat_line(i) for i in range(30000)]
+    write_jsonl(rroot / "inbox/rep/k.jsonl", lines)
+    d = Daemon(rroot)
+    copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
+    wait_for(
+        lambda: (
+            (batch_json(rroot, "k") or {})
+            .get("models", {})
+            .get("rep", {})
+            .get("request_counts", {})
+            .get("completed", 0)
+            > 1000
+        )
+    )
+    d.kill(signal.SIGKILL)
+    wait_for(lambda: not any(group_members(c["pid"]) for c in copies), timeout=15, what="the copies to end")
+    run_once(rroot, timeout=120)
+    assert [x["custom_id"] for x in read_jsonl(rroot / "outbox/k/rep.jsonl")] == [
+        f"q-{i}" for i in range(30000)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("{engine: echo, replicas: 0}", "models.x.replicas"),
+        ("{engine: echo, executor: spark}", "models.x.executor"),
+        ("{engine: echo, replicas: 2, devices: ['0']}", "models.x.devices: 1 devices for 2 replicas"),
+    ],
+)
+def test_wrong_copy_settings_stop_the_daemon_naming_the_key(
+    tmp_path: Path, entry: str, expected: str
+) -> None:
+    (tmp_path / "models.yaml").write_text(f"models:\n  x: {entry}\n")
+    with pytest.raises(ConfigError) as err:
+        load_registry(tmp_path)
+    assert expected in str(err.value)
+    json.dumps(str(err.value))
