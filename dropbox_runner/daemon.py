@@ -11,6 +11,7 @@ import logging.handlers
 import os
 import signal
 import socket
+import sys
 import time
 
 from dropbox_runner import scheduler, status, webhooks
@@ -121,6 +122,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.execution.stop()
+        if "dropbox_runner.raycopies" in sys.modules:  # imported only if a model used Ray
+            sys.modules["dropbox_runner.raycopies"].stop()
         self.history.tick(force=True)
         if self.watcher:
             self.watcher.stop()

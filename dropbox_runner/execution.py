@@ -118,16 +118,15 @@ class Execution:
             self._fail_model(model, f"the model {model} cannot run here: {problem}")
             return
         log.info("loading %d copies of %s (%s)", config.replicas, model, config.executor)
-        self.sharded = ShardedRun(
-            self.layout,
-            self.journal,
-            self.settings,
-            self.history,
-            self.spec,
-            self.task,
-            config,
-            self._order(),
-        )
+        order = self._order()
+        try:
+            self.sharded = ShardedRun(
+                self.layout, self.journal, self.settings, self.history, self.spec, self.task, config, order
+            )
+        except ConnectionError as exc:  # Ray cannot be reached
+            where = self.settings.ray_address
+            self._fail_model(model, f"settings.ray_address: cannot reach Ray at {where!r} ({exc})"[:400])
+            return
         self.sent = True
 
     def _end_copies(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import select
 import subprocess
 import sys
@@ -70,6 +71,14 @@ class ShardedRun:
     ) -> None:
         self.layout, self.settings, self.history = layout, settings, history
         self.spec, self.task, self.config, self.order = spec, task, config, order
+        self.ray = None
+        if config.executor == "ray":
+            if settings.ray_address == "local":  # a private instance: loopback only (read at import)
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            from dropbox_runner import raycopies  # Ray is imported only when a model asks for it
+
+            raycopies.ensure_ray(settings.ray_address)
+            self.ray = raycopies
         self.log = ResultLog(journal.log_path(spec.id, task.model), spec.total, blocking_lock=False)
         recovery = self.log.recover()
         for note in recovery.notes:
@@ -142,6 +151,8 @@ class ShardedRun:
         return [checkpoint[1], checkpoint[2], checkpoint[0]]
 
     def _start_copy(self, index: int) -> Copy:
+        if self.ray is not None:
+            return Copy(index, self.ray.RayCopy(self.layout, self.task.model, self.config))
         devices = self.config.devices
         env = {"CUDA_VISIBLE_DEVICES": devices[index] if devices else str(index)}
         return Copy(index, ModelProcess(self.layout, self.task.model, self.config, env=env))
@@ -170,13 +181,17 @@ class ShardedRun:
     # -- the loop ----------------------------------------------------------------------------------
     def pump(self, timeout: float) -> bool:
         """Read the copies' events for up to `timeout` s; True once every line has a result."""
-        pipes = {c.proc._events: c for c in self.copies}
-        try:
-            ready, _, _ = select.select(list(pipes), [], [], timeout)
-        except (ValueError, OSError):
-            ready = []
-        for pipe in ready:
-            copy = pipes[pipe]
+        if self.ray is not None:
+            self.ray.wait_any([c.proc for c in self.copies], timeout)
+            ready = list(self.copies)
+        else:
+            pipes = {c.proc._events: c for c in self.copies}
+            try:
+                fds, _, _ = select.select(list(pipes), [], [], timeout)
+            except (ValueError, OSError):
+                fds = []
+            ready = [pipes[fd] for fd in fds]
+        for copy in ready:
             for ev in copy.proc.events(0):
                 self._event(copy, ev)
         for copy in list(self.copies):
@@ -279,6 +294,7 @@ class ShardedRun:
     def describe(self) -> dict:
         first = self.copies[0].proc if self.copies else None
         return {
+            "executor": self.config.executor,
             "copies": [
                 {
                     "pid": c.proc.pid,

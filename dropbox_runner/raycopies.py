@@ -1,0 +1,229 @@
+"""Copies of a model as Ray actors (`executor: ray`): the same engine and feeding code as the local
+model process, driven through the same shard protocol (see shards.py). Imported only when a model
+asks for Ray.
+
+The daemon is the Ray driver: actors are not detached, so they end with it; with `ray_address:
+local` the Ray instance is its own (loopback only) and ends with it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from dropbox_runner import protocol as p
+from dropbox_runner.config import ModelConfig, is_embedded_path, resolve_model_path
+from dropbox_runner.layout import Layout
+
+log = logging.getLogger("dropbox_runner.daemon")
+
+
+def ensure_ray(address: str) -> None:
+    """Start (local) or join (auto, host:port) Ray once per daemon."""
+    if ray.is_initialized():
+        return
+    t0 = time.monotonic()
+    options: dict[str, Any] = {
+        "log_to_driver": False,
+        "configure_logging": False,
+        "include_dashboard": False,
+        "namespace": "dropbox_runner",
+    }
+    options.pop("include_dashboard")
+    if address == "local":
+        address = _start_private_ray()
+    elif ":" in address:  # host:port: say at once if nothing listens there (ray.init would retry long)
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise ConnectionError(f"nothing answers at {address}: {exc}") from None
+    ray.init(address=address, **options)
+    log.info("Ray ready (%s) in %.1fs: %s", address, time.monotonic() - t0, ray.cluster_resources())
+
+
+_lifeline: subprocess.Popen | None = None
+
+
+def _start_private_ray() -> str:
+    """A Ray head of this daemon's own, in a process group that ends when the daemon does."""
+    global _lifeline
+    # Loopback only and owned by this daemon: no token (Ray would keep one in ~/.ray, outside the root).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    _lifeline = subprocess.Popen(
+        [sys.executable, "-m", "dropbox_runner.raylifeline"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    line = _lifeline.stdout.readline().decode().strip()
+    if not line:
+        raise ConnectionError("the private Ray instance did not start (see the daemon's log)")
+    return line
+
+
+def stop() -> None:
+    """End the private Ray instance, if this daemon started one."""
+    if ray.is_initialized():
+        ray.shutdown()
+    if _lifeline is not None:
+        _lifeline.stdin.close()
+        _lifeline.wait(timeout=30)
+
+
+class _Outbox:
+    """The actor's side of the pipe: events wait here until the daemon polls."""
+
+    def __init__(self) -> None:
+        self.events: deque[bytes] = deque()
+        self.commands: queue.Queue[p.Message] = queue.Queue()
+        self.active_log = None
+
+    def send(self, event: p.Message) -> None:
+        self.events.append(event.encode())
+
+    offer = send
+
+    def poll(self) -> p.Message | None:
+        try:
+            return self.commands.get_nowait()
+        except queue.Empty:
+            return None
+
+    def die(self) -> None:
+        os._exit(1)
+
+
+class CopyActor:
+    """One copy of a model in a Ray worker process."""
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        from dropbox_runner.engine.worker import make_engine
+
+        t0 = time.time()
+        self.engine = make_engine(p.Start(**start))
+        self.load_seconds = round(time.time() - t0, 3)
+        self.outbox = _Outbox()
+
+    def ready(self) -> list:
+        return [self.load_seconds, self.engine.capacity, os.getpid()]
+
+    def run(self, order: dict[str, Any]) -> None:
+        from dropbox_runner.engine.worker import TaskRun
+
+        def work() -> None:
+            outcome = TaskRun(self.engine, p.TaskOrder(**order), self.outbox, self.outbox, None).run()
+            self.outbox.send(p.TaskDone(outcome))
+
+        threading.Thread(target=work, name="shard", daemon=True).start()
+
+    def poll(self) -> list[bytes]:
+        events = list(self.outbox.events)
+        for _ in events:
+            self.outbox.events.popleft()
+        return events
+
+
+class RayCopy:
+    """The daemon's handle on one actor, with the interface of `ModelProcess` that shards.py uses."""
+
+    def __init__(self, layout: Layout, name: str, config: ModelConfig) -> None:
+        self.name = name
+        self.loaded = False
+        self.load_seconds: float | None = None
+        self.pid = 0
+        self.started_at = self.last_event_at = time.monotonic()
+        self._dead: str | None = None
+        start = {
+            "event_fd": -1,
+            "model": name,
+            "engine": config.engine.value,
+            "task": config.task.value,
+            "path": resolve_model_path(layout.root, config),
+            "engine_args": config.engine_args,
+            "build": None if not (config.path and is_embedded_path(layout.root, config.path)) else name,
+        }
+        gpus = 1 if config.engine.value == "vllm" and ray.cluster_resources().get("GPU") else 0
+        actor_cls = ray.remote(num_cpus=0.25, num_gpus=gpus, max_restarts=0)(CopyActor)
+        self.actor = actor_cls.remote(start)
+        self._ready = self.actor.ready.remote()
+        self._poll: Any = None
+
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def exit_description(self) -> str:
+        return self._dead or "still running"
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_event_at
+
+    def send(self, command: p.Message) -> bool:
+        if isinstance(command, p.Run):
+            self.actor.run.remote(asdict(command.task))
+        return True
+
+    def refs(self) -> list:
+        """What the daemon waits on: the load, or the next poll of events."""
+        if self._dead is not None:
+            return []
+        if not self.loaded:
+            return [self._ready]
+        if self._poll is None:
+            self._poll = self.actor.poll.remote()
+        return [self._poll]
+
+    def events(self, timeout: float = 0) -> list[p.Message]:
+        refs = self.refs()
+        if not refs:
+            return []
+        done, _ = ray.wait(refs, timeout=timeout)
+        if not done:
+            return []
+        try:
+            value = ray.get(done[0])
+        except RayActorError as exc:
+            self._dead = f"lost its Ray actor ({type(exc).__name__})"
+            return []
+        except RayError as exc:
+            self._dead = f"failed in Ray ({exc})"[:300]
+            return []
+        self.last_event_at = time.monotonic()
+        if not self.loaded:
+            self.loaded, self.load_seconds, self.pid = True, value[0], value[2]
+            return [p.Loaded(load_seconds=value[0], capacity=value[1])]
+        self._poll = None
+        return [p.decode(line, p.EVENTS) for line in value]
+
+    def drain(self) -> list[p.Message]:
+        return []
+
+    def end(self, timeout: float = 0) -> float:
+        t0 = time.monotonic()
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except RayError:
+            pass
+        self._dead = self._dead or "ended"
+        return time.monotonic() - t0
+
+
+def wait_any(copies: list[RayCopy], timeout: float) -> None:
+    """Block until some copy has something to say, or `timeout` seconds."""
+    refs = [r for c in copies for r in c.refs()]
+    if refs:
+        ray.wait(refs, num_returns=1, timeout=timeout)
+    else:
+        time.sleep(timeout)

@@ -1,0 +1,144 @@
+"""Copies of a model on Ray (`executor: ray`): a two-node cluster on 127.0.0.1, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray address stays 127.0.0.1
+ray = pytest.importorskip("ray")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+from test_replicas import answers  # noqa: E402
+
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    read_jsonl,
+    run_once,
+    snapshot,
+    wait_for,
+    write_jsonl,
+)  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "resources": {"node_a": 1}},
+    )
+    node_b = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_b": 1})
+    c.wait_for_nodes()
+    yield c, node_b
+    c.shutdown()
+
+
+def ray_models(root: Path, address: str) -> None:
+    yaml = (
+        (root / "models.yaml").read_text().replace("settings:\n", f"settings:\n  ray_address: '{address}'\n")
+    )
+    yaml += (
+        "  rr: {engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 2, max_in_flight: 16}}\n"
+    )
+    (root / "models.yaml").write_text(yaml)
+    (root / "inbox/rr").mkdir()
+
+
+def test_three_ray_copies_on_two_nodes_give_the_same_file_as_one_local_copy(cluster, root: Path) -> None:
+    c, _ = cluster
+    ray_models(root, c.address)
+    lines = [chat_line(i) for i in range(3000)] + [chat_line(7)]
+    write_jsonl(root / "inbox/rr/r.jsonl", lines)
+    write_jsonl(root / "inbox/slow/l.jsonl", lines)
+    proc = run_once(root, timeout=240)
+    assert "loading 3 copies of rr (ray)" in proc.stderr
+    assert answers(root / "outbox/r/rr.jsonl") == answers(root / "outbox/l/slow.jsonl")
+    assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes()) if ray.is_initialized() else True
+
+
+def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Path) -> None:
+    c, node_b = cluster
+    ray_models(root, c.address)
+    write_jsonl(root / "inbox/rr/big.jsonl", [chat_line(i) for i in range(40000)])
+    d = Daemon(root)
+    try:
+        copies = wait_for(
+            lambda: (
+                len([x for x in snapshot(root).get("copies") or [] if x["loaded"]]) == 3
+                and snapshot(root)["copies"]
+            ),
+            timeout=120,
+        )
+        done = lambda: (
+            (batch_json(root, "big") or {})
+            .get("models", {})
+            .get("rr", {})
+            .get("request_counts", {})
+            .get("completed", 0)
+        )  # noqa: E731
+        wait_for(lambda: done() > 2000, timeout=60)
+        os.kill(copies[0]["pid"], signal.SIGKILL)  # a copy's Ray worker process, killed
+        wait_for(lambda: done() > 8000, timeout=60)
+        c.remove_node(node_b)  # and a whole node
+        wait_for(lambda: finished(root, "big"), timeout=240, what="the job after the faults")
+    finally:
+        d.kill(signal.SIGTERM)
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_b": 1})
+    out = read_jsonl(root / "outbox/big/rr.jsonl")
+    assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(40000)]
+    assert all(x["response"]["status_code"] == 200 for x in out)
+    assert "lost its Ray actor" in (root / "state/daemon.log").read_text()
+
+
+def ray_processes() -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"raylet" in cmd or b"gcs_server" in cmd or b"ray::" in cmd or b"default_worker" in cmd:
+            found.add(int(pid))
+    return found
+
+
+def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path) -> None:
+    ray_models(root, "local")
+    write_jsonl(root / "inbox/rr/k.jsonl", [chat_line(i) for i in range(30000)])
+    before = ray_processes()
+    d = Daemon(root)
+    wait_for(lambda: len([x for x in snapshot(root).get("copies") or [] if x["loaded"]]) == 3, timeout=120)
+    ours = ray_processes() - before
+    assert ours, "the daemon started its own Ray"
+    d.kill(signal.SIGKILL)
+    try:
+        wait_for(lambda: not (ray_processes() & ours), timeout=60, what="the daemon's Ray processes to end")
+    except AssertionError:
+        left = [Path(f"/proc/{x}/cmdline").read_bytes()[:200] for x in ray_processes() & ours]
+        raise AssertionError(f"left behind: {left}") from None
+    run_once(root, timeout=240)
+    assert [x["custom_id"] for x in read_jsonl(root / "outbox/k/rr.jsonl")] == [
+        f"q-{i}" for i in range(30000)
+    ]
+    time.sleep(0)
+    subprocess.run(["true"])
+
+
+def test_an_unreachable_ray_address_fails_that_models_tasks_and_the_others_run(root: Path) -> None:
+    ray_models(root, "127.0.0.1:1")
+    write_jsonl(root / "inbox/rr/u.jsonl", [chat_line(0)])
+    write_jsonl(root / "inbox/echo/fine.jsonl", [chat_line(0)])
+    run_once(root, timeout=240)
+    assert batch_json(root, "fine")["status"] == "completed"
+    batch = batch_json(root, "u")
+    assert batch["status"] == "failed" and "ray_address" in batch["models"]["rr"]["error"]
