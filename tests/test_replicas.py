@@ -138,3 +138,23 @@ def test_wrong_copy_settings_stop_the_daemon_naming_the_key(
         load_registry(tmp_path)
     assert expected in str(err.value)
     json.dumps(str(err.value))
+
+
+def test_the_daemon_imports_no_engine_and_no_ray_until_a_model_asks(rroot: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dropbox_runner.config import load_registry\n"
+        "from dropbox_runner.daemon import Daemon\n"
+        "from dropbox_runner.layout import Layout\n"
+        f"Daemon(Layout(Path({str(rroot)!r})), load_registry(Path({str(rroot)!r})), once=True).run()\n"
+        "heavy = [m for m in ('ray', 'vllm', 'torch', 'transformers') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    write_jsonl(rroot / "inbox/rep/light.jsonl", [chat_line(0)])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "heavy: []" in out.stdout, out.stderr[-2000:]
+    assert batch_json(rroot, "light")["status"] == "completed"
