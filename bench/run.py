@@ -115,7 +115,8 @@ def bench_throughput(n: int, tmp: Path) -> dict:
     results = {}
     for mode in ("generate", "chunked"):
         cmd = [PY, str(REPO / "bench/baselines.py"), mode, str(model), str(inp), str(tmp / f"{mode}.out")]
-        results[mode] = json.loads(run_alone(cmd, tmp).strip().splitlines()[-1])
+        printed = run_alone(cmd, tmp).splitlines()
+        results[mode] = json.loads(next(x for x in printed if x.startswith('{"load_s"')))
     t0 = time.time()
     run_alone(
         [
@@ -240,6 +241,80 @@ def bench_overhead(sizes: list[int], tmp: Path) -> dict:
     table(
         "2. Overhead alone: echo engine, drop to published outbox",
         ["requests", "wall s", "requests/s", "daemon peak RSS MB"],
+        rows,
+    )
+    return out
+
+
+# -- 7. scaling: several copies of a model, local and on Ray ---------------------------------------
+def echo_lines(n: int) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": f"q {i}"}], "max_tokens": 4},
+            }
+        )
+        for i in range(n)
+    ]
+
+
+def run_copies(tmp: Path, name: str, entry: str, lines: Path, settings: str = "") -> dict:
+    """One drop on a model entry, run by a daemon: wall time of the run, requests/s, daemon peak RSS."""
+    root = tmp / name
+    (root / "inbox/m").mkdir(parents=True)
+    (root / "state").mkdir()
+    (root / "models.yaml").write_text(
+        f"settings: {{settle_seconds: 0.2, ray_address: local{settings}}}\nmodels:\n  m: {entry}\n"
+    )
+    p = daemon(root, "--settle", "0.2")
+    os.link(lines, root / "inbox/m/job.jsonl")
+    peak = 0.0
+    while not ((b := batch(root, "job")) and b["status"] in ("completed", "failed")):
+        peak = max(peak, peak_rss_mb(p.pid))
+        time.sleep(0.1)
+    peak = max(peak, peak_rss_mb(p.pid))
+    p.send_signal(signal.SIGTERM)
+    p.wait()
+    m = b["models"]["m"]
+    run = m["completed_at"] - m["started_at"]
+    n = b["request_counts"]["total"]
+    return {"run_s": run, "req_per_s": n / run if run > 0 else 0.0, "daemon_peak_rss_mb": peak}
+
+
+def bench_scaling(tmp: Path, quick: bool) -> dict:
+    paced_n = 4000 if quick else 20000
+    paced = write(tmp / "paced.jsonl", echo_lines(paced_n))
+    pace = "engine_args: {delay_ms: 20, max_in_flight: 16}"  # 800 req/s per copy, by sleeping
+    rows, out = [], {}
+    for executor in ("local", "ray"):
+        for copies in (1, 2, 4):
+            entry = f"{{engine: echo, replicas: {copies}, executor: {executor}, {pace}}}"
+            r = run_copies(tmp, f"paced-{executor}-{copies}", entry, paced)
+            out[f"{executor}-{copies}"] = r
+            base = out[f"{executor}-1"]["req_per_s"]
+            rows.append([executor, copies, r["run_s"], r["req_per_s"], r["req_per_s"] / base if base else 0])
+    table(
+        f"7a. Scaling, echo paced at 800 requests/s per copy, {paced_n:,} requests",
+        ["executor", "copies", "run s", "requests/s", "x one copy"],
+        rows,
+    )
+    n = 100_000 if quick else 1_000_000
+    big = write(tmp / "big.jsonl", echo_lines(n))
+    fast = "engine_args: {max_in_flight: 1024}"
+    rows = []
+    for label, entry in (
+        ("one local copy (the model process writes the log)", f"{{engine: echo, {fast}}}"),
+        ("2 local copies (results through the daemon)", f"{{engine: echo, replicas: 2, {fast}}}"),
+        ("4 Ray copies", f"{{engine: echo, replicas: 4, executor: ray, {fast}}}"),
+    ):
+        r = run_copies(tmp, label.split(" (")[0].replace(" ", "-"), entry, big)
+        out[label] = r
+        rows.append([label, r["run_s"], r["req_per_s"], r["daemon_peak_rss_mb"], 1e6 / r["req_per_s"]])
+    table(
+        f"7b. Transport, echo unpaced, {n:,} requests",
+        ["runner", "run s", "requests/s", "daemon peak RSS MB", "us per request"],
         rows,
     )
     return out
@@ -400,7 +475,7 @@ def bench_status(jobs: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="1,2,3,4,5,6")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7")
     args = ap.parse_args()
     only = set(args.only.split(","))
     subprocess.run(
@@ -426,6 +501,8 @@ def main() -> None:
             results["5"] = bench_swap(tmp)
         if "6" in only:
             results["6"] = bench_status(100 if args.quick else 1000, tmp)
+        if "7" in only:
+            results["7"] = bench_scaling(tmp, args.quick)
     out = REPO / "bench/results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))
