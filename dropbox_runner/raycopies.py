@@ -120,11 +120,22 @@ class CopyActor:
     def ready(self) -> list:
         return [self.load_seconds, self.engine.capacity, os.getpid()]
 
-    def run(self, order: dict[str, Any]) -> None:
+    def run(self, order: dict[str, Any], lines: bytes | None = None) -> None:
         from dropbox_runner.engine.worker import TaskRun
 
+        if lines is not None:  # the shard's lines, sent by the daemon: read from a file of this host
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+                f.write(lines)
+            order = {**order, "input": f.name, "shard_at": [0, order["shard_at"][1], order["shard_at"][2]]}
+
         def work() -> None:
-            outcome = TaskRun(self.engine, p.TaskOrder(**order), self.outbox, self.outbox, None).run()
+            try:
+                outcome = TaskRun(self.engine, p.TaskOrder(**order), self.outbox, self.outbox, None).run()
+            finally:
+                if lines is not None:
+                    os.unlink(order["input"])
             self.outbox.send(p.TaskDone(outcome))
 
         threading.Thread(target=work, name="shard", daemon=True).start()
@@ -173,6 +184,10 @@ class RayCopy:
     def send(self, command: p.Message) -> bool:
         if isinstance(command, p.Run):
             self.actor.run.remote(asdict(command.task))
+        return True
+
+    def send_with_lines(self, command: p.Run, lines: bytes) -> bool:
+        self.actor.run.remote(asdict(command.task), lines)
         return True
 
     def refs(self) -> list:

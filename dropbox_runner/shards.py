@@ -174,9 +174,25 @@ class ShardedRun:
                     shard=[shard.start, shard.end],
                     shard_at=self._start_of(shard.start),
                 )
-                copy.proc.send(p.Run(order))
+                if self.ray is not None:  # a copy on another host may not see the root: it gets the lines
+                    copy.proc.send_with_lines(p.Run(order), self._shard_bytes(order))
+                else:
+                    copy.proc.send(p.Run(order))
                 copy.proc.last_event_at = time.monotonic()
                 return
+
+    def _shard_bytes(self, order: p.TaskOrder) -> bytes:
+        """The input's bytes from the shard's checkpoint to the end of its last line."""
+        offset, line, index = order.shard_at
+        end = offset
+        with open(self.order.input, "rb") as f:
+            f.seek(offset)
+            for raw in iter_raw_lines(f, offset, index, line - 1):
+                if raw.index >= order.shard[1]:
+                    break
+                end = f.tell()
+            f.seek(offset)
+            return f.read(end - offset)
 
     # -- the loop ----------------------------------------------------------------------------------
     def pump(self, timeout: float) -> bool:
