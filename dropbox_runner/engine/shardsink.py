@@ -33,17 +33,10 @@ class ShardSink:
     def fed(self, index: int) -> None:
         pass  # the daemon knows the shard it leased
 
-    def append(
-        self,
-        index: int,
-        ok: bool,
-        prompt_tokens: int,
-        completion_tokens: int,
-        payload: bytes,
-        cached: int = 0,
-    ) -> None:
+    def append(self, index: int, ok: bool, pt: int, ct: int, payload: bytes, cached: int = 0) -> None:
+        """Keep one result (prompt, completion and cached tokens) for the next commit's message."""
         with self._lock:
-            self._pending.append([index, ok, prompt_tokens, completion_tokens, cached, payload.decode()])
+            self._pending.append([index, ok, pt, ct, cached, payload.decode()])
         self.done[index] = 1
 
     def commit(self) -> bool:
