@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -164,7 +165,9 @@ class RayCopy:
             "task": config.task.value,
             "path": resolve_model_path(layout.root, config),
             "engine_args": config.engine_args,
-            "build": None if not (config.path and is_embedded_path(layout.root, config.path)) else name,
+            "build": Path(config.path).name
+            if config.path and is_embedded_path(layout.root, config.path)
+            else None,
         }
         gpus = 1 if config.engine.value == "vllm" and ray.cluster_resources().get("GPU") else 0
         actor_cls = ray.remote(num_cpus=0.25, num_gpus=gpus, max_restarts=0)(CopyActor)

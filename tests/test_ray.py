@@ -44,7 +44,7 @@ def ray_models(root: Path, address: str) -> None:
         (root / "models.yaml").read_text().replace("settings:\n", f"settings:\n  ray_address: '{address}'\n")
     )
     yaml += (
-        "  rr: {engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 2, max_in_flight: 16}}\n"
+        "  rr: {engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}\n"
     )
     (root / "models.yaml").write_text(yaml)
     (root / "inbox/rr").mkdir()

@@ -27,6 +27,7 @@ from conftest import (
 
 COPIES = """
   rep: {engine: echo, replicas: 3, engine_args: {delay_ms: 2, max_in_flight: 16}}
+  repslow: {engine: echo, replicas: 3, engine_args: {delay_ms: 20, max_in_flight: 16}}
   repcrash: {engine: echo, replicas: 2, engine_args: {crash_on: POISON, max_in_flight: 8}}
 """
 
@@ -34,7 +35,7 @@ COPIES = """
 @pytest.fixture
 def rroot(root: Path) -> Path:
     (root / "models.yaml").write_text((root / "models.yaml").read_text() + COPIES)
-    for name in ("rep", "repcrash"):
+    for name in ("rep", "repslow", "repcrash"):
         (root / "inbox" / name).mkdir()
     return root
 
@@ -62,8 +63,8 @@ def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:
 
 
 def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None:
-    lines = [chat_line(i) for i in range(30000)]
-    write_jsonl(rroot / "inbox/rep/big.jsonl", lines)
+    lines = [chat_line(i) for i in range(30000)]  # about 12 s on three copies at 800 requests/s each
+    write_jsonl(rroot / "inbox/repslow/big.jsonl", lines)
     d = Daemon(rroot)
     try:
         copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
@@ -71,7 +72,7 @@ def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None
             lambda: (
                 (batch_json(rroot, "big") or {})
                 .get("models", {})
-                .get("rep", {})
+                .get("repslow", {})
                 .get("request_counts", {})
                 .get("completed", 0)
                 > 2000
@@ -81,10 +82,10 @@ def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None
         wait_for(lambda: finished(rroot, "big"), timeout=120, what="the job after a copy died")
     finally:
         d.kill(signal.SIGTERM)
-    out = read_jsonl(rroot / "outbox/big/rep.jsonl")
+    out = read_jsonl(rroot / "outbox/big/repslow.jsonl")
     assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(30000)]
     assert all(x["response"]["status_code"] == 200 for x in out)
-    assert "copy 1 of rep killed by SIGKILL" in (rroot / "state/daemon.log").read_text()
+    assert "copy 1 of repslow killed by SIGKILL" in (rroot / "state/daemon.log").read_text()
 
 
 def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
@@ -101,14 +102,14 @@ def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
 
 def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path) -> None:
     lines = [chat_line(i) for i in range(30000)]
-    write_jsonl(rroot / "inbox/rep/k.jsonl", lines)
+    write_jsonl(rroot / "inbox/repslow/k.jsonl", lines)
     d = Daemon(rroot)
     copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
     wait_for(
         lambda: (
             (batch_json(rroot, "k") or {})
             .get("models", {})
-            .get("rep", {})
+            .get("repslow", {})
             .get("request_counts", {})
             .get("completed", 0)
             > 1000
@@ -117,7 +118,7 @@ def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Pa
     d.kill(signal.SIGKILL)
     wait_for(lambda: not any(group_members(c["pid"]) for c in copies), timeout=15, what="the copies to end")
     run_once(rroot, timeout=120)
-    assert [x["custom_id"] for x in read_jsonl(rroot / "outbox/k/rep.jsonl")] == [
+    assert [x["custom_id"] for x in read_jsonl(rroot / "outbox/k/repslow.jsonl")] == [
         f"q-{i}" for i in range(30000)
     ]
 

@@ -33,8 +33,8 @@ class _AnyIds(IdSet):
 
 
 class FeedAhead:
-    def __init__(self, spec: p.Start, order: p.TaskOrder, limit: int = AHEAD_LINES) -> None:
-        self.spec, self.order, self.limit = spec, order, limit
+    def __init__(self, tokenizer: Any, order: p.TaskOrder, limit: int = AHEAD_LINES) -> None:
+        self.tokenizer, self.order, self.limit = tokenizer, order, limit
         self.cache: dict[int, list[array] | RequestRejected] = {}
         self.consumed = -1
         self.stopped = False
@@ -56,10 +56,10 @@ class FeedAhead:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        from dropbox_runner.engine.vllm_engine import load_tokenizer, prompt_ids
+        from dropbox_runner.engine.vllm_engine import prompt_ids
 
+        tokenizer = self.tokenizer
         try:
-            tokenizer = load_tokenizer(self.spec.path, self.spec.engine_args)
             defaults = tuple(self.order.defaults)
             start, end = self.order.shard or (0, float("inf"))
             ids = _AnyIds()

@@ -62,7 +62,9 @@ class Channel:
 class Lifeline:
     """Reads commands from stdin; EOF means the daemon died, so the whole process group goes at once.
 
-    A task's order may arrive while the engine still loads: its feed-ahead starts at once.
+    A task's order may arrive while the engine still loads: its feed-ahead starts as soon as the
+    tokenizer is there (loaded by the main thread first: transformers' lazy imports are not safe
+    from two threads at once).
     """
 
     def __init__(self, spec: p.Start) -> None:
@@ -70,16 +72,35 @@ class Lifeline:
         self.commands: queue.Queue[p.Message] = queue.Queue()
         self.active_log: ResultLog | None = None
         self.ahead: FeedAhead | None = None
+        self._tokenizer = None
+        self._waiting: p.TaskOrder | None = None  # an order that came before the tokenizer
+        self._lock = threading.Lock()
         threading.Thread(target=self._read, name="lifeline", daemon=True).start()
 
     def _read(self) -> None:
         for line in sys.stdin.buffer:
             if line.strip():
                 cmd = p.decode(line, p.COMMANDS)
-                if isinstance(cmd, p.Run) and self.spec.engine == "vllm" and self.ahead is None:
-                    self.ahead = FeedAhead(self.spec, cmd.task)
+                if isinstance(cmd, p.Run) and self.spec.engine == "vllm":
+                    self._prepare(cmd.task)
                 self.commands.put(cmd)
         self.die()
+
+    def _prepare(self, order: p.TaskOrder) -> None:
+        with self._lock:
+            if self.ahead is not None:
+                return
+            if self._tokenizer is None:
+                self._waiting = self._waiting or order
+            else:
+                self.ahead = FeedAhead(self._tokenizer, order)
+
+    def tokenizer_ready(self, tokenizer) -> None:
+        with self._lock:
+            self._tokenizer = tokenizer
+            order, self._waiting = self._waiting, None
+        if order is not None:
+            self._prepare(order)
 
     def feed_ahead_for(self, order: p.TaskOrder) -> FeedAhead | None:
         """The feed-ahead prepared for this order (a vLLM model's), or None; each serves one task."""
@@ -101,6 +122,31 @@ class Lifeline:
             return None
 
 
+def prepare_tokenizer(spec: p.Start, lifeline: Lifeline) -> None:
+    """Load the model's tokenizer here, before the engine, and hand it to the feed-ahead."""
+    from dropbox_runner.engine.vllm_engine import load_tokenizer
+
+    build_if_missing(spec)
+    try:
+        tokenizer = load_tokenizer(spec.path, spec.engine_args)
+        if getattr(tokenizer, "chat_template", None):  # warm the template machinery up, here
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+            )
+    except Exception:  # no feed-ahead: the feeding loop tokenizes by itself (vLLM says why if it cannot)
+        log.exception("the tokenizer of %s did not load ahead of the engine", spec.model)
+        return
+    lifeline.tokenizer_ready(tokenizer)
+
+
+def build_if_missing(spec: p.Start) -> None:
+    if spec.build and not (Path(spec.path) / "config.json").exists():
+        from dropbox_runner.engine import tinymodels
+
+        log.info("building %s into %s (first use)", spec.build, spec.path)
+        tinymodels.main([str(Path(spec.path).parent), spec.build])
+
+
 def make_engine(spec: p.Start) -> Engine:
     if spec.engine == "echo":
         from dropbox_runner.engine.echo import EchoEngine
@@ -108,11 +154,7 @@ def make_engine(spec: p.Start) -> Engine:
         return EchoEngine(spec.model, spec.engine_args)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
-    if spec.build and not (Path(spec.path) / "config.json").exists():
-        from dropbox_runner.engine import tinymodels
-
-        log.info("building %s into %s (first use)", spec.build, spec.path)
-        tinymodels.main([str(Path(spec.path).parent), spec.build])
+    build_if_missing(spec)
     return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args)
 
 
@@ -355,6 +397,8 @@ class TaskRun:
 def serve(channel: Channel, lifeline: Lifeline, spec: p.Start) -> int:
     started = time.time()
     try:
+        if spec.engine == "vllm":
+            prepare_tokenizer(spec, lifeline)
         engine = make_engine(spec)
     except Exception as exc:  # any load failure is reported, then the process ends
         log.exception("model %s failed to load", spec.model)
