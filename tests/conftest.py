@@ -112,6 +112,12 @@ def batch_json(root: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
+def completed(root: Path, name: str, model: str) -> int:
+    """Lines of a job's model that succeeded so far, as batch.json says (0 before it exists)."""
+    models = (batch_json(root, name) or {}).get("models", {})
+    return models.get(model, {}).get("request_counts", {}).get("completed", 0)
+
+
 def finished(root: Path, name: str) -> bool:
     b = batch_json(root, name)
     return bool(b and b["status"] in ("completed", "failed", "cancelled", "expired"))

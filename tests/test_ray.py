@@ -18,6 +18,7 @@ from conftest import (  # noqa: E402
     Daemon,
     batch_json,
     chat_line,
+    completed,
     finished,
     read_jsonl,
     run_once,
@@ -77,8 +78,7 @@ def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Pa
         )
 
         def done() -> int:
-            models = (batch_json(root, "big") or {}).get("models", {})
-            return models.get("rr", {}).get("request_counts", {}).get("completed", 0)
+            return completed(root, "big", "rr")
 
         wait_for(lambda: done() > 2000, timeout=60)
         os.kill(copies[0]["pid"], signal.SIGKILL)  # a copy's Ray worker process, killed

@@ -17,6 +17,7 @@ from conftest import (
     Daemon,
     batch_json,
     chat_line,
+    completed,
     finished,
     read_jsonl,
     run_once,
@@ -68,16 +69,7 @@ def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None
     d = Daemon(rroot)
     try:
         copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
-        wait_for(
-            lambda: (
-                (batch_json(rroot, "big") or {})
-                .get("models", {})
-                .get("repslow", {})
-                .get("request_counts", {})
-                .get("completed", 0)
-                > 2000
-            )
-        )
+        wait_for(lambda: completed(rroot, "big", "repslow") > 2000)
         os.kill(copies[1]["pid"], signal.SIGKILL)
         wait_for(lambda: finished(rroot, "big"), timeout=120, what="the job after a copy died")
     finally:
@@ -105,16 +97,7 @@ def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Pa
     write_jsonl(rroot / "inbox/repslow/k.jsonl", lines)
     d = Daemon(rroot)
     copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
-    wait_for(
-        lambda: (
-            (batch_json(rroot, "k") or {})
-            .get("models", {})
-            .get("repslow", {})
-            .get("request_counts", {})
-            .get("completed", 0)
-            > 1000
-        )
-    )
+    wait_for(lambda: completed(rroot, "k", "repslow") > 1000)
     d.kill(signal.SIGKILL)
     wait_for(lambda: not any(group_members(c["pid"]) for c in copies), timeout=15, what="the copies to end")
     run_once(rroot, timeout=120)

@@ -327,7 +327,8 @@ class TaskRun:
             error = {"message": message, "param": None, "code": "engine_error", "type": "server_error"}
             self._record(Finished(req.index, req.custom_id, 500, error=error))
             return
-        self.started[req.index] = (time.monotonic(), req.custom_id)
+        if self.timeout is not None:  # only timed requests need their start time
+            self.started[req.index] = (time.monotonic(), req.custom_id)
 
     def _collect(self) -> None:
         for finished in self.engine.step():
