@@ -26,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 VLLM_ARGS = "{dtype: float32, max_model_len: 512, gpu_memory_utilization: 0.3}"
 
 
-def chat_lines(n: int, max_tokens: int = 32) -> list[str]:
+def chat_lines(n: int, max_tokens: int = 32, model: str = "tiny-llama") -> list[str]:
     return [
         json.dumps(
             {
@@ -34,7 +34,7 @@ def chat_lines(n: int, max_tokens: int = 32) -> list[str]:
                 "method": "POST",
                 "url": "/v1/chat/completions",
                 "body": {
-                    "model": "tiny-llama",
+                    "model": model,
                     "messages": [{"role": "user", "content": f"Tell me story {i}"}],
                     "max_tokens": max_tokens,
                     "temperature": 0,
@@ -108,93 +108,226 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     sys.stdout.flush()
 
 
-# -- 1. throughput ------------------------------------------------------------------------------------
-def bench_throughput(n: int, tmp: Path) -> dict:
-    inp = write(tmp / "tp/input.jsonl", chat_lines(n))
-    model = REPO / "models/tiny-llama"
-    results = {}
-    for mode in ("generate", "chunked"):
-        cmd = [PY, str(REPO / "bench/baselines.py"), mode, str(model), str(inp), str(tmp / f"{mode}.out")]
-        printed = run_alone(cmd, tmp).splitlines()
-        results[mode] = json.loads(next(x for x in printed if x.startswith('{"load_s"')))
+# -- 1. the speed race: the runner against bare vLLM, interleaved rounds -------------------------------
+RACE_MODELS = {
+    # model: (folder, engine args, requests in the full run)
+    "tiny-llama": ({"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.3}, 4000),
+    "smollm2": (
+        {"dtype": "float32", "max_model_len": 2048, "gpu_memory_utilization": 0.25, "enforce_eager": True},
+        600,
+    ),
+}
+
+
+def run_batch_cmd(model: str, args: dict, inp: Path, out: Path) -> list[str]:
+    cmd = [PY, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(inp), "-o", str(out)]
+    cmd += ["--model", str(REPO / "models" / model), "--served-model-name", model]
+    cmd += ["--dtype", args["dtype"], "--max-model-len", str(args["max_model_len"])]
+    cmd += ["--gpu-memory-utilization", str(args["gpu_memory_utilization"])]
+    return cmd + (["--enforce-eager"] if args.get("enforce_eager") else [])
+
+
+def race_once(runner: str, model: str, args: dict, inp: Path, tmp: Path, tag: str) -> dict:
+    """One run of one runner: tokens, wall seconds (process start to last result written) and
+    generation tokens/s (first request handed to the engine to the last result)."""
     t0 = time.time()
-    run_alone(
+    if runner in ("generate", "chunked"):
+        cmd = [PY, str(REPO / "bench/baselines.py"), runner, str(REPO / "models" / model), str(inp)]
+        printed = run_alone([*cmd, str(tmp / f"{tag}.out"), json.dumps(args)], tmp).splitlines()
+        r = json.loads(next(x for x in printed if x.startswith('{"load_s"')))
+        return {"tokens": r["tokens"], "wall_s": time.time() - t0, "gen_tps": r["tokens"] / r["gen_s"]}
+    if runner == "run_batch":
+        run_alone(run_batch_cmd(model, args, inp, tmp / f"{tag}.out"), tmp)
+        wall = time.time() - t0
+        tokens = sum(
+            json.loads(x)["response"]["body"]["usage"]["completion_tokens"] for x in open(tmp / f"{tag}.out")
+        )
+        return {"tokens": tokens, "wall_s": wall, "gen_tps": None}
+    entry = json.dumps({"path": str(REPO / "models" / model), "engine_args": args})
+    b, wall = run_drop(tmp, tag, entry, inp, model)
+    m = b["models"][model]
+    return {"tokens": m["usage"]["completion_tokens"], "wall_s": wall, "gen_tps": m["tokens_per_second"]}
+
+
+RUNNERS = ("generate", "dropbox_runner", "chunked", "run_batch")
+RACE_RATIOS = (  # name, runner, baseline, metric, target
+    ("gen tok/s vs bare LLM.chat (a)", "generate", "gen_tps", 1.0),
+    ("gen tok/s vs chunks of 100 saved (b)", "chunked", "gen_tps", 1.25),
+    ("end to end vs run_batch (c)", "run_batch", "e2e", 1.1),
+    ("end to end vs bare LLM.chat (a)", "generate", "e2e", None),
+)
+
+
+def bench_race(model: str, n: int, rounds: int, tmp: Path) -> dict:
+    args, _ = RACE_MODELS[model]
+    inp = write(tmp / f"race-{model}.jsonl", chat_lines(n, 32, model))
+    runs: dict[str, list[dict]] = {r: [] for r in RUNNERS}
+    for i in range(rounds):  # interleaved: every runner once per round, the order rotating
+        for runner in RUNNERS[i % 4 :] + RUNNERS[: i % 4]:
+            r = race_once(runner, model, args, inp, tmp, f"race-{model}-{runner}-{i}")
+            r["e2e"] = r["tokens"] / r["wall_s"]
+            runs[runner].append(r)
+    med = {
+        (runner, k): statistics.median(x[k] for x in rs)
+        for runner, rs in runs.items()
+        for k in ("e2e", "gen_tps", "wall_s")
+        if rs[0][k] is not None
+    }
+    rows = [
         [
-            PY,
-            "-m",
-            "vllm.entrypoints.openai.run_batch",
-            "-i",
-            str(inp),
-            "-o",
-            str(tmp / "rb.out"),
-            "--model",
-            str(model),
-            "--served-model-name",
-            "tiny-llama",
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "512",
-            "--gpu-memory-utilization",
-            "0.3",
-        ],
-        tmp,
+            runner,
+            rs[0]["tokens"],
+            med[(runner, "wall_s")],
+            med.get((runner, "gen_tps"), "-"),
+            " / ".join(f"{x['gen_tps']:,.0f}" for x in rs) if rs[0]["gen_tps"] else "-",
+            med[(runner, "e2e")],
+        ]
+        for runner, rs in runs.items()
+    ]
+    table(
+        f"1. Speed race, {model} ({', '.join(f'{k} {v}' for k, v in args.items())}), {n:,} chat requests "
+        f"x 32 tokens (greedy, ignore_eos), {rounds} interleaved rounds; medians",
+        ["runner", "tokens", "wall s", "gen tok/s", "gen tok/s of each round", "end-to-end tok/s"],
+        rows,
     )
-    wall = time.time() - t0
-    tokens = sum(
-        json.loads(x)["response"]["body"]["usage"]["completion_tokens"] for x in open(tmp / "rb.out")
-    )
-    results["run_batch"] = {"load_s": None, "gen_s": None, "tokens": tokens, "wall_s": wall}
-    root = make_root(tmp / "d")
-    (root / "inbox/tiny-llama").mkdir(parents=True)
+    ratios = {}
+    print()
+    for name, base, metric, target in RACE_RATIOS:
+        ratio = med[("dropbox_runner", metric)] / med[(base, metric)]
+        each = [d[metric] / b[metric] for d, b in zip(runs["dropbox_runner"], runs[base], strict=True)]
+        ratios[name] = {"ratio_of_medians": ratio, "per_round": each, "target": target}
+        verdict = ""
+        if target is not None:
+            verdict = f" (target >= {target:.2f}: {'met' if ratio >= target else 'NOT met'})"
+        print(
+            f"- {name}: {ratio:.2f}{verdict}; rounds {', '.join(f'{x:.2f}' for x in each)} "
+            f"(spread {min(each):.2f}-{max(each):.2f})"
+        )
+    sys.stdout.flush()
+    return {"runs": runs, "ratios": ratios}
+
+
+# -- 8. shared prefixes: prefix-aware feeding against input order --------------------------------
+WORDS = (
+    "river stone policy market engine harbor signal winter garden ledger protein circuit meadow "
+    "contract glacier lantern orbit quarry ribbon saddle timber valley whistle anchor beacon canyon "
+    "delta ember falcon granite horizon island jungle kettle lagoon marble nectar oasis prairie"
+).split()
+
+
+def prefix_lines(docs: int, questions: int, doc_tokens: int, max_tokens: int, seed: int = 5) -> list[str]:
+    """`docs` documents of about `doc_tokens` tokens, `questions` questions on each, lines shuffled."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(REPO / "models/tiny-llama"))
+    rng = random.Random(seed)
+    lines = []
+    for d in range(docs):
+        text = f"Document {d}. " + " ".join(rng.choice(WORDS) for _ in range(doc_tokens))
+        text = tok.decode(tok.encode(text, add_special_tokens=False)[:doc_tokens])
+        for q in range(questions):
+            lines.append(
+                {
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "messages": [
+                            {"role": "system", "content": text},
+                            {
+                                "role": "user",
+                                "content": f"Question {q}: what does it say about {rng.choice(WORDS)}?",
+                            },
+                        ],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    },
+                }
+            )
+    rng.shuffle(lines)
+    return [json.dumps({"custom_id": f"r{i}", **x}) for i, x in enumerate(lines)]
+
+
+def run_drop(tmp: Path, name: str, entry: str, lines: Path, model: str = "m") -> tuple[dict, float]:
+    """One drop run by `run --once` on a root with the one model entry: its batch.json and the wall
+    time from the drop to the published outbox (daemon start and engine load included)."""
+    root = tmp / name
+    (root / f"inbox/{model}").mkdir(parents=True)
+    (root / "models.yaml").write_text(f"settings: {{settle_seconds: 0.2}}\nmodels:\n  {model}: {entry}\n")
     t0 = time.time()
-    os.link(inp, root / "inbox/tiny-llama/tp.jsonl")
+    os.link(lines, root / f"inbox/{model}/job.jsonl")
     subprocess.run(
         [PY, "-m", "dropbox_runner", "run", "--once", "--root", str(root), "--settle", "0.2"],
         capture_output=True,
         env=ENV,
         check=True,
     )
-    wall = time.time() - t0
-    b = batch(root, "tp")["models"]["tiny-llama"]
-    gen = b["completed_at"] - b["started_at"]
-    results["dropbox_runner"] = {
-        "load_s": b["load_seconds"],
-        "gen_s": gen,
-        "tokens": b["usage"]["completion_tokens"],
-        "wall_s": wall,
-        "tps_exact": b["tokens_per_second"],
-    }
-    rows = []
-    for name, r in results.items():
-        gen_tps = r.get("tps_exact") or (r["tokens"] / r["gen_s"] if r["gen_s"] else None)
-        rows.append(
-            [
-                name,
-                r["tokens"],
-                r["wall_s"],
-                r["load_s"] if r["load_s"] is not None else "-",
-                gen_tps if gen_tps else "-",
-                r["tokens"] / r["wall_s"],
-            ]
+    return batch(root, "job"), time.time() - t0
+
+
+def bench_prefix(tmp: Path, quick: bool, rounds: int) -> dict:
+    """Prefix-aware feeding against input order, on a KV cache that holds 40 % of the documents
+    (interleaved rounds, as a GPU with a corpus larger than its cache), then once on one that holds
+    them all."""
+    docs, questions = (20, 20) if quick else (100, 20)
+    src = write(tmp / "prefix.jsonl", prefix_lines(docs, questions, 800, 16))
+    small = docs * 800 * 2048 * 2 // 5  # tiny-llama keeps 2,048 bytes of KV per token
+    out = {}
+    for label, kv, n_rounds in (("40 % of the documents", small, rounds), ("all of them", None, 1)):
+        args = {
+            "dtype": "float32",
+            "max_model_len": 1024,
+            "gpu_memory_utilization": 0.3,
+            "enforce_eager": True,
+        }
+        if kv:
+            args["kv_cache_memory_bytes"] = kv
+        runs: dict[str, list[dict]] = {"input": [], "prefix": []}
+        for r in range(n_rounds):
+            for order in ("input", "prefix") if r % 2 == 0 else ("prefix", "input"):
+                entry = json.dumps(
+                    {"path": str(REPO / "models/tiny-llama"), "engine_args": args, "feed_order": order}
+                )
+                b, wall = run_drop(tmp, f"prefix-{bool(kv)}-{order}-{r}", entry, src)
+                m = b["models"]["m"]
+                runs[order].append(
+                    {
+                        "tok_s": m["tokens_per_second"],
+                        "prompt_tokens": m["usage"]["prompt_tokens"],
+                        "cached_tokens": m["usage"]["prompt_tokens_details"]["cached_tokens"],
+                        "wall_s": wall,
+                    }
+                )
+        rows = []
+        for order, rs in runs.items():
+            tps = [x["tok_s"] for x in rs]
+            cached = statistics.median(x["cached_tokens"] for x in rs)
+            rows.append(
+                [
+                    order,
+                    statistics.median(tps),
+                    " / ".join(f"{x:,.0f}" for x in tps),
+                    rs[0]["prompt_tokens"],
+                    int(cached),
+                    100 * cached / rs[0]["prompt_tokens"],
+                ]
+            )
+        ratio = statistics.median(x["tok_s"] for x in runs["prefix"]) / statistics.median(
+            x["tok_s"] for x in runs["input"]
         )
-    table(
-        f"1. Throughput, tiny-llama, {n:,} chat requests x 32 tokens (greedy, ignore_eos)",
-        ["runner", "tokens", "wall s", "load s", "gen tok/s", "end-to-end tok/s"],
-        rows,
-    )
-    d = results["dropbox_runner"]
-    d_tps = d["tps_exact"]
-    ratios = {
-        "d/a gen tok/s": d_tps / (results["generate"]["tokens"] / results["generate"]["gen_s"]),
-        "d/b gen tok/s": d_tps / (results["chunked"]["tokens"] / results["chunked"]["gen_s"]),
-        "d/c end-to-end": (d["tokens"] / d["wall_s"])
-        / (results["run_batch"]["tokens"] / results["run_batch"]["wall_s"]),
-        "d/a end-to-end": (d["tokens"] / d["wall_s"])
-        / (results["generate"]["tokens"] / results["generate"]["wall_s"]),
-    }
-    print("\nratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    return {"throughput": results, "ratios": ratios}
+        each = [p["tok_s"] / i["tok_s"] for p, i in zip(runs["prefix"], runs["input"], strict=True)]
+        table(
+            f"8. Shared prefixes, KV cache for {label}: {docs} documents of 800 tokens x {questions} "
+            f"questions, shuffled, tiny-llama (16 tokens each), {n_rounds} interleaved round(s)",
+            ["feed_order", "gen tok/s (median)", "each round", "prompt tokens", "cached tokens", "cached %"],
+            rows,
+        )
+        print(
+            f"\nprefix/input gen tok/s = {ratio:.2f} (ratio of medians; rounds "
+            + ", ".join(f"{x:.2f}" for x in each)
+            + (", target >= 1.30)" if kv else ")")
+        )
+        out[label] = {"runs": runs, "ratio": ratio, "per_round": each}
+    return out
 
 
 # -- 2. overhead on the echo engine -----------------------------------------------------------------
@@ -475,12 +608,17 @@ def bench_status(jobs: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per compared pair")
     args = ap.parse_args()
     only = set(args.only.split(","))
-    subprocess.run(
-        [PY, "-m", "dropbox_runner.engine.tinymodels", str(REPO / "models")], capture_output=True, check=True
-    )
+    for name in ("tiny-llama", "tiny-qwen", "smollm2"):  # built once, kept in models/
+        if not (REPO / "models" / name / "config.json").exists():
+            subprocess.run(
+                [PY, "-m", "dropbox_runner.engine.tinymodels", str(REPO / "models"), name],
+                capture_output=True,
+                check=True,
+            )
     print(
         f"# dropbox_runner benchmarks\n\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
@@ -490,7 +628,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if "1" in only:
-            results["1"] = bench_throughput(2000 if args.quick else 20000, tmp)
+            for model, (_, n) in RACE_MODELS.items():
+                results[f"1-{model}"] = bench_race(model, n // 5 if args.quick else n, args.rounds, tmp)
         if "2" in only:
             results["2"] = bench_overhead([20000] if args.quick else [100000, 1000000], tmp)
         if "3" in only:
@@ -503,6 +642,8 @@ def main() -> None:
             results["6"] = bench_status(100 if args.quick else 1000, tmp)
         if "7" in only:
             results["7"] = bench_scaling(tmp, args.quick)
+        if "8" in only:
+            results["8"] = bench_prefix(tmp, args.quick, args.rounds)
     out = REPO / "bench/results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))

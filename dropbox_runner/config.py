@@ -119,11 +119,14 @@ class ModelConfig(BaseModel):
     replicas: int = Field(1, ge=1, le=64)  # copies of the model that work on one task at once
     executor: Literal["local", "ray"] = "local"
     devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES of each local copy (default: by count)
+    # prefix: each window of lines is fed grouped by prompt prefix (the prefix cache serves them);
+    # input: fed in input order. Results and their order are the same either way.
+    feed_order: Literal["prefix", "input"] = "prefix"
 
     def fingerprint(self) -> str:
         """A digest of everything in this entry that changes results (for dedupe)."""
         data = self.model_dump(
-            mode="json", exclude={"request_timeout_seconds", "replicas", "executor", "devices"}
+            mode="json", exclude={"request_timeout_seconds", "replicas", "executor", "devices", "feed_order"}
         )
         return blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
 

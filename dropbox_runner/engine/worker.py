@@ -180,7 +180,13 @@ class TaskRun:
     """One task: resume its log, feed the engine within its window, commit in the background."""
 
     def __init__(
-        self, engine: Engine, task: p.TaskOrder, channel: Channel, lifeline: Lifeline, ahead: FeedAhead | None
+        self,
+        engine: Engine,
+        task: p.TaskOrder,
+        channel: Channel,
+        lifeline: Lifeline,
+        ahead: FeedAhead | None,
+        group: bool = True,
     ) -> None:
         self.engine, self.task, self.channel, self.lifeline, self.ahead = (
             engine,
@@ -190,6 +196,7 @@ class TaskRun:
             ahead,
         )
         self.defaults = tuple(task.defaults)
+        self.group = group and ahead is not None  # grouping by prefix needs the token ids ahead
         if task.shard is None:
             self.log: ResultLog | ShardSink = ResultLog(Path(task.log), task.total)
         else:  # a copy running a shard for the daemon: results go back up the pipe
@@ -243,7 +250,7 @@ class TaskRun:
         alone = task.isolate_until >= 0  # lines up to isolate_until run one at a time
         # With token ids from the feed-ahead, a window's worth of lines is read ahead and fed grouped
         # by prompt prefix, so vLLM's prefix cache serves the lines that share one.
-        lookahead = self.engine.capacity if self.ahead is not None else 1
+        lookahead = self.engine.capacity if self.group else 1
         batch: list[tuple[Request, list[list[int]] | None]] = []
         self.log.mark_started()
         for req in self._requests():
@@ -412,7 +419,8 @@ def serve(channel: Channel, lifeline: Lifeline, spec: p.Start) -> int:
             return 0
         if isinstance(cmd, p.Run):
             ahead = lifeline.feed_ahead_for(cmd.task)
-            outcome = TaskRun(engine, cmd.task, channel, lifeline, ahead).run()
+            group = spec.feed_order == "prefix"
+            outcome = TaskRun(engine, cmd.task, channel, lifeline, ahead, group).run()
             if ahead is not None:
                 log.info("feed-ahead prepared %d lines of %s", ahead.prepared, cmd.task.job_id)
                 ahead.stop()
