@@ -138,7 +138,7 @@ class VllmEngine:
 
     def _sampling_params(self, req: Request, prompt_len: int):
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         body = req.body
         room = self.max_model_len - prompt_len
@@ -154,6 +154,8 @@ class VllmEngine:
         kwargs: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         kwargs.setdefault("temperature", 1.0)
         kwargs["max_tokens"] = max_tokens
+        # Only finished requests are read: no output object per request per step (as LLM.generate does)
+        kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         if body.get("stop") is not None:
             kwargs["stop"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
         if body.get("logit_bias"):
