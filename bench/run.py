@@ -46,12 +46,14 @@ def chat_lines(n: int, max_tokens: int = 32, model: str = "tiny-llama") -> list[
     ]
 
 
-def run_alone(cmd: list[str], tmp: Path) -> str:
+def run_alone(cmd: list[str], tmp: Path, env: dict | None = None) -> str:
     """Run a command in its own process group, return its stdout, and end whatever it left behind
     (vLLM's engine processes can outlive a script that ends with os._exit)."""
     out = tmp / f"out-{time.monotonic_ns()}.txt"
     with open(out, "wb") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+        p = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.DEVNULL, env={**ENV, **(env or {})}, start_new_session=True
+        )
         code = p.wait()
     try:
         os.killpg(p.pid, signal.SIGKILL)
@@ -131,9 +133,12 @@ def race_once(runner: str, model: str, args: dict, inp: Path, tmp: Path, tag: st
     """One run of one runner: tokens, wall seconds (process start to last result written) and
     generation tokens/s (first request handed to the engine to the last result)."""
     t0 = time.time()
-    if runner in ("generate", "chunked"):
-        cmd = [PY, str(REPO / "bench/baselines.py"), runner, str(REPO / "models" / model), str(inp)]
-        printed = run_alone([*cmd, str(tmp / f"{tag}.out"), json.dumps(args)], tmp).splitlines()
+    if runner in ("generate", "chunked", "generate-inproc"):
+        mode = runner.split("-")[0]
+        cmd = [PY, str(REPO / "bench/baselines.py"), mode, str(REPO / "models" / model), str(inp)]
+        # generate-inproc: the same script with vLLM's engine core in its process, as the runner has it
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if runner.endswith("inproc") else None
+        printed = run_alone([*cmd, str(tmp / f"{tag}.out"), json.dumps(args)], tmp, env).splitlines()
         r = json.loads(next(x for x in printed if x.startswith('{"load_s"')))
         return {"tokens": r["tokens"], "wall_s": time.time() - t0, "gen_tps": r["tokens"] / r["gen_s"]}
     if runner == "run_batch":
@@ -149,12 +154,14 @@ def race_once(runner: str, model: str, args: dict, inp: Path, tmp: Path, tag: st
     return {"tokens": m["usage"]["completion_tokens"], "wall_s": wall, "gen_tps": m["tokens_per_second"]}
 
 
-RUNNERS = ("generate", "dropbox_runner", "chunked", "run_batch")
+RUNNERS = ("generate", "dropbox_runner", "chunked", "run_batch", "generate-inproc")
 RACE_RATIOS = (  # name, runner, baseline, metric, target
     ("gen tok/s vs bare LLM.chat (a)", "generate", "gen_tps", 1.0),
     ("gen tok/s vs chunks of 100 saved (b)", "chunked", "gen_tps", 1.25),
     ("end to end vs run_batch (c)", "run_batch", "e2e", 1.1),
     ("end to end vs bare LLM.chat (a)", "generate", "e2e", None),
+    ("gen tok/s vs bare LLM.chat, engine in-process too", "generate-inproc", "gen_tps", None),
+    ("end to end vs bare LLM.chat, engine in-process too", "generate-inproc", "e2e", None),
 )
 
 
@@ -163,7 +170,7 @@ def bench_race(model: str, n: int, rounds: int, tmp: Path) -> dict:
     inp = write(tmp / f"race-{model}.jsonl", chat_lines(n, 32, model))
     runs: dict[str, list[dict]] = {r: [] for r in RUNNERS}
     for i in range(rounds):  # interleaved: every runner once per round, the order rotating
-        for runner in RUNNERS[i % 4 :] + RUNNERS[: i % 4]:
+        for runner in RUNNERS[i % len(RUNNERS) :] + RUNNERS[: i % len(RUNNERS)]:
             r = race_once(runner, model, args, inp, tmp, f"race-{model}-{runner}-{i}")
             r["e2e"] = r["tokens"] / r["wall_s"]
             runs[runner].append(r)
