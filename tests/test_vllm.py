@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -56,6 +57,11 @@ settings: {{settle_seconds: 0.2, commit_interval_ms: 200, ray_address: local}}
 models:
   tiny-llama: {{path: {models_dir}/tiny-llama, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
   tiny-qwen: {{path: {models_dir}/tiny-qwen, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
+  tiny-llama-input:
+    path: {models_dir}/tiny-llama
+    engine_args: {ARGS}
+    defaults: {{temperature: 0}}
+    feed_order: input
   badhead: {{path: {bad}, engine_args: {ARGS}}}
   tiny-llama-ray:
     path: {models_dir}/tiny-llama
@@ -359,8 +365,6 @@ def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) ->
 
 
 def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> None:
-    import random
-
     from openai.types.responses import Response
 
     root = vroot.root
@@ -388,6 +392,21 @@ def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> Non
     assert usage["prompt_tokens_details"]["cached_tokens"] == sum(cached)
     response = Response.model_validate(out[-1]["response"]["body"])
     assert response.usage.output_tokens <= 5 and response.output_text is not None
+
+
+def test_feeding_in_input_order_gives_the_same_answers(vroot) -> None:
+    root = vroot.root
+    (root / "inbox").mkdir(exist_ok=True)
+    (root / "inbox/orders.manifest.json").write_text('{"models": ["tiny-llama", "tiny-llama-input"]}')
+    documents = [" ".join(f"{w}{d}" for w in ("north", "south", "east", "west") * 15) for d in range(3)]
+    lines = [chat_line(i, f"{documents[i % 3]} question {i}?", max_tokens=6) for i in range(30)]
+    random.Random(11).shuffle(lines)
+    name = drop(root, "orders.jsonl", lines)
+    batch = wait_done(root, name)
+    assert batch["status"] == "completed"
+    rows = read_jsonl(root / f"outbox/{name}/compare.jsonl")
+    assert [r["custom_id"] for r in rows] == [x["custom_id"] for x in lines]
+    assert all(r["answers"]["tiny-llama"] == r["answers"]["tiny-llama-input"] for r in rows)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="Ray is not installed")
