@@ -1,7 +1,8 @@
 """Benchmarks: dropbox_runner against the simple script and vLLM's batch runner, and its own costs.
 
-Prints a table per benchmark and the ratios; `make bench` runs it (about 12 minutes here).
-`--quick` uses smaller sizes for a smoke run.
+Prints a table per benchmark and the ratios; `make bench` runs it (about 90 minutes here: the speed
+race alone loads an engine 30 times). `--quick` uses smaller sizes for a smoke run; `--only 1,8`,
+`--models tiny-llama` and `--rounds N` run less.
 """
 
 from __future__ import annotations
@@ -617,6 +618,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per compared pair")
+    ap.add_argument("--models", default=",".join(RACE_MODELS), help="the models of the speed race")
     args = ap.parse_args()
     only = set(args.only.split(","))
     for name in ("tiny-llama", "tiny-qwen", "smollm2"):  # built once, kept in models/
@@ -635,7 +637,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if "1" in only:
-            for model, (_, n) in RACE_MODELS.items():
+            for model in args.models.split(","):
+                n = RACE_MODELS[model][1]
                 results[f"1-{model}"] = bench_race(model, n // 5 if args.quick else n, args.rounds, tmp)
         if "2" in only:
             results["2"] = bench_overhead([20000] if args.quick else [100000, 1000000], tmp)
