@@ -18,15 +18,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from dropbox_runner import protocol as p
-from dropbox_runner.config import ModelConfig, is_embedded_path, resolve_model_path
+from dropbox_runner.config import ModelConfig
 from dropbox_runner.layout import Layout
+from dropbox_runner.supervisor import start_message
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -158,17 +158,7 @@ class RayCopy:
         self.pid = 0
         self.started_at = self.last_event_at = time.monotonic()
         self._dead: str | None = None
-        start = {
-            "event_fd": -1,
-            "model": name,
-            "engine": config.engine.value,
-            "task": config.task.value,
-            "path": resolve_model_path(layout.root, config),
-            "engine_args": config.engine_args,
-            "build": Path(config.path).name
-            if config.path and is_embedded_path(layout.root, config.path)
-            else None,
-        }
+        start = asdict(start_message(layout, name, config, event_fd=-1))
         gpus = 1 if config.engine.value == "vllm" and ray.cluster_resources().get("GPU") else 0
         actor_cls = ray.remote(num_cpus=0.25, num_gpus=gpus, max_restarts=0)(CopyActor)
         self.actor = actor_cls.remote(start)

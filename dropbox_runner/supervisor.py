@@ -22,6 +22,20 @@ from dropbox_runner.layout import Layout
 log = logging.getLogger("dropbox_runner.supervisor")
 
 
+def start_message(layout: Layout, name: str, config: ModelConfig, event_fd: int) -> p.Start:
+    """What a model process (or a Ray copy) needs to load `name`."""
+    return p.Start(
+        event_fd=event_fd,
+        model=name,
+        engine=config.engine.value,
+        task=config.task.value,
+        path=resolve_model_path(layout.root, config),
+        engine_args=config.engine_args,
+        feed_order=config.feed_order,
+        build=Path(config.path).name if config.path and is_embedded_path(layout.root, config.path) else None,
+    )
+
+
 class ModelProcess:
     """One model process. It owns what it reports: loaded, capacity, load time, the line running alone."""
 
@@ -53,20 +67,7 @@ class ModelProcess:
         os.close(write_fd)
         self._events = os.fdopen(read_fd, "rb", buffering=0)
         self._buffer = b""
-        self.send(
-            p.Start(
-                event_fd=write_fd,
-                model=name,
-                engine=config.engine.value,
-                task=config.task.value,
-                path=resolve_model_path(layout.root, config),
-                engine_args=config.engine_args,
-                feed_order=config.feed_order,
-                build=Path(config.path).name
-                if config.path and is_embedded_path(layout.root, config.path)
-                else None,
-            )
-        )
+        self.send(start_message(layout, name, config, write_fd))
 
     @property
     def pid(self) -> int:
