@@ -111,9 +111,15 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     sys.stdout.flush()
 
 
+def ratio_of_medians(ours: list[dict], base: list[dict], key: str) -> tuple[float, list[float]]:
+    """The ratio of the medians of `key`, and the ratio in each round (runs paired by round)."""
+    ratio = statistics.median(x[key] for x in ours) / statistics.median(x[key] for x in base)
+    return ratio, [o[key] / b[key] for o, b in zip(ours, base, strict=True)]
+
+
 # -- 1. the speed race: the runner against bare vLLM, interleaved rounds -------------------------------
 RACE_MODELS = {
-    # model: (folder, engine args, requests in the full run)
+    # model (a folder under models/): engine args, requests in the full run
     "tiny-llama": ({"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.3}, 4000),
     "smollm2": (
         {"dtype": "float32", "max_model_len": 2048, "gpu_memory_utilization": 0.25, "enforce_eager": True},
@@ -201,8 +207,7 @@ def bench_race(model: str, n: int, rounds: int, tmp: Path) -> dict:
     ratios = {}
     print()
     for name, base, metric, target in RACE_RATIOS:
-        ratio = med[("dropbox_runner", metric)] / med[(base, metric)]
-        each = [d[metric] / b[metric] for d, b in zip(runs["dropbox_runner"], runs[base], strict=True)]
+        ratio, each = ratio_of_medians(runs["dropbox_runner"], runs[base], metric)
         ratios[name] = {"ratio_of_medians": ratio, "per_round": each, "target": target}
         verdict = ""
         if target is not None:
@@ -319,10 +324,7 @@ def bench_prefix(tmp: Path, quick: bool, rounds: int) -> dict:
                     100 * cached / rs[0]["prompt_tokens"],
                 ]
             )
-        ratio = statistics.median(x["tok_s"] for x in runs["prefix"]) / statistics.median(
-            x["tok_s"] for x in runs["input"]
-        )
-        each = [p["tok_s"] / i["tok_s"] for p, i in zip(runs["prefix"], runs["input"], strict=True)]
+        ratio, each = ratio_of_medians(runs["prefix"], runs["input"], "tok_s")
         table(
             f"8. Shared prefixes, KV cache for {label}: {docs} documents of 800 tokens x {questions} "
             f"questions, shuffled, tiny-llama (16 tokens each), {n_rounds} interleaved round(s)",

