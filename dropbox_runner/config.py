@@ -30,7 +30,17 @@ EMBEDDED_MODELS = ("tiny-llama", "tiny-qwen", "smollm2")  # built into <root>/mo
 RESERVED_NAMES = ("compare",)
 RESERVED_SUFFIXES = (".errors",)
 ECHO_ARGS = frozenset(
-    {"delay_ms", "max_in_flight", "load_delay_ms", "crash_on", "raise_on", "hang_on", "slow_on"}
+    {
+        "delay_ms",
+        "max_in_flight",
+        "load_delay_ms",
+        "crash_on",
+        "raise_on",
+        "hang_on",
+        "slow_on",
+        "gate_on",
+        "gate_file",
+    }
 )
 
 

@@ -123,12 +123,31 @@ def finished(root: Path, name: str) -> bool:
     return bool(b and b["status"] in ("completed", "failed", "cancelled", "expired"))
 
 
+# A job of the `gated` model whose last line says GATE cannot end until the test calls open_gate:
+# it runs at `paced`'s pace, and its gated line is answered only once the gate file exists. A test
+# that needs a job still running holds it so, instead of counting on the CPU being slow.
+GATE = "GATE"
+
+
+def gated_job(n: int) -> list[dict[str, Any]]:
+    """n lines for the `gated` model; the last one waits for open_gate."""
+    return [chat_line(i) for i in range(n - 1)] + [chat_line(n - 1, GATE)]
+
+
+def open_gate(root: Path) -> None:
+    (root / "gate.open").touch()
+
+
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     r = tmp_path / "root"
     r.mkdir()
-    (r / "models.yaml").write_text(ECHO_YAML)
-    for d in ("inbox/echo", "inbox/echo2", "inbox/slow", "inbox/crashy", "inbox/paced", "outbox", "state"):
+    gate = f"gate_on: {GATE}, gate_file: {r / 'gate.open'}"
+    gated = f"  gated: {{engine: echo, engine_args: {{delay_ms: 10, max_in_flight: 16, {gate}}}}}\n"
+    (r / "models.yaml").write_text(ECHO_YAML + gated)
+    for d in ("inbox/echo", "inbox/echo2", "inbox/slow", "inbox/crashy", "inbox/paced", "inbox/gated"):
+        (r / d).mkdir(parents=True)
+    for d in ("outbox", "state"):
         (r / d).mkdir(parents=True)
     monkeypatch.setenv("DROPBOX_RUNNER_ROOT", str(r))
     return r

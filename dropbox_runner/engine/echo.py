@@ -59,16 +59,24 @@ class EchoEngine:
         self.raise_on = engine_args.get("raise_on")
         self.hang_on = engine_args.get("hang_on")
         self.slow_on = engine_args.get("slow_on")  # that request takes a minute
+        # A gate, so that a test decides when a job can end instead of counting on the CPU's pace:
+        # a request whose prompt holds `gate_on` is answered only once the file `gate_file` exists.
+        self.gate_on = engine_args.get("gate_on")
+        self.gate_file = engine_args.get("gate_file")
+        self._gated: list[Finished] = []
         time.sleep(float(engine_args.get("load_delay_ms", 0)) / 1000)  # imitate a model's load
         self._due: list[tuple[float, int, Finished]] = []
         self._seq = 0
 
     @property
     def in_flight(self) -> int:
-        return len(self._due)
+        return len(self._due) + len(self._gated)
 
     def submit(self, req: Request) -> None:
         finished = self._answer(req)
+        if self.gate_on and self.gate_on in _prompt_text(req):
+            self._gated.append(finished)
+            return
         self._seq += 1
         delay = 60.0 if self.slow_on and self.slow_on in _prompt_text(req) else self.delay
         heapq.heappush(self._due, (time.monotonic() + delay, self._seq, finished))
@@ -108,7 +116,14 @@ class EchoEngine:
                 time.sleep(3600)
 
     def step(self) -> list[Finished]:
+        if self._gated and os.path.exists(str(self.gate_file)):
+            for finished in self._gated:
+                self._seq += 1
+                heapq.heappush(self._due, (time.monotonic(), self._seq, finished))
+            self._gated.clear()
         if not self._due:
+            if self._gated:
+                time.sleep(0.05)  # only gated requests: wait for the gate without spinning
             return []
         now = time.monotonic()
         wait = self._due[0][0] - now
@@ -123,9 +138,11 @@ class EchoEngine:
     def abort(self, index: int) -> None:
         self._due = [d for d in self._due if d[2].index != index]
         heapq.heapify(self._due)
+        self._gated = [f for f in self._gated if f.index != index]
 
     def abort_all(self) -> None:
         self._due.clear()
+        self._gated.clear()
 
 
 def _prompt_text(req: Request) -> str:
