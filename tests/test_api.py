@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, chat_line, wait_for, write_jsonl
+from conftest import Daemon, chat_line, gated_job, wait_for, write_jsonl
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -146,7 +146,7 @@ def test_cancel_and_errors(served, tmp_path: Path) -> None:
 
     root, server = served
     c = client(server)
-    lines = [{**chat_line(i), "body": {**chat_line(i)["body"], "model": "paced"}} for i in range(30000)]
+    lines = [{**x, "body": {**x["body"], "model": "gated"}} for x in gated_job(30000)]  # ends by cancel
     f = c.files.create(file=open(write_jsonl(tmp_path / "long.jsonl", lines), "rb"), purpose="batch")
     b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed > 0, what="progress")
@@ -220,7 +220,7 @@ def test_the_status_page_shows_a_moving_progress_bar(served) -> None:
     from playwright.sync_api import sync_playwright
 
     root, server = served
-    write_jsonl(root / "inbox/paced/page.jsonl", [chat_line(i) for i in range(15000)])
+    write_jsonl(root / "inbox/gated/page.jsonl", gated_job(40000))  # moves for 25 s, then waits
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
@@ -273,7 +273,7 @@ def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_li
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         wait_for(lambda: (root / "outbox/flawed/echo.errors.jsonl").exists(), what="the flawed job")
-        write_jsonl(root / "inbox/paced/running.jsonl", [chat_line(i) for i in range(60000)])
+        write_jsonl(root / "inbox/gated/running.jsonl", gated_job(60000))  # runs until the test ends
         (root / "inbox/echo2/behind.manifest.json").write_text('{"priority": -1}')
         write_jsonl(root / "inbox/echo2/behind.jsonl", [chat_line(i) for i in range(3)])
         with sync_playwright() as p:

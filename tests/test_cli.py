@@ -10,7 +10,17 @@ from click.testing import CliRunner
 
 from dropbox_runner.cli import main
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    gated_job,
+    read_jsonl,
+    run_once,
+    wait_for,
+    write_jsonl,
+)
 
 
 def invoke(*args: str):
@@ -108,7 +118,7 @@ def test_status_of_one_job_and_json(root: Path) -> None:
 
 
 def test_cancel_a_running_job_publishes_what_is_done(root: Path) -> None:
-    write_jsonl(root / "inbox/paced/big.jsonl", [chat_line(i) for i in range(20000)])
+    write_jsonl(root / "inbox/gated/big.jsonl", gated_job(20000))  # cannot end before the cancel
     d = Daemon(root)
     try:
         wait_for(
@@ -122,7 +132,7 @@ def test_cancel_a_running_job_publishes_what_is_done(root: Path) -> None:
         d.kill(signal.SIGTERM)
     batch = batch_json(root, "big")
     assert batch["status"] == "cancelled"
-    out = read_jsonl(root / "outbox/big/paced.jsonl")
+    out = read_jsonl(root / "outbox/big/gated.jsonl")
     assert len(out) == 20000
     cancelled = [x for x in out if x["response"] is None]
     assert cancelled and all(x["error"]["code"] == "batch_cancelled" for x in cancelled)
@@ -194,7 +204,7 @@ def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
     import sys
     import time
 
-    write_jsonl(root / "inbox/paced/w.jsonl", [chat_line(i) for i in range(8000)])
+    write_jsonl(root / "inbox/gated/w.jsonl", gated_job(20000))  # moves for 12 s, then waits
     d = Daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "w") or {}).get("status") == "in_progress", what="job running")
@@ -253,7 +263,7 @@ def make_finished_jobs(root: Path, n: int) -> None:
 
 def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path) -> None:
     make_finished_jobs(root, 1000)
-    write_jsonl(root / "inbox/paced/running.jsonl", [chat_line(i) for i in range(20000)])
+    write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))
     d = Daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "running") or {}).get("status") == "in_progress", what="running")

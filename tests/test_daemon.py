@@ -7,7 +7,17 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import Daemon, batch_json, chat_line, read_jsonl, run_once, wait_for, write_jsonl
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    gated_job,
+    open_gate,
+    read_jsonl,
+    run_once,
+    wait_for,
+    write_jsonl,
+)
 
 
 def test_model_folder_drop_is_answered_in_input_order(root: Path) -> None:
@@ -146,23 +156,24 @@ def test_second_daemon_exits_naming_the_first(root: Path) -> None:
 
 
 def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path) -> None:
-    write_jsonl(root / "inbox/paced/long.jsonl", [chat_line(i) for i in range(10000)])
+    write_jsonl(root / "inbox/gated/long.jsonl", gated_job(10000))  # cannot end before the SIGTERM
     d = Daemon(root)
 
     def committed() -> int:
-        marker = next((root / "state/jobs").glob("*/paced.marker"), None)
+        marker = next((root / "state/jobs").glob("*/gated.marker"), None)
         return json.loads(marker.read_text())["count"] if marker else 0
 
     wait_for(lambda: committed() > 200, what="progress")
     assert d.kill(signal.SIGTERM) == 0
     assert "stopped" in d.output()
-    task = json.loads(next((root / "state/jobs").glob("*/paced.task.json")).read_text())
+    task = json.loads(next((root / "state/jobs").glob("*/gated.task.json")).read_text())
     assert task["status"] == "queued"
-    marker = json.loads(next((root / "state/jobs").glob("*/paced.marker")).read_text())
+    marker = json.loads(next((root / "state/jobs").glob("*/gated.marker")).read_text())
     assert 0 < marker["count"] < 10000
+    open_gate(root)
     proc = run_once(root)
     assert f"after {marker['count']} committed results" in proc.stderr
-    out = read_jsonl(root / "outbox/long/paced.jsonl")
+    out = read_jsonl(root / "outbox/long/gated.jsonl")
     assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(10000)]
 
 
@@ -181,7 +192,7 @@ def test_status_follows_a_running_job(root: Path) -> None:
 
     from dropbox_runner.cli import main
 
-    write_jsonl(root / "inbox/paced/watch.jsonl", [chat_line(i) for i in range(20000)])
+    write_jsonl(root / "inbox/gated/watch.jsonl", gated_job(20000))
     d = Daemon(root)
     try:
 
