@@ -11,7 +11,18 @@ from pathlib import Path
 from dropbox_runner.journal import queue_key
 from dropbox_runner.scheduler import pick
 
-from conftest import Daemon, chat_line, finished, run_once, snapshot, wait_for, write_jsonl
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    gated_job,
+    open_gate,
+    run_once,
+    snapshot,
+    wait_for,
+    write_jsonl,
+)
 
 
 def entries(*items: tuple[int, float, str]) -> list[tuple[str, str, str]]:
@@ -56,7 +67,9 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
         .read_text()
         .replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2")
     )
-    write_jsonl(root / "inbox/paced/first.jsonl", [chat_line(i) for i in range(500)])
+    # The first task runs until the old task for another model is queued behind it and newer work
+    # for the loaded model is queued too: its gated last line holds it, not the CPU's pace.
+    write_jsonl(root / "inbox/gated/first.jsonl", gated_job(500))
     d = Daemon(root)
     seen_at_once: list[int] = []
     stop = threading.Event()
@@ -72,19 +85,23 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        wait_for(
-            lambda: snapshot(root).get("loaded_model") == "paced",
-            what="paced loaded",
-        )
+        wait_for(lambda: snapshot(root).get("loaded_model") == "gated", what="gated loaded")
         write_jsonl(root / "inbox/echo/old.jsonl", [chat_line(0)])
-        # newer work for the loaded model keeps arriving, faster than it runs
+        wait_for(lambda: batch_json(root, "old"), what="the old task queued")
+        # Newer work for the loaded model keeps arriving, faster than it runs (3,000 lines at 1,600
+        # lines/s every 0.5 s), until the old task has run; bounded in time, not in drops, so a busy
+        # machine's slower swap does not fail it. The log below says the swap came from the bound.
         waiting_when_old_ran = []
-        for i in range(16):
-            write_jsonl(root / f"inbox/paced/more{i}.jsonl", [chat_line(j) for j in range(3000)])
+        deadline, i = time.monotonic() + 60, 0
+        while not finished(root, "old") and time.monotonic() < deadline:
+            write_jsonl(root / f"inbox/gated/more{i}.jsonl", [chat_line(j) for j in range(3000)])
+            i += 1
+            if i == 1:
+                wait_for(lambda: batch_json(root, "more0"), what="newer work queued")
+                open_gate(root)  # the first task ends with both queued behind it
             time.sleep(0.5)
-            if finished(root, "old"):
-                waiting_when_old_ran = [n for n in range(i + 1) if not finished(root, f"more{n}")]
-                break
+        if finished(root, "old"):
+            waiting_when_old_ran = [n for n in range(i) if not finished(root, f"more{n}")]
         assert finished(root, "old"), "the old task for another model waited past the bound"
         assert waiting_when_old_ran, "newer work for the loaded model was still waiting"
     finally:
@@ -95,7 +112,7 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
     log = (root / "state/daemon.log").read_text()
     assert "has waited" in log and "the most allowed" in log
     # The swap ended the loaded model's whole process group before the next model was loaded.
-    swap = log.index("swap: ended paced")
+    swap = log.index("swap: ended gated")
     assert log.index("loading echo", swap) > swap
 
 
