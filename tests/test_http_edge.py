@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_api import Server
 
 from dropbox_runner import status
@@ -315,3 +317,61 @@ def test_api_status_sends_only_the_history_points_a_page_has_not_seen(serve, roo
     assert history("?since=1005.0")["points"] == []
     again = history("?since=5000")  # newer than every point: the history began again
     assert again["full"] is True and again["points"] == points
+
+
+# -- total functions -------------------------------------------------------------------------------
+class CountingStore:
+    """store.save_upload's contract: consume the chunks, ValueError past the limit."""
+
+    def save_upload(self, chunks, filename, purpose, limit):
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("too large")
+        return {"bytes": size, "filename": filename}
+
+
+form_pieces = st.lists(
+    st.sampled_from(
+        [
+            form_head({"purpose": b"batch"}),
+            form_head({}),
+            form_head({"purpose": b"x" * 70000}),
+            b'{"custom_id": "a"}\n',
+            FORM_END,
+            f"--{BOUNDARY}\r\n".encode(),
+            b"\r\n",
+        ]
+    )
+    | st.binary(max_size=40),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    form_pieces,
+    st.sampled_from([f"multipart/form-data; boundary={BOUNDARY}", "text/plain", "", "multipart/form-data"]),
+)
+def test_any_upload_body_is_saved_or_refused_with_a_4xx(pieces: list[bytes], content_type: str) -> None:
+    from dropbox_runner.api.uploads import Form, UploadRefused
+
+    try:
+        saved = Form(content_type, 100).save(iter(pieces), CountingStore())
+    except UploadRefused as exc:
+        assert 400 <= exc.status < 500
+    else:
+        assert saved["bytes"] <= 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40) | st.none())
+def test_any_host_and_origin_are_judged_without_an_exception(host: str, origin: str | None) -> None:
+    from dropbox_runner.api.edge import Edge, same_origin, split_host
+
+    edge = Edge(None, api_key=None, allowed_hosts=["batch.example.org"])
+    assert isinstance(edge.serves(host, ("127.0.0.1", 4080)), bool)
+    assert split_host(host) is None or isinstance(split_host(host)[0], str)
+    if origin is not None:
+        assert isinstance(same_origin(origin, host), bool)
