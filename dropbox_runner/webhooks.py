@@ -219,6 +219,7 @@ class Sender:
                 if state.get("waited", 0) >= self.retry_seconds:
                     state["done"] = "gave_up"
                     record["deliveries"][self.keys[i]] = state
+                    self._due.get(path.name, {}).pop(i, None)
                     changed = True
                     log.error(
                         "gave up on %s of %s to webhooks[%d] %s after %d attempts",

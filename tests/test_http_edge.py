@@ -60,7 +60,8 @@ def ask(server: Server, method: str, path: str, headers: dict, body: bytes | Non
 def test_only_the_hosts_the_server_serves_are_answered(serve) -> None:
     server = serve()
     port = server.port
-    for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", "127.0.0.1.attacker.example"):
+    hostile = ("rebind.attacker.example", f"rebind.attacker.example:{port}", "127.0.0.1.attacker.example")
+    for host in (*hostile, "[", "127.0.0.1:x", "user@127.0.0.1", ""):
         code, _, body = ask(server, "GET", "/api/status", {"Host": host})
         assert code == 400 and json.loads(body)["error"]["code"] == "host_not_allowed", host
     assert ask(server, "GET", "/healthz", {"Host": "rebind.attacker.example"})[0] == 400

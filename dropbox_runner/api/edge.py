@@ -64,7 +64,12 @@ class Edge:
             return
         request = Request(scope)
         refusal = self.refusal(request)
-        if refusal is None and self.api_key and request.url.path == "/" and "key" in request.query_params:
+        if (
+            refusal is None
+            and self.api_key
+            and request.scope["path"] == "/"
+            and "key" in request.query_params
+        ):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "key"]
             refusal = RedirectResponse("/" + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
             refusal.set_cookie(KEY_COOKIE, self.api_key, httponly=True, samesite="strict")
@@ -84,7 +89,7 @@ class Edge:
         origin = request.headers.get("origin")
         if request.method not in SAFE_METHODS and origin is not None and not same_origin(origin, host):
             return error(403, f"a {request.method} from origin {origin[:100]!r} is refused", "cross_origin")
-        if self.api_key and request.url.path != "/healthz" and not self.authorized(request):
+        if self.api_key and request.scope["path"] != "/healthz" and not self.authorized(request):
             return error(401, "missing or wrong API key", "invalid_api_key")
         return None
 
@@ -102,7 +107,7 @@ class Edge:
 
     def authorized(self, request: Request) -> bool:
         key = self.api_key or ""
-        query = request.query_params.get("key", "") if request.url.path == "/" else ""
+        query = request.query_params.get("key", "") if request.scope["path"] == "/" else ""
         return any(
             same_key(given, expected)
             for given, expected in (
