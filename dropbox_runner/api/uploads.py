@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import python_multipart
 from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
 
 FIELD_LIMIT = 64 * 1024
 
@@ -44,6 +45,8 @@ async def receive(request: Any, store: Any, limit: int) -> dict[str, Any]:
                 yield anyio.from_thread.run(stream.__anext__)
             except StopAsyncIteration:
                 return
+            except ClientDisconnect:
+                raise UploadRefused(400, "the client went away before the upload ended") from None
 
     return await anyio.to_thread.run_sync(form.save, body(), store)
 
