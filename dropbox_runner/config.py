@@ -109,6 +109,7 @@ class Settings(BaseModel):
     webhook_retry_hours: float = Field(24.0, gt=0)
     api_key: str | None = None  # required by `serve` on a non-loopback address (or $DROPBOX_RUNNER_API_KEY)
     max_upload_bytes: int = Field(1024**3, gt=0)
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names the API answers beyond loopback
 
     @field_validator("poll", mode="before")
     @classmethod

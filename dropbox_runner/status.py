@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections import deque
 from typing import Any
 
 from dropbox_runner import catalog
@@ -21,24 +20,44 @@ from dropbox_runner.lifecycle import Status, job_status
 RECENT_FINISHED = 20
 
 
+LAST_WORDS_BYTES = 16 * 1024  # the end of daemon.log read for its last line
+
+
+def daemon_running(layout: Layout) -> bool:
+    """Whether a daemon holds the root's lock. A shared lock is asked for: it works on a read-only
+    descriptor everywhere (NFS emulates flock with fcntl locks, and refuses an exclusive one on a
+    read-only descriptor with EBADF), and it fails while the daemon holds its exclusive lock."""
+    try:
+        fd = os.open(layout.lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def last_line(path: os.PathLike[str], limit: int = LAST_WORDS_BYTES) -> str | None:
+    """The last non-empty line of a file, reading only its last `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            lines = f.read(limit).decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return None
+    lines = [x.rstrip() for x in lines if x.strip()]
+    return lines[-1] if lines else None
+
+
 def daemon_state(layout: Layout) -> dict[str, Any]:
     """Whether a daemon holds the root, its snapshot, and its last words if it is gone."""
     snapshot = read_json_or_none(layout.snapshot) or {}
-    running = False
-    if layout.lock.exists():
-        fd = os.open(layout.lock, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
-            running = True
-        finally:
-            os.close(fd)
-    last_words = None
-    if not running and layout.log.exists():
-        with open(layout.log, encoding="utf-8", errors="replace") as f:
-            tail = deque(f, maxlen=1)
-        last_words = tail[0].rstrip() if tail else None
+    running = daemon_running(layout)
+    last_words = None if running else last_line(layout.log)
     return {"running": running, "snapshot": snapshot, "last_words": last_words}
 
 

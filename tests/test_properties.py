@@ -170,7 +170,15 @@ registries = (
         optional={
             "settings": st.dictionaries(
                 st.sampled_from(
-                    ["settle_seconds", "poll", "commit_interval_ms", "dedupe", "api_key", "colour"]
+                    [
+                        "settle_seconds",
+                        "poll",
+                        "commit_interval_ms",
+                        "dedupe",
+                        "api_key",
+                        "allowed_hosts",
+                        "colour",
+                    ]
                 ),
                 json_values,
             )

@@ -6,8 +6,6 @@ outbox/, so it works whether the daemon runs in this process or another.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -19,6 +17,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from dropbox_runner import catalog
 from dropbox_runner import status as status_view
+from dropbox_runner.api import uploads
+from dropbox_runner.api.edge import Edge
+from dropbox_runner.api.edge import is_loopback as is_loopback  # `serve` asks it of its address
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.fieldrules import quote
@@ -28,7 +29,6 @@ from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
 
 API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
-KEY_COOKIE = "dropbox_runner_key"  # set by opening /?key=<key>, so the page's own requests carry it
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 PAGE = Path(__file__).with_name("page.html")
 STATUS_MAP = {"queued": "validating"}  # our other statuses are OpenAI's own
@@ -48,15 +48,6 @@ class ApiError(Exception):
         self.status, self.type, self.param, self.code = status, type, param, code
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="dropbox_runner", docs_url=None, redoc_url=None)
     store = Store(layout)
@@ -69,54 +60,16 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             status_code=exc.status,
         )
 
-    @app.middleware("http")
-    async def bearer(request: Request, call_next):
-        """With a key, every route but /healthz needs it: a bearer header, or the page's cookie."""
-        if api_key and request.url.path != "/healthz":
-            given = request.headers.get("authorization", "")
-            cookie = request.cookies.get(KEY_COOKIE, "")
-            query = request.query_params.get("key", "") if request.url.path == "/" else ""
-            if not any(
-                hmac.compare_digest(x, y)
-                for x, y in ((given, f"Bearer {api_key}"), (cookie, api_key), (query, api_key))
-            ):
-                return JSONResponse(
-                    {
-                        "error": {
-                            "message": "missing or wrong API key",
-                            "type": "invalid_request_error",
-                            "param": None,
-                            "code": "invalid_api_key",
-                        }
-                    },
-                    status_code=401,
-                )
-        response = await call_next(request)
-        if api_key and request.url.path == "/" and request.query_params.get("key"):
-            response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="strict")
-        return response
+    # Host, Origin and the key are judged before any route (with a key, all but /healthz need it)
+    app.add_middleware(Edge, api_key=api_key, allowed_hosts=registry.settings.allowed_hosts)
 
     # -- files -------------------------------------------------------------------------------------
     @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
-        length = int(request.headers.get("content-length") or 0)
-        if length > limit + 64 * 1024:
-            raise ApiError(413, f"the upload is larger than {limit} bytes", code="file_too_large")
-        form = await request.form(max_part_size=limit + 1)
-        purpose, upload = form.get("purpose"), form.get("file")
-        if purpose != "batch":
-            raise ApiError(400, "purpose must be 'batch'", param="purpose")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "a `file` part is required", param="file")
-
-        def chunks():
-            while chunk := upload.file.read(1 << 20):
-                yield chunk
-
         try:
-            return store.save_upload(chunks(), upload.filename, "batch", limit)
-        except ValueError:
-            raise ApiError(413, f"the upload is larger than {limit} bytes", code="file_too_large") from None
+            return await uploads.receive(request, store, limit)
+        except uploads.UploadRefused as exc:
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
 
     @app.get("/v1/files")
     def list_files() -> dict[str, Any]:
@@ -354,7 +307,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "daemon_running": status_view.daemon_state(layout)["running"]}
+        return {"status": "ok", "daemon_running": status_view.daemon_running(layout)}
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -363,8 +316,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         return Response(prometheus.render(layout), media_type=prometheus.CONTENT_TYPE)
 
     @app.get("/api/status")
-    def status_json(page: int = 0) -> dict[str, Any]:
-        return status_view.collect(layout, page=page)
+    def status_json(page: int = 0, since: float | None = None) -> dict[str, Any]:
+        return history_since(status_view.collect(layout, page=page), since)
 
     def job_id_of(ref: str) -> str:
         job_id = catalog.find_job(layout, ref)
@@ -406,6 +359,18 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         return PAGE.read_text(encoding="utf-8")
 
     return app
+
+
+def history_since(doc: dict[str, Any], since: float | None) -> dict[str, Any]:
+    """With `since` (the `t` of the last point a page has), only the newer points (`full: false`); the
+    whole history if `since` is newer than every point (the history began again, or the clock went
+    back). Loads and swaps are few (at most 200 each) and always sent whole."""
+    history = doc["history"]
+    points = history["points"]
+    newer = [p for p in points if p["t"] > since] if since is not None else points
+    full = since is None or not points or points[-1]["t"] < since
+    history["points"], history["full"] = points if full else newer, full
+    return doc
 
 
 def resolve_api_key(registry: Registry) -> str | None:

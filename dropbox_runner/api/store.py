@@ -15,6 +15,7 @@ import orjson
 
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, staged, write_json
 from dropbox_runner.layout import Layout
+from dropbox_runner.lines import iter_raw_lines
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -97,12 +98,15 @@ class Store:
 
 
 def first_models(path: Path) -> set[str]:
-    """The `body.model` values of a file's lines (streaming; lines that do not parse are skipped)."""
+    """The `body.model` values of a file's lines (streaming, each read capped at the daemon's
+    MAX_LINE_BYTES; lines that are longer or do not parse are skipped)."""
     models: set[str] = set()
     with open(path, "rb") as f:
-        for line in f:
+        for raw in iter_raw_lines(f):
+            if raw.data is None:
+                continue
             try:
-                obj = orjson.loads(line)
+                obj = orjson.loads(raw.data)
             except orjson.JSONDecodeError:
                 continue
             model = (
