@@ -58,7 +58,7 @@ class Daemon:
     def __init__(self, layout: Layout, registry: Registry, *, once: bool = False) -> None:
         self.layout, self.registry, self.settings, self.once = layout, registry, registry.settings, once
         self.journal = Journal(layout)
-        self.jobs = Jobs(self.journal)
+        self.jobs = Jobs(self.journal, self.settings.webhooks)
         self.claimer = Claimer(self.jobs, registry)
         self.scanner = Scanner(layout.inbox, self.settings, list(registry.models))
         self.history = History(layout, every=self.settings.history_point_seconds)

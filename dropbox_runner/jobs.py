@@ -10,13 +10,14 @@ import logging
 import os
 import shutil
 import time
+from typing import Any
 
 from dropbox_runner import catalog, dedupe, webhooks
 from dropbox_runner.fsutil import fsync_dir, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
 from dropbox_runner.lifecycle import Status, job_status
-from dropbox_runner.results.batchfile import write_batch_json
+from dropbox_runner.results.batchfile import batch_document, write_batch_json, write_document
 from dropbox_runner.results.compare import publish_compare
 from dropbox_runner.results.log import read_marker, rewrite_without_failures
 from dropbox_runner.results.publish import publish_task
@@ -27,13 +28,22 @@ INTERNAL_ERROR = "internal_error"
 
 
 class Jobs:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, hooks: list[Any] | None = None) -> None:
         self.journal = journal
         self.layout = journal.layout
+        self.hooks = hooks  # the webhook receivers; None: as models.yaml says when an event is due
 
     def _record(self, spec: JobSpec, tasks: list[TaskRecord]) -> dict:
         """batch.json, from the records as saved: the only place it is written."""
         return write_batch_json(self.journal, spec, tasks)
+
+    def _final_record(self, spec: JobSpec, tasks: list[TaskRecord]) -> dict:
+        """The final batch.json, its webhook event journaled first: a crash between the two replays
+        the same event (its id comes from the job and its final state) instead of losing it."""
+        document = batch_document(self.journal, spec, tasks)
+        webhooks.announce(self.layout, document, sum(t.retries for t in tasks), self.hooks)
+        write_document(self.journal, spec, document)
+        return document
 
     # -- intake ------------------------------------------------------------------------------------
     def taken(self, spec: JobSpec) -> None:
@@ -43,9 +53,8 @@ class Jobs:
     def rejected(self, spec: JobSpec) -> None:
         """A whole file was refused: the reasons go to batch.json, the original to the archive."""
         self.journal.save_spec(spec)
-        document = self._record(spec, [])
+        self._final_record(spec, [])
         self.journal.archive(spec.id)
-        webhooks.announce(self.layout, document)
 
     # -- running -----------------------------------------------------------------------------------
     def started(self, spec: JobSpec, task: TaskRecord) -> None:
@@ -113,9 +122,8 @@ class Jobs:
         status = job_status([t.status for t in tasks])
         if status == Status.COMPLETED:
             dedupe.remember(self.journal, spec)
-        document = self._record(spec, tasks)  # the last write for the job
+        self._final_record(spec, tasks)  # the last write for the job
         self.journal.archive(spec.id)
-        webhooks.announce(self.layout, document)
         log.info("job %s (%s) is %s: outbox/%s/", spec.id, spec.name, status.value, spec.outbox)
 
     def cancelled(
