@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from dropbox_runner import catalog, dedupe, webhooks
@@ -17,7 +18,7 @@ from dropbox_runner.errors import is_environmental
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
-from dropbox_runner.lifecycle import Status, job_status
+from dropbox_runner.lifecycle import FINAL, Status, job_status
 from dropbox_runner.results.batchfile import batch_document, write_batch_json, write_document
 from dropbox_runner.results.compare import publish_compare
 from dropbox_runner.results.log import read_marker, rewrite_without_failures
@@ -71,6 +72,9 @@ class Jobs:
 
     def requeued(self, spec: JobSpec, task: TaskRecord, why: str) -> None:
         """Back in line (the model process died or the daemon stops); its queue entry never left."""
+        if task.ending is not None:  # a cancel or expiry was asked while it ran: it ends instead
+            self.finalized(spec, task, task.ending)
+            return
         task.move(Status.QUEUED)
         self.journal.save_task(task)
         self._record(spec, self.journal.tasks(spec))
@@ -91,6 +95,8 @@ class Jobs:
     def _finalize(
         self, spec: JobSpec, task: TaskRecord, outcome: Status, error: str | None, code: str | None = None
     ) -> None:
+        if task.ending is not None and outcome in (Status.CANCELLED, Status.EXPIRED):
+            outcome = task.ending  # the first of a cancel and an expiry decides, not the last
         if task.status != Status.FINALIZING:
             task.move(Status.FINALIZING)
         task.outcome, task.isolate_until = outcome, -1
@@ -131,7 +137,10 @@ class Jobs:
         self, spec: JobSpec, running: TaskRecord | None = None, outcome: Status = Status.CANCELLED
     ) -> list[str]:
         """Cancel (or expire) every queued task of a job; returns their models. The running one is the
-        caller's."""
+        caller's: it is marked, so it ends with the first outcome asked, even after a crash."""
+        if running is not None and running.ending is None and not running.status.final:
+            running.ending = outcome
+            self.journal.save_task(running)
         ended = []
         for task in self.journal.tasks(spec):
             if task.status == Status.QUEUED and not (running and running.model == task.model):
@@ -147,35 +156,54 @@ class Jobs:
         for job_id in catalog.active_ids(self.layout):
             job = catalog.read_job(self.layout, job_id)
             expires_at = job.spec.get("expires_at") if job else None
-            if expires_at is not None and now >= expires_at:
-                due.append(self.journal.spec(job_id))
+            ending = [t.get("ending") for t in job.tasks if t.get("status") not in FINAL] if job else []
+            if expires_at is not None and now >= expires_at and not all(ending):
+                due.append(self.journal.spec(job_id))  # not one whose every open task already ends
         return due
 
     def retried(self, spec: JobSpec) -> list[str]:
-        """Re-queue the failed lines of a finished job's tasks; returns the models re-queued."""
+        """Re-queue the failed lines of a finished job's tasks; returns the models re-queued.
+
+        An intent record (`retry.json`) is written as the job leaves the archive, so a crash
+        part-way is finished by `recover` instead of re-announcing the old final state.
+        """
         tasks = self.journal.tasks(spec)
         if not all(t.status.final for t in tasks):
             return []
+        again = {t.model: t.retries + 1 for t in tasks if self._has_failures(spec, t)}
+        if not again:
+            return []
         self.journal.unarchive(spec.id)
-        again = []
+        write_json(self._retry_intent(spec.id), {"retries": again})
+        self._apply_retry(spec, again)
+        return list(again)
+
+    def _has_failures(self, spec: JobSpec, task: TaskRecord) -> bool:
+        marker = read_marker(self.journal.log_path(spec.id, task.model))
+        return marker is None or marker.failed > 0 or marker.count < spec.total
+
+    def _retry_intent(self, job_id: str) -> Path:
+        return self.layout.jobs / job_id / "retry.json"
+
+    def _apply_retry(self, spec: JobSpec, again: dict[str, int]) -> None:
+        """Each step idempotent: a task already at its new retry count is not re-queued twice."""
+        tasks = self.journal.tasks(spec)
         for task in tasks:
-            marker = read_marker(self.journal.log_path(spec.id, task.model))
-            if marker is not None and marker.failed == 0 and marker.count >= spec.total:
+            target = again.get(task.model)
+            if target is None:
                 continue
-            dropped = rewrite_without_failures(self.journal.log_path(spec.id, task.model), spec.total)
-            log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
-            task.move(Status.QUEUED)
-            task.retries += 1
-            task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
-            task.error = task.error_code = task.outcome = task.completed_at = None
-            self.journal.save_task(task)
-            self.journal.enqueue(task)
-            again.append(task.model)
-        if again:
-            self._record(spec, tasks)
-        else:
-            self.journal.archive(spec.id)
-        return again
+            if task.retries < target:
+                dropped = rewrite_without_failures(self.journal.log_path(spec.id, task.model), spec.total)
+                log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
+                task.move(Status.QUEUED)
+                task.retries = target
+                task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
+                task.error = task.error_code = task.outcome = task.completed_at = task.ending = None
+                self.journal.save_task(task)
+            if task.status == Status.QUEUED:
+                self.journal.enqueue(task)
+        self._record(spec, tasks)
+        self._retry_intent(spec.id).unlink(missing_ok=True)
 
     def failed_internal(self, job_id: str, message: str) -> None:
         """The job boundary: an unexpected error fails this job alone, with what is done published.
@@ -286,7 +314,20 @@ class Jobs:
 
     def _recover_job(self, job_id: str, queued_keys: set[str]) -> None:
         spec = self.journal.spec(job_id)
+        intent = read_json_or_none(self._retry_intent(job_id))
+        if isinstance(intent, dict) and isinstance(intent.get("retries"), dict):
+            log.info("finishing the retry of %s (it was interrupted)", job_id)
+            self._apply_retry(spec, intent["retries"])
         for task in self.journal.tasks(spec):
+            if task.ending is not None and task.status in (Status.IN_PROGRESS, Status.QUEUED):
+                log.info(
+                    "%s/%s: ending it %s, as asked before the last daemon ended",
+                    job_id,
+                    task.model,
+                    task.ending,
+                )
+                self._finalize(spec, task, task.ending, None)
+                continue
             if task.status == Status.IN_PROGRESS:
                 log.info("%s/%s was running when the last daemon ended; back in line", job_id, task.model)
                 task.move(Status.QUEUED)

@@ -1,5 +1,5 @@
-"""Crash points (issue 23): webhook events journaled before the final batch.json, and only for a
-receiver.
+"""Crash points and clocks (issue 23): webhook events journaled before the final batch.json, control
+requests removed only once carried out, cancel and expiry, retry and retention.
 
 Most tests drive the daemon's own parts in-process, so a crash can be injected between two steps
 (an exception no boundary catches, as a kill would stop it there); recovery is a new daemon's.
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +23,12 @@ from dropbox_runner import webhooks
 from dropbox_runner.config import load_registry
 from dropbox_runner.daemon import Daemon as Core
 from dropbox_runner.intake.scanner import Drop
-from dropbox_runner.journal import JobSpec
+from dropbox_runner.jobs import request
+from dropbox_runner.journal import JobSpec, Journal
 from dropbox_runner.layout import Layout
 from dropbox_runner.results import batchfile
 
-from conftest import batch_json, chat_line, run_once, write_jsonl
+from conftest import batch_json, chat_line, run_once, wait_for, write_jsonl
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -156,3 +160,141 @@ def test_no_event_is_journaled_for_a_type_no_receiver_takes(root: Path) -> None:
     write_jsonl(root / "inbox/echo/bad.jsonl", ["not json"])
     run_once(root, timeout=60)
     assert [e["data"]["name"] for e in events(root)] == ["bad"]
+
+
+# -- control requests: act, then remove ------------------------------------------------------------
+def test_a_cancel_request_is_removed_only_once_carried_out(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = core_for(root)
+    spec = take(core, "echo/c.jsonl", [chat_line(0)])
+    request(core.journal, "cancel", spec.id)
+    monkeypatch.setattr(core.execution, "cancel", die)  # the daemon dies while carrying it out
+    with pytest.raises(Crash):
+        core._controls()
+    assert list((root / "state/control").iterdir()), "the request is still there after the crash"
+    again = core_for(root)
+    again._recover()
+    again._controls()
+    assert batch_json(root, "c")["status"] == "cancelled"
+    assert not list((root / "state/control").iterdir())
+
+
+# -- retry: a crash part-way neither re-announces the old state nor loses the retry ---------------
+def test_a_crash_between_unarchive_and_requeue_replays_the_same_event_and_then_the_retry(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooks_yaml(root)
+    core = core_for(root)
+    spec = take(core, "echo/r.jsonl", [chat_line(0), chat_line(1)])
+    core.jobs.cancelled(spec)
+    announced = events(root)
+    request(core.journal, "retry", spec.id)
+    real = Journal.unarchive
+    monkeypatch.setattr(Journal, "unarchive", lambda self, job_id: (real(self, job_id), die()))
+    with pytest.raises(Crash):
+        core._controls()
+    monkeypatch.undo()
+    again = core_for(root)
+    again._recover()
+    assert events(root) == announced, "the old final state is not announced under a new id"
+    again._controls()  # the retry request was kept: it is carried out now
+    task = again.journal.task(spec.id, "echo")
+    assert task.status == "queued" and task.retries == 1
+    assert batch_json(root, "r")["status"] == "queued"
+
+
+def test_a_crash_part_way_through_a_retry_is_finished_at_the_next_start(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = core_for(root)
+    spec = take(core, "echo2/s.jsonl", [chat_line(0)], {"models": ["echo", "echo2"]})
+    core.jobs.cancelled(spec)
+    monkeypatch.setattr(Journal, "enqueue", die)  # after the first task is saved, before the second
+    with pytest.raises(Crash):
+        core.jobs.retried(spec)
+    monkeypatch.undo()
+    again = core_for(root)
+    again._recover()
+    tasks = again.journal.tasks(spec)
+    assert [(t.status, t.retries) for t in tasks] == [("queued", 1), ("queued", 1)]
+    assert sorted(model for _, _, model in again.journal.queued()) == ["echo", "echo2"]
+    assert again.jobs.retried(spec) == [], "a repeated request is a no-op while the retry runs"
+
+
+# -- cancel and expiry of a running task ------------------------------------------------------------
+@pytest.fixture
+def running(root: Path):
+    """A daemon in-process running a long `paced` task on its real model process."""
+    core = core_for(root)
+    spec = take(core, "paced/long.jsonl", [chat_line(i) for i in range(20000)], {"completion_window": "1h"})
+    assert core._start_next()
+    wait_for(lambda: (core.execution.pump(0.2), core.execution.sent)[1], timeout=60, what="the task sent")
+    yield core, spec
+    if core.execution.proc is not None:
+        core.execution.proc.end(5)
+
+
+def test_an_expiry_just_after_a_users_cancel_leaves_it_cancelled(
+    running, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core, spec = running
+    request(core.journal, "cancel", spec.id)
+    core._controls()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 7200)  # the window ran out meanwhile
+    core._expire()
+    wait_for(lambda: (core.execution.pump(0.2), core.execution.task is None)[1], timeout=60, what="the end")
+    assert batch_json(root, "long")["status"] == "cancelled"
+
+
+def test_a_cancel_carried_out_just_before_a_crash_still_ends_the_task_cancelled(running, root: Path) -> None:
+    core, spec = running
+    request(core.journal, "cancel", spec.id)
+    core._controls()  # the model process was told; the daemon dies before it answers
+    os.killpg(core.execution.proc.pid, signal.SIGKILL)
+    again = core_for(root)
+    again._recover()
+    assert batch_json(root, "long")["status"] == "cancelled"
+    assert not again.journal.queued(), "it is not run again"
+
+
+# -- clocks: intervals are monotonic, times in files Unix seconds ---------------------------------
+class Clocks:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.wall, self.mono = time.time(), 1000.0
+        monkeypatch.setattr(time, "time", lambda: self.wall)
+        monkeypatch.setattr(time, "monotonic", lambda: self.mono)
+
+    def run(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def test_a_wall_clock_set_back_a_day_does_not_stall_expiry(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks(monkeypatch)
+    core = core_for(root)
+    core._expire()
+    clocks.wall -= 86400  # someone sets the clock back a day
+    take(core, "echo/w.jsonl", [chat_line(0)], {"completion_window": "10s"})
+    clocks.run(11)
+    core._expire()
+    assert batch_json(root, "w")["status"] == "expired"
+    assert batch_json(root, "w")["expires_at"] == int(batch_json(root, "w")["created_at"]) + 10
+
+
+def test_a_wall_clock_set_back_a_day_does_not_stall_retention(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks(monkeypatch)
+    core = core_for(root)
+    core.settings.keep_finished_days = 30 / 86400  # 30 seconds
+    core._prune()
+    clocks.wall -= 86400
+    spec = take(core, "echo/p.jsonl", [chat_line(0)])
+    core.jobs.cancelled(spec)
+    clocks.run(61)
+    core._prune()
+    assert not (root / "outbox/p").exists() and not (root / "state/archive" / spec.id).exists()
