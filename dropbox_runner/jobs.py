@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import catalog, dedupe, webhooks
-from dropbox_runner.errors import is_environmental
+from dropbox_runner import catalog, dedupe, retention, webhooks
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
@@ -249,55 +248,8 @@ class Jobs:
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
     def pruned(self, keep_days: float, now: float) -> list[str]:
-        """Remove finished jobs older than `keep_days` from state/archive/ and outbox/; returns them.
-
-        An outbox folder goes only if its batch.json says it is this job's: after the user removed it,
-        a later drop of the same name may own that folder now.
-        """
-        removed = []
-        for job_id in catalog.job_ids(self.layout.archive):
-            job = catalog.read_job(self.layout, job_id)
-            if job is None or job.folder.parent != self.layout.archive:
-                continue
-            ends = [t.get("completed_at") for t in job.tasks]
-            finished_at = max((e for e in ends if e), default=None) if job.tasks else job.spec["created_at"]
-            if finished_at is None or now - finished_at < keep_days * 86400:
-                continue
-            try:
-                folder = self._prune_one(job_id)
-            except Exception as exc:  # one broken job never stops retention, nor the daemon
-                if is_environmental(exc):
-                    raise
-                log.exception("could not remove %s", job_id)
-                continue
-            log.info(
-                "removed %s (%s), finished %.1f days ago (keep_finished_days %g)",
-                job_id,
-                f"outbox/{folder}/" if folder else "its outbox folder is no longer its own",
-                (now - finished_at) / 86400,
-                keep_days,
-            )
-            removed.append(job_id)
-        if removed:
-            fsync_dir(self.layout.archive)
-            fsync_dir(self.layout.outbox)
-        return removed
-
-    def _prune_one(self, job_id: str) -> str | None:
-        """Remove one archived job; returns its outbox folder if that was removed too."""
-        from dropbox_runner.api import store as api_store  # plain files only: no web framework
-
-        spec = self.journal.spec(job_id)
-        final = batch_document(self.journal, spec, [] if spec.rejected else self.journal.tasks(spec))
-        api_store.retire(self.layout, spec.metadata, final)
-        dedupe.forget(self.journal, spec)
-        outbox = self.layout.outbox / spec.outbox
-        owner = read_json_or_none(outbox / "batch.json") if not outbox.is_symlink() else None
-        mine = isinstance(owner, dict) and owner.get("id") == job_id
-        if mine:
-            shutil.rmtree(outbox, ignore_errors=True)
-        shutil.rmtree(self.layout.archive / job_id, ignore_errors=True)
-        return spec.outbox if mine else None
+        """Remove finished jobs older than `keep_days` (see `retention`); returns their ids."""
+        return retention.prune(self.journal, keep_days, now)
 
     # -- recovery at start -------------------------------------------------------------------------
     def recover(self) -> None:
