@@ -75,6 +75,21 @@ def test_names_that_are_not_utf8_run_or_are_rejected_and_publish_utf8_folders(ro
     assert "Logging error" not in proc.stderr, "every name is logged in a form the log can hold"
 
 
+def test_submit_of_a_255_byte_name_picks_a_name_that_fits_and_runs(root: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dropbox_runner.cli import main
+
+    src = write_jsonl(tmp_path / f"{LONG}.jsonl", [chat_line(0)])
+    for args in (["--model", "echo"], ["--models", "echo,echo2"]):  # the second writes a manifest
+        result = CliRunner().invoke(main, ["submit", str(src), *args, "--root", str(root)])
+        assert result.exit_code == 0, result.output  # before: ENAMETOOLONG on the manifest's name
+    run_once(root, timeout=60)
+    folders = sorted(p.name for p in (root / "outbox").iterdir())
+    assert len(folders) == 2 and all(len(f.encode()) <= MAX_STEM_BYTES for f in folders)
+    assert all(batch_json(root, f)["status"] == "completed" for f in folders)
+
+
 def test_outbox_names_are_utf8_short_and_keep_short_utf8_stems() -> None:
     @given(st.binary(min_size=1, max_size=NAME_MAX - len(".jsonl")))
     @settings(max_examples=300)
