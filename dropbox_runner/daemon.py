@@ -58,7 +58,7 @@ class Daemon:
     def __init__(self, layout: Layout, registry: Registry, *, once: bool = False) -> None:
         self.layout, self.registry, self.settings, self.once = layout, registry, registry.settings, once
         self.journal = Journal(layout)
-        self.jobs = Jobs(self.journal)
+        self.jobs = Jobs(self.journal, self.settings.webhooks)
         self.claimer = Claimer(self.jobs, registry)
         self.scanner = Scanner(layout.inbox, self.settings, list(registry.models))
         self.history = History(layout, every=self.settings.history_point_seconds)
@@ -68,7 +68,8 @@ class Daemon:
         self.stopping = False
         self.signals = 0
         self.last_scan = float("-inf")
-        self.last_snapshot = self.last_expiry_check = self.last_prune = 0.0
+        self.last_snapshot = 0.0
+        self.last_expiry_check = self.last_prune = float("-inf")  # monotonic: a wall-clock jump moves neither
         self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
@@ -219,20 +220,23 @@ class Daemon:
             self.claimer.finish_pending()
 
     def _controls(self) -> None:
+        """Carry out each request, then remove it (Maildir's order: a crash repeats it, never loses it)."""
         for path in sorted(self.layout.control.glob("*.json")):
-            req = read_json_or_none(path)
+            self._control(read_json_or_none(path))
             path.unlink(missing_ok=True)
-            if not isinstance(req, dict) or not isinstance(req.get("job_id"), str):
-                continue
-            try:
-                spec = self.journal.spec(req["job_id"])
-            except (RunnerError, FileNotFoundError, ValueError) as exc:
-                log.error("%s of %s failed: %s", req.get("op"), req.get("job_id"), exc)
-                continue
-            if req.get("op") == "cancel":
-                self._guarded(spec.id, self.execution.cancel, spec)
-            elif req.get("op") == "retry":
-                self._guarded(spec.id, self._retry, spec)
+
+    def _control(self, req: object) -> None:
+        if not isinstance(req, dict) or not isinstance(req.get("job_id"), str):
+            return
+        try:
+            spec = self.journal.spec(req["job_id"])
+        except (RunnerError, FileNotFoundError, ValueError) as exc:
+            log.error("%s of %s failed: %s", req.get("op"), req.get("job_id"), exc)
+            return
+        if req.get("op") == "cancel":
+            self._guarded(spec.id, self.execution.cancel, spec)
+        elif req.get("op") == "retry":
+            self._guarded(spec.id, self._retry, spec)
 
     def _retry(self, spec) -> None:
         models = self.jobs.retried(spec)
@@ -240,21 +244,19 @@ class Daemon:
 
     def _expire(self) -> None:
         """End jobs whose completion window ran out (checked about once a second)."""
-        now = time.time()
-        if now - self.last_expiry_check < 1.0:
+        if time.monotonic() - self.last_expiry_check < 1.0:
             return
-        self.last_expiry_check = now
-        for spec in self.jobs.due_to_expire(now):
+        self.last_expiry_check = time.monotonic()
+        for spec in self.jobs.due_to_expire(time.time()):  # expires_at is Unix seconds, as written
             self._guarded(spec.id, self.execution.cancel, spec, Status.EXPIRED)
 
     def _prune(self) -> None:
         """keep_finished_days: finished jobs older than that leave the archive and the outbox."""
         keep = self.settings.keep_finished_days
-        now = time.time()
-        if keep is None or now - self.last_prune < PRUNE_SECONDS:
+        if keep is None or time.monotonic() - self.last_prune < PRUNE_SECONDS:
             return
-        self.last_prune = now
-        self.jobs.pruned(keep, now)
+        self.last_prune = time.monotonic()
+        self.jobs.pruned(keep, time.time())  # finished_at is Unix seconds, as written
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(

@@ -36,6 +36,7 @@ def fsync_dir(path: Path) -> None:
 
 def _open_new(folder: Path, name: str) -> tuple[Path, int]:
     """A fresh hidden staging file in `folder`; never follows or reuses an existing entry."""
+    name = os.fsdecode(os.fsencode(name)[:200])  # a long target name still leaves room for the rest
     while True:
         tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:

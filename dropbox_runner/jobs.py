@@ -10,13 +10,15 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
+from typing import Any
 
-from dropbox_runner import catalog, dedupe, webhooks
-from dropbox_runner.fsutil import fsync_dir, write_atomic, write_json
+from dropbox_runner import catalog, dedupe, retention, webhooks
+from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
-from dropbox_runner.lifecycle import Status, job_status
-from dropbox_runner.results.batchfile import write_batch_json
+from dropbox_runner.lifecycle import FINAL, Status, job_status
+from dropbox_runner.results.batchfile import batch_document, write_batch_json, write_document
 from dropbox_runner.results.compare import publish_compare
 from dropbox_runner.results.log import read_marker, rewrite_without_failures
 from dropbox_runner.results.publish import publish_task
@@ -27,13 +29,22 @@ INTERNAL_ERROR = "internal_error"
 
 
 class Jobs:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, hooks: list[Any] | None = None) -> None:
         self.journal = journal
         self.layout = journal.layout
+        self.hooks = hooks  # the webhook receivers; None: as models.yaml says when an event is due
 
     def _record(self, spec: JobSpec, tasks: list[TaskRecord]) -> dict:
         """batch.json, from the records as saved: the only place it is written."""
         return write_batch_json(self.journal, spec, tasks)
+
+    def _final_record(self, spec: JobSpec, tasks: list[TaskRecord]) -> dict:
+        """The final batch.json, its webhook event journaled first: a crash between the two replays
+        the same event (its id comes from the job and its final state) instead of losing it."""
+        document = batch_document(self.journal, spec, tasks)
+        webhooks.announce(self.layout, document, sum(t.retries for t in tasks), self.hooks)
+        write_document(self.journal, spec, document)
+        return document
 
     # -- intake ------------------------------------------------------------------------------------
     def taken(self, spec: JobSpec) -> None:
@@ -43,9 +54,8 @@ class Jobs:
     def rejected(self, spec: JobSpec) -> None:
         """A whole file was refused: the reasons go to batch.json, the original to the archive."""
         self.journal.save_spec(spec)
-        document = self._record(spec, [])
+        self._final_record(spec, [])
         self.journal.archive(spec.id)
-        webhooks.announce(self.layout, document)
 
     # -- running -----------------------------------------------------------------------------------
     def started(self, spec: JobSpec, task: TaskRecord) -> None:
@@ -61,6 +71,9 @@ class Jobs:
 
     def requeued(self, spec: JobSpec, task: TaskRecord, why: str) -> None:
         """Back in line (the model process died or the daemon stops); its queue entry never left."""
+        if task.ending is not None:  # a cancel or expiry was asked while it ran: it ends instead
+            self.finalized(spec, task, task.ending)
+            return
         task.move(Status.QUEUED)
         self.journal.save_task(task)
         self._record(spec, self.journal.tasks(spec))
@@ -81,6 +94,8 @@ class Jobs:
     def _finalize(
         self, spec: JobSpec, task: TaskRecord, outcome: Status, error: str | None, code: str | None = None
     ) -> None:
+        if task.ending is not None and outcome in (Status.CANCELLED, Status.EXPIRED):
+            outcome = task.ending  # the first of a cancel and an expiry decides, not the last
         if task.status != Status.FINALIZING:
             task.move(Status.FINALIZING)
         task.outcome, task.isolate_until = outcome, -1
@@ -113,16 +128,18 @@ class Jobs:
         status = job_status([t.status for t in tasks])
         if status == Status.COMPLETED:
             dedupe.remember(self.journal, spec)
-        document = self._record(spec, tasks)  # the last write for the job
+        self._final_record(spec, tasks)  # the last write for the job
         self.journal.archive(spec.id)
-        webhooks.announce(self.layout, document)
         log.info("job %s (%s) is %s: outbox/%s/", spec.id, spec.name, status.value, spec.outbox)
 
     def cancelled(
         self, spec: JobSpec, running: TaskRecord | None = None, outcome: Status = Status.CANCELLED
     ) -> list[str]:
         """Cancel (or expire) every queued task of a job; returns their models. The running one is the
-        caller's."""
+        caller's: it is marked, so it ends with the first outcome asked, even after a crash."""
+        if running is not None and running.ending is None and not running.status.final:
+            running.ending = outcome
+            self.journal.save_task(running)
         ended = []
         for task in self.journal.tasks(spec):
             if task.status == Status.QUEUED and not (running and running.model == task.model):
@@ -138,35 +155,54 @@ class Jobs:
         for job_id in catalog.active_ids(self.layout):
             job = catalog.read_job(self.layout, job_id)
             expires_at = job.spec.get("expires_at") if job else None
-            if expires_at is not None and now >= expires_at:
-                due.append(self.journal.spec(job_id))
+            ending = [t.get("ending") for t in job.tasks if t.get("status") not in FINAL] if job else []
+            if expires_at is not None and now >= expires_at and not all(ending):
+                due.append(self.journal.spec(job_id))  # not one whose every open task already ends
         return due
 
     def retried(self, spec: JobSpec) -> list[str]:
-        """Re-queue the failed lines of a finished job's tasks; returns the models re-queued."""
+        """Re-queue the failed lines of a finished job's tasks; returns the models re-queued.
+
+        An intent record (`retry.json`) is written as the job leaves the archive, so a crash
+        part-way is finished by `recover` instead of re-announcing the old final state.
+        """
         tasks = self.journal.tasks(spec)
         if not all(t.status.final for t in tasks):
             return []
+        again = {t.model: t.retries + 1 for t in tasks if self._has_failures(spec, t)}
+        if not again:
+            return []
         self.journal.unarchive(spec.id)
-        again = []
+        write_json(self._retry_intent(spec.id), {"retries": again})
+        self._apply_retry(spec, again)
+        return list(again)
+
+    def _has_failures(self, spec: JobSpec, task: TaskRecord) -> bool:
+        marker = read_marker(self.journal.log_path(spec.id, task.model))
+        return marker is None or marker.failed > 0 or marker.count < spec.total
+
+    def _retry_intent(self, job_id: str) -> Path:
+        return self.layout.jobs / job_id / "retry.json"
+
+    def _apply_retry(self, spec: JobSpec, again: dict[str, int]) -> None:
+        """Each step idempotent: a task already at its new retry count is not re-queued twice."""
+        tasks = self.journal.tasks(spec)
         for task in tasks:
-            marker = read_marker(self.journal.log_path(spec.id, task.model))
-            if marker is not None and marker.failed == 0 and marker.count >= spec.total:
+            target = again.get(task.model)
+            if target is None:
                 continue
-            dropped = rewrite_without_failures(self.journal.log_path(spec.id, task.model), spec.total)
-            log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
-            task.move(Status.QUEUED)
-            task.retries += 1
-            task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
-            task.error = task.error_code = task.outcome = task.completed_at = None
-            self.journal.save_task(task)
-            self.journal.enqueue(task)
-            again.append(task.model)
-        if again:
-            self._record(spec, tasks)
-        else:
-            self.journal.archive(spec.id)
-        return again
+            if task.retries < target:
+                dropped = rewrite_without_failures(self.journal.log_path(spec.id, task.model), spec.total)
+                log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
+                task.move(Status.QUEUED)
+                task.retries = target
+                task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
+                task.error = task.error_code = task.outcome = task.completed_at = task.ending = None
+                self.journal.save_task(task)
+            if task.status == Status.QUEUED:
+                self.journal.enqueue(task)
+        self._record(spec, tasks)
+        self._retry_intent(spec.id).unlink(missing_ok=True)
 
     def failed_internal(self, job_id: str, message: str) -> None:
         """The job boundary: an unexpected error fails this job alone, with what is done published.
@@ -212,32 +248,8 @@ class Jobs:
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
     def pruned(self, keep_days: float, now: float) -> list[str]:
-        """Remove finished jobs older than `keep_days` from state/archive/ and outbox/; returns them."""
-        removed = []
-        for job_id in catalog.job_ids(self.layout.archive):
-            job = catalog.read_job(self.layout, job_id)
-            if job is None or job.folder.parent != self.layout.archive:
-                continue
-            ends = [t.get("completed_at") for t in job.tasks]
-            finished_at = max((e for e in ends if e), default=None) if job.tasks else job.spec["created_at"]
-            if finished_at is None or now - finished_at < keep_days * 86400:
-                continue
-            spec = self.journal.spec(job_id)
-            dedupe.forget(self.journal, spec)
-            shutil.rmtree(job.folder, ignore_errors=True)
-            shutil.rmtree(self.layout.outbox / spec.outbox, ignore_errors=True)
-            log.info(
-                "removed %s (outbox/%s/), finished %.1f days ago (keep_finished_days %g)",
-                job_id,
-                spec.outbox,
-                (now - finished_at) / 86400,
-                keep_days,
-            )
-            removed.append(job_id)
-        if removed:
-            fsync_dir(self.layout.archive)
-            fsync_dir(self.layout.outbox)
-        return removed
+        """Remove finished jobs older than `keep_days` (see `retention`); returns their ids."""
+        return retention.prune(self.journal, keep_days, now)
 
     # -- recovery at start -------------------------------------------------------------------------
     def recover(self) -> None:
@@ -254,7 +266,20 @@ class Jobs:
 
     def _recover_job(self, job_id: str, queued_keys: set[str]) -> None:
         spec = self.journal.spec(job_id)
+        intent = read_json_or_none(self._retry_intent(job_id))
+        if isinstance(intent, dict) and isinstance(intent.get("retries"), dict):
+            log.info("finishing the retry of %s (it was interrupted)", job_id)
+            self._apply_retry(spec, intent["retries"])
         for task in self.journal.tasks(spec):
+            if task.ending is not None and task.status in (Status.IN_PROGRESS, Status.QUEUED):
+                log.info(
+                    "%s/%s: ending it %s, as asked before the last daemon ended",
+                    job_id,
+                    task.model,
+                    task.ending,
+                )
+                self._finalize(spec, task, task.ending, None)
+                continue
             if task.status == Status.IN_PROGRESS:
                 log.info("%s/%s was running when the last daemon ended; back in line", job_id, task.model)
                 task.move(Status.QUEUED)

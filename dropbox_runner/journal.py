@@ -65,6 +65,7 @@ class TaskRecord(BaseModel):
     isolate_until: int = -1  # after a crash: run lines one at a time up to this index, to find the culprit
     retries: int = 0
     outcome: Status | None = None  # the final status publishing is for (kept across a crash)
+    ending: Status | None = None  # cancelled or expired, once asked while it ran: the first one asked
 
     def move(self, status: Status) -> None:
         self.status = transition(self.status, status)

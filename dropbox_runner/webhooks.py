@@ -17,7 +17,6 @@ import http.client
 import logging
 import os
 import queue
-import secrets
 import socket
 import threading
 import time
@@ -44,12 +43,24 @@ def folder(layout: Layout) -> Path:
     return layout.state / "webhooks"
 
 
-def announce(layout: Layout, batch: dict[str, Any]) -> None:
-    """Journal the event of a job that ended (`batch` is its batch.json document)."""
+def announce(
+    layout: Layout, batch: dict[str, Any], generation: int = 0, hooks: list[Any] | None = None
+) -> None:
+    """Journal the event of a job that ended (`batch` is its final batch.json document).
+
+    Called before that document is written: its id comes from the job, its final status and
+    `generation` (how often it was retried), so announcing again after a crash writes the same
+    event once. Nothing is journaled when no receiver takes this type (`hooks`: the configured
+    receivers; None reads them from models.yaml).
+    """
     kind = f"batch.{batch['status']}"
-    if kind not in EVENT_TYPES:
+    if kind not in EVENT_TYPES or not _wanted(layout, kind, hooks):
         return
-    event_id = f"evt_{time.time_ns():x}{secrets.token_hex(4)}"
+    digest = hashlib.blake2b(f"{batch['id']}/{kind}/{generation}".encode(), digest_size=12).hexdigest()
+    event_id = f"evt_{digest}"
+    path = folder(layout) / f"{event_id}.json"
+    if path.exists():  # journaled before a crash: its delivery state stays as it is
+        return
     event = {
         "object": "event",
         "id": event_id,
@@ -63,7 +74,20 @@ def announce(layout: Layout, batch: dict[str, Any]) -> None:
         },
     }
     folder(layout).mkdir(exist_ok=True)
-    write_json(folder(layout) / f"{event_id}.json", {"event": event, "deliveries": {}})
+    write_json(path, {"event": event, "deliveries": {}})
+
+
+def _wanted(layout: Layout, kind: str, hooks: list[Any] | None) -> bool:
+    """Whether some receiver takes events of this type."""
+    if hooks is None:
+        from dropbox_runner.config import load_registry
+        from dropbox_runner.errors import ConfigError
+
+        try:
+            hooks = load_registry(layout.root).settings.webhooks
+        except ConfigError:  # settings unreadable now: journal it rather than lose it
+            return True
+    return any(kind in hook.events for hook in hooks)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -23,7 +23,6 @@ from dropbox_runner.api.edge import is_loopback as is_loopback  # `serve` asks i
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.fieldrules import quote
-from dropbox_runner.fsutil import read_json_or_none
 from dropbox_runner.intake.manifest import window_seconds
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
@@ -81,12 +80,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         if record is None:
             return None
         suffix = ".jsonl" if kind == "out" else ".errors.jsonl"
-        b = (
-            read_json_or_none(layout.outbox / record["outbox"] / "batch.json")
-            if record.get("outbox")
-            else None
-        )
-        if b is None:
+        b = store.batch_json(record)
+        if b is None or not b.get("output_folder"):  # not taken yet, or removed by retention
             return None
         path = layout.outbox / b["output_folder"] / f"{record['model']}{suffix}"
         if not path.exists():
@@ -127,7 +122,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     # -- batches -----------------------------------------------------------------------------------
     def api_batch(record: dict[str, Any]) -> dict[str, Any]:
-        b = read_json_or_none(layout.outbox / record["outbox"] / "batch.json")
+        b = store.batch_json(record)
         model = record["model"]
         m = (b or {}).get("models", {}).get(model)
         if b is not None and m is None:  # rejected before the models ran

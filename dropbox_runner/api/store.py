@@ -96,6 +96,39 @@ class Store:
         records = (read_json_or_none(p) for p in sorted(self.batches.glob("batch*.json"), reverse=True))
         return [r for r in records if r]
 
+    def batch_json(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The job's batch.json for an API batch: from its outbox, or as it ended once retention
+        removed the job (its files then answer 404)."""
+        if isinstance(record.get("final"), dict):
+            return record["final"]
+        return (
+            read_json_or_none(self.layout.outbox / record["outbox"] / "batch.json")
+            if record.get("outbox")
+            else None
+        )
+
+
+def retire(layout: Layout, metadata: dict[str, Any], final: dict[str, Any]) -> None:
+    """Retention removes a job: its API batches keep its final batch.json (outputs gone), and the
+    uploaded input goes once no batch still running needs it."""
+    ids = metadata.get("api_batches")
+    batches = layout.state / "api" / "batches"
+    if not isinstance(ids, str) or not batches.is_dir():
+        return
+    store = Store(layout)
+    inputs = set()
+    for batch_id in ids.split(","):
+        record = store.batch(batch_id)
+        if not isinstance(record, dict):
+            continue
+        record["final"] = {**final, "output_folder": None}
+        store.save_batch(record)
+        inputs.add(record.get("input_file_id"))
+    still_needed = {r.get("input_file_id") for r in store.list_batches() if "final" not in r}
+    for file_id in inputs - still_needed:
+        if isinstance(file_id, str):
+            store.delete_file(file_id)
+
 
 def first_models(path: Path) -> set[str]:
     """The `body.model` values of a file's lines (streaming, each read capped at the daemon's

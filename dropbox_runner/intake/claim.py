@@ -25,6 +25,7 @@ from dropbox_runner.fsutil import (
     write_json,
 )
 from dropbox_runner.intake.manifest import Manifest, read_manifest, window_seconds
+from dropbox_runner.intake.names import beside, from_record, outbox_stem, shown, to_record
 from dropbox_runner.intake.scanner import Drop
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import JobSpec, new_job_id
@@ -54,9 +55,11 @@ class Claimer:
         job_id = new_job_id()
         record = {
             "job_id": job_id,
-            "source": str(drop.path),
-            "manifest": str(drop.manifest) if drop.manifest else None,
-            "model_folder": drop.model_folder,
+            "source": shown(drop.path),  # for people; *_raw are the exact bytes of the names
+            "source_raw": to_record(drop.path),
+            "manifest": shown(drop.manifest) if drop.manifest else None,
+            "manifest_raw": to_record(drop.manifest),
+            "model_folder": shown(drop.model_folder) if drop.model_folder is not None else None,
             "reject": drop.reject,
             "created_at": time.time(),
             "attempts": 0,
@@ -69,7 +72,7 @@ class Claimer:
                 move_into(drop.manifest, job_dir / f"manifest{drop.manifest.suffix}")
             move_into(drop.path, job_dir / "input.jsonl", after_copy=lambda: _crash_point("after_copy"))
         except (FileNotFoundError, NotRegularFile) as exc:
-            log.info("%s was not taken: %s", drop.path, exc)
+            log.info("%s was not taken: %s", shown(drop.path), shown(str(exc)))
             self._abandon(job_id, record)
             return
         except Exception as exc:
@@ -78,7 +81,9 @@ class Claimer:
                 raise
             self._move_failed(drop, exc)
             return
-        (drop.path.parent / f"{drop.path.name}.ready").unlink(missing_ok=True)
+        marker = beside(drop.path, ".ready")
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         _crash_point("after_move")
         self._finish_guarded(job_id)
 
@@ -88,23 +93,23 @@ class Claimer:
     def _abandon(self, job_id: str, record: dict[str, Any]) -> None:
         job_dir = self.layout.jobs / job_id
         manifest = next(job_dir.glob("manifest.*"), None)
-        if manifest is not None and record.get("manifest"):  # give the manifest back with its file
-            move_into(manifest, Path(record["manifest"]))
+        back = from_record(record.get("manifest_raw"), record.get("manifest"))
+        if manifest is not None and back is not None:  # give the manifest back with its file
+            move_into(manifest, back)
         self.journal.forget(job_id)
         self._intent(job_id).unlink(missing_ok=True)
 
     def _move_failed(self, drop: Drop, exc: Exception) -> None:
         n = self._failed_moves[drop.path] = self._failed_moves.get(drop.path, 0) + 1
-        log.error("could not take %s (attempt %d): %s", drop.path, n, exc)
+        where = shown(drop.path)
+        log.error("could not take %s (attempt %d): %s", where, n, shown(str(exc)))
         if n >= ATTEMPTS:
             job_id = new_job_id()
-            self.jobs.quarantine(job_id, f"{drop.path} could not be moved out of the inbox: {exc}")
+            self.jobs.quarantine(job_id, f"{where} could not be moved out of the inbox: {shown(str(exc))}")
             try:
                 move_into(drop.path, self.layout.quarantine / job_id / drop.path.name)
             except OSError as again:
-                log.error(
-                    "%s stays in the inbox; the daemon ignores it until restarted (%s)", drop.path, again
-                )
+                log.error("%s stays in the inbox; the daemon ignores it until restarted (%s)", where, again)
 
     def ignored(self, path: Path) -> bool:
         """A drop that could not be moved twice: left alone until the next start."""
@@ -114,23 +119,32 @@ class Claimer:
         """Complete every claim a crash or a failure interrupted, or undo those that never moved the file."""
         for entry in sorted(self.layout.claims.glob("batch_*.json")):
             record = read_json_or_none(entry)
-            if not isinstance(record, dict) or "job_id" not in record:
+            if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
                 entry.unlink()
                 continue
-            job_id = record["job_id"]
-            taken = self.layout.jobs / job_id / "input.jsonl"
-            if not taken.exists():
-                log.info("claim %s had not moved its file yet; it stays in the inbox", job_id)
-                self._abandon(job_id, record)
-                continue
-            source = Path(record["source"])
-            if source.is_file() and not source.is_symlink() and files_equal(source, taken):
-                # A crash between the copy into state/ and the removal from the inbox.
-                log.info("removing %s from the inbox: its copy was taken before a crash", source)
-                source.unlink()
-                fsync_dir(source.parent)
-            log.info("finishing the claim of %s", record["source"])
-            self._finish_guarded(job_id)
+            try:
+                self._resume(record)
+            except Exception as exc:  # a boundary too: no claim record stops the daemon at start
+                if is_environmental(exc):
+                    raise
+                log.exception("resuming the claim %s failed", entry.name)
+                self._count_failure(record["job_id"], exc)
+
+    def _resume(self, record: dict[str, Any]) -> None:
+        job_id = record["job_id"]
+        taken = self.layout.jobs / job_id / "input.jsonl"
+        if not taken.exists():
+            log.info("claim %s had not moved its file yet; it stays in the inbox", job_id)
+            self._abandon(job_id, record)
+            return
+        source = from_record(record.get("source_raw"), record.get("source"))
+        if source is not None and source.is_file() and not source.is_symlink() and files_equal(source, taken):
+            # A crash between the copy into state/ and the removal from the inbox.
+            log.info("removing %s from the inbox: its copy was taken before a crash", shown(source))
+            source.unlink()
+            fsync_dir(source.parent)
+        log.info("finishing the claim of %s", record.get("source"))
+        self._finish_guarded(job_id)
 
     def _finish_guarded(self, job_id: str) -> None:
         try:
@@ -139,23 +153,34 @@ class Claimer:
             if is_environmental(exc):
                 raise
             log.exception("taking %s failed", job_id)
-            record = read_json_or_none(self._intent(job_id)) or {"job_id": job_id}
-            record["attempts"] = record.get("attempts", 0) + 1
-            if record["attempts"] >= ATTEMPTS:
-                reason = f"taking {record.get('source', 'the drop')} failed {ATTEMPTS} times; last: {exc!r}"
-                self.jobs.quarantine(job_id, reason[:2000])
-                self._intent(job_id).unlink(missing_ok=True)
-            else:
-                write_json(self._intent(job_id), record)
+            self._count_failure(job_id, exc)
+
+    def _count_failure(self, job_id: str, exc: Exception) -> None:
+        """One more failed attempt at a claim; at ATTEMPTS the job goes to state/quarantine/."""
+        record = read_json_or_none(self._intent(job_id))
+        record = record if isinstance(record, dict) else {"job_id": job_id}
+        attempts = record.get("attempts")
+        record["attempts"] = (attempts if isinstance(attempts, int) else 0) + 1
+        if record["attempts"] >= ATTEMPTS:
+            reason = f"taking {record.get('source', 'the drop')} failed {ATTEMPTS} times; last: {exc!r}"
+            self.jobs.quarantine(job_id, reason[:2000])
+            self._intent(job_id).unlink(missing_ok=True)
+        else:
+            write_json(self._intent(job_id), record)
 
     def finish(self, job_id: str) -> None:
         record = read_json(self._intent(job_id))
         job_dir = self.layout.jobs / job_id
-        source = Path(record["source"])
-        name = source.name[: -len(".jsonl")]
-        rel_source = os.path.relpath(source, self.layout.inbox)
+        source = from_record(record.get("source_raw"), record["source"])
+        stem = source.name[: -len(".jsonl")]
+        rel_source = shown(os.path.relpath(source, self.layout.inbox))
         spec = JobSpec(
-            id=job_id, name=name, outbox="", source=rel_source, models=[], created_at=record["created_at"]
+            id=job_id,
+            name=shown(stem),
+            outbox="",
+            source=rel_source,
+            models=[],
+            created_at=record["created_at"],
         )
         reasons = [record["reject"]] if record.get("reject") else []
         manifest = next(job_dir.glob("manifest.*"), None)
@@ -167,12 +192,12 @@ class Claimer:
                 self._apply_manifest(spec, parsed, record.get("model_folder"), reasons)
         elif record.get("model_folder"):
             spec.models = [record["model_folder"]]
-        fault_point("claim", name)
+        fault_point("claim", spec.name)
         if not reasons:
             reasons += self._summarize(spec, job_dir / "input.jsonl")
         spec.rejected = reasons
         spec.fingerprints = {m: self.registry.models[m].fingerprint() for m in spec.models if not reasons}
-        spec.outbox = self._outbox_folder(name, job_id)
+        spec.outbox = self._outbox_folder(outbox_stem(stem), job_id)
         _crash_point("after_outbox")
         if reasons:
             self.jobs.rejected(spec)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dropbox_runner.config import Settings
+from dropbox_runner.errors import is_environmental
+from dropbox_runner.intake.names import beside, shown
 
 log = logging.getLogger("dropbox_runner.intake")
 
@@ -46,8 +48,8 @@ class _Watch:
 
 def find_manifest(folder: Path, stem: str) -> Path | None:
     for suffix in MANIFEST_SUFFIXES:
-        p = folder / f"{stem}{suffix}"
-        if p.is_file() and not p.is_symlink():
+        p = beside(folder / stem, suffix)  # None: a name too long to exist
+        if p is not None and _regular(p) is not None:
             return p
     return None
 
@@ -55,7 +57,7 @@ def find_manifest(folder: Path, stem: str) -> Path | None:
 def _regular(path: Path) -> os.stat_result | None:
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st if stat.S_ISREG(st.st_mode) else None
 
@@ -80,13 +82,16 @@ class Scanner:
     def _tell_once(self, path: Path, why: str) -> None:
         if path not in self._told:
             self._told.add(path)
-            log.info("ignored %s: %s", path, why)
+            log.info("ignored %s: %s", shown(path), why)
 
     def candidates(self) -> list[tuple[Path, str | None]]:
         found: list[tuple[Path, str | None]] = []
         try:
             entries = list(os.scandir(self.inbox))
-        except FileNotFoundError:
+        except OSError as exc:
+            if is_environmental(exc):
+                raise
+            self._tell_once(self.inbox, f"the inbox cannot be listed: {exc.strerror or exc}")
             return found
         for entry in entries:
             if is_ignored_name(entry.name):
@@ -120,39 +125,55 @@ class Scanner:
         found.append((path, folder))
 
     def scan(self) -> list[Drop]:
-        """The drops that are complete now; others are remembered until they settle."""
+        """The drops that are complete now; others are remembered until they settle.
+
+        A boundary: a candidate that raises is told once in the log and left alone; no name stops it.
+        """
         now = self.clock()
         ready: list[Drop] = []
         alive: set[Path] = set()
         self.pending = self.waiting = 0
         for path, folder in self.candidates():
-            st = _regular(path)
-            if st is None:
-                continue
-            alive.add(path)
-            stem = path.name[: -len(".jsonl")]
-            manifest = find_manifest(path.parent, stem)
-            mst = _regular(manifest) if manifest else None
-            sig = (st.st_size, st.st_mtime_ns, st.st_ino, mst and (mst.st_size, mst.st_mtime_ns))
-            w = self._watch.get(path)
-            if w is None:
-                w = self._watch[path] = _Watch(sig, now)
-            elif w.signature != sig:
-                w.signature, w.stable_since = sig, now
-            if now - w.stable_since < self.settings.settle_seconds:
-                self.pending += 1
-                continue
-            if self.settings.require_ready_marker and not (path.parent / f"{path.name}.ready").exists():
-                continue
-            # The grace counts from the file's last change, so a restart does not start it over.
-            drop = self._decide(path, folder, manifest, time.time() - st.st_mtime)
-            if drop is not None:
-                ready.append(drop)
-            else:
-                self.waiting += 1
+            try:
+                self._scan_one(path, folder, now, ready, alive)
+            except Exception as exc:
+                if is_environmental(exc):
+                    raise
+                alive.add(path)
+                self._tell_once(path, f"it cannot be examined ({type(exc).__name__}: {exc})")
         for gone in set(self._watch) - alive:
             del self._watch[gone]
         return ready
+
+    def _scan_one(self, path: Path, folder: str | None, now: float, ready: list, alive: set) -> None:
+        st = _regular(path)
+        if st is None:
+            return
+        alive.add(path)
+        manifest = find_manifest(path.parent, path.name[: -len(".jsonl")])
+        mst = _regular(manifest) if manifest else None
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino, mst and (mst.st_size, mst.st_mtime_ns))
+        w = self._watch.get(path)
+        if w is None:
+            w = self._watch[path] = _Watch(sig, now)
+        elif w.signature != sig:
+            w.signature, w.stable_since = sig, now
+        if now - w.stable_since < self.settings.settle_seconds:
+            self.pending += 1
+            return
+        marker = beside(path, ".ready")
+        if self.settings.require_ready_marker and marker is not None and not marker.exists():
+            return
+        # The grace counts from the file's last change, so a restart does not start it over.
+        drop = self._decide(path, folder, manifest, time.time() - st.st_mtime)
+        if drop is not None and self.settings.require_ready_marker and marker is None:
+            # Settled, but no marker can ever sit beside it: rejected, so the user learns why.
+            reason = f"{shown(path.name)} is too long for its .ready marker (a name holds 255 bytes)"
+            drop = Drop(path, folder, manifest, drop.reject or reason)
+        if drop is not None:
+            ready.append(drop)
+        else:
+            self.waiting += 1
 
     def _decide(self, path: Path, folder: str | None, manifest: Path | None, age: float) -> Drop | None:
         if folder is not None and folder not in self.known_models:
@@ -161,18 +182,23 @@ class Scanner:
                 path,
                 folder,
                 manifest,
-                f"inbox/{folder}/ is not a model of models.yaml (known models: {known})",
+                f"inbox/{shown(folder)}/ is not a model of models.yaml (known models: {known})",
             )
         if folder is None and manifest is None:
             if age < self.settings.manifest_grace_seconds:
                 return None
+            name = shown(path.name)
+            fix = (
+                f"add {name[:-6]}.manifest.json with " + '{"models": ["<model>", ...]}'
+                if beside(path.with_name(path.name[:-6]), ".manifest.json")
+                else "rename it shorter and add a manifest (this name leaves no room for one)"
+            )
             return Drop(
                 path,
                 None,
                 None,
-                f"{path.name} was dropped at the top of the inbox without a manifest; put it in "
-                f"inbox/<model>/ or add {path.name[:-6]}.manifest.json with "
-                '{"models": ["<model>", ...]}',
+                f"{name} was dropped at the top of the inbox without a manifest; put it in "
+                f"inbox/<model>/ or {fix}",
             )
         return Drop(path, folder, manifest)
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from dropbox_runner.fsutil import staged, write_json
+from dropbox_runner.intake.names import MAX_STEM_BYTES, outbox_stem
 from dropbox_runner.layout import Layout
 
 
 def free_stem(folder: Path, stem: str) -> str:
+    """A stem no drop in `folder` has; UTF-8 and short enough for its manifest and a `-N`."""
+    stem = outbox_stem(stem, MAX_STEM_BYTES - 8)
     candidate, n = stem, 1
     while (folder / f"{candidate}.jsonl").exists() or (folder / f"{candidate}.manifest.json").exists():
         n += 1

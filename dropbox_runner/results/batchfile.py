@@ -1,6 +1,6 @@
 """batch.json: the job as an OpenAI-style batch object, built from its spec, task records and markers.
 
-Only `jobs` calls `write_batch_json`: every change of a job writes it once, through here.
+Only `jobs` calls `write_batch_json` and `write_document`: every change of a job writes it once, through here.
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> 
 
 
 def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> dict[str, Any]:
+    return write_document(journal, spec, batch_document(journal, spec, tasks))
+
+
+def write_document(journal: Journal, spec: JobSpec, document: dict[str, Any]) -> dict[str, Any]:
     out_dir = journal.layout.outbox / spec.outbox
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = batch_document(journal, spec, tasks)
     write_json(out_dir / "batch.json", document)
     return document
