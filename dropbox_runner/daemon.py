@@ -248,13 +248,12 @@ class Daemon:
             self._guarded(spec.id, self.execution.cancel, spec, Status.EXPIRED)
 
     def _prune(self) -> None:
-        """keep_finished_days: finished jobs older than that leave the archive and the outbox."""
-        keep = self.settings.keep_finished_days
+        """keep_finished_days or a job's output_expires_after: older finished jobs leave the outbox."""
         now = time.time()
-        if keep is None or now - self.last_prune < PRUNE_SECONDS:
+        if now - self.last_prune < PRUNE_SECONDS:
             return
         self.last_prune = now
-        self.jobs.pruned(keep, now)
+        self.jobs.pruned(self.settings.keep_finished_days, now)
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(

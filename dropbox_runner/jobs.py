@@ -12,6 +12,7 @@ import shutil
 import time
 
 from dropbox_runner import catalog, dedupe, webhooks
+from dropbox_runner.api.store import forget_api_batches
 from dropbox_runner.fsutil import fsync_dir, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
@@ -211,8 +212,9 @@ class Jobs:
         fsync_dir(self.layout.quarantine)
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
-    def pruned(self, keep_days: float, now: float) -> list[str]:
-        """Remove finished jobs older than `keep_days` from state/archive/ and outbox/; returns them."""
+    def pruned(self, keep_days: float | None, now: float) -> list[str]:
+        """Remove finished jobs older than `keep_days`, or than their own `output_expires_after`, from
+        state/archive/ and outbox/ (and the API's records of them); returns them."""
         removed = []
         for job_id in catalog.job_ids(self.layout.archive):
             job = catalog.read_job(self.layout, job_id)
@@ -220,18 +222,20 @@ class Jobs:
                 continue
             ends = [t.get("completed_at") for t in job.tasks]
             finished_at = max((e for e in ends if e), default=None) if job.tasks else job.spec["created_at"]
-            if finished_at is None or now - finished_at < keep_days * 86400:
+            keep = retention_seconds(keep_days, job.spec.get("output_expires_seconds"))
+            if finished_at is None or keep is None or now - finished_at < keep:
                 continue
             spec = self.journal.spec(job_id)
             dedupe.forget(self.journal, spec)
             shutil.rmtree(job.folder, ignore_errors=True)
             shutil.rmtree(self.layout.outbox / spec.outbox, ignore_errors=True)
+            forget_api_batches(self.layout, spec.metadata.get("api_batches"))
             log.info(
-                "removed %s (outbox/%s/), finished %.1f days ago (keep_finished_days %g)",
+                "removed %s (outbox/%s/), finished %.1f days ago (kept %.0f s)",
                 job_id,
                 spec.outbox,
                 (now - finished_at) / 86400,
-                keep_days,
+                keep,
             )
             removed.append(job_id)
         if removed:
@@ -267,6 +271,12 @@ class Jobs:
             elif task.status.final:
                 self.journal.dequeue(task)
         self._settle(spec)
+
+
+def retention_seconds(keep_days: float | None, output_expires_seconds: int | None) -> float | None:
+    """How long a finished job is kept: the earlier of keep_finished_days and its own expiry; None: forever."""
+    kept = keep_days * 86400 if keep_days is not None else None
+    return min((s for s in (kept, output_expires_seconds) if s is not None), default=None)
 
 
 # -- requests from the CLI and the API ---------------------------------------------------------------

@@ -96,6 +96,18 @@ class Store:
         return [r for r in records if r]
 
 
+def forget_api_batches(layout: Layout, ids: object) -> None:
+    """A removed job's batch records (`metadata.api_batches`, comma-separated) leave state/api/ with it."""
+    if not isinstance(ids, str):
+        return
+    folder = layout.state / "api" / "batches"
+    for batch_id in ids.split(","):
+        if batch_id and SAFE_NAME.sub("", batch_id) == batch_id:
+            (folder / f"{batch_id}.json").unlink(missing_ok=True)
+    if folder.is_dir():
+        fsync_dir(folder)
+
+
 def first_models(path: Path) -> set[str]:
     """The `body.model` values of a file's lines (streaming; lines that do not parse are skipped)."""
     models: set[str] = set()

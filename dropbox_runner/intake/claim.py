@@ -217,6 +217,7 @@ class Claimer:
     def _apply_manifest(self, spec: JobSpec, m: Manifest, folder: str | None, reasons: list[str]) -> None:
         spec.models = list(m.models) or ([folder] if folder else [])
         spec.priority, spec.defaults, spec.metadata = m.priority, m.defaults, m.metadata
+        spec.output_expires_seconds = (m.output_expires_after or {}).get("seconds")
         if m.completion_window is not None:
             spec.completion_window = str(m.completion_window)
             spec.expires_at = spec.created_at + window_seconds(m.completion_window)
