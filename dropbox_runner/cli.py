@@ -177,6 +177,21 @@ def serve(layout: Layout, host: str, port: int) -> None:
 
 @main.command()
 @root_option
+@click.option("--user", default=None, help="Run the daemon as this user (User= in the unit).")
+def service(layout: Layout, user: str | None) -> None:
+    """Print a systemd unit (Type=notify, with a watchdog) that runs the daemon for this root."""
+    from dropbox_runner.systemd import unit_text, watchdog_seconds
+
+    if not layout.models_yaml.exists():
+        raise RunnerError(f"{layout.models_yaml} does not exist; run `dropbox-runner init` first.")
+    registry = load_registry(layout.root)
+    inboxes = [layout.inbox, *(layout.inbox / m for m in registry.models)]
+    watchdog = watchdog_seconds(inboxes, layout.state, registry.settings.max_file_bytes)
+    click.echo(unit_text(layout.root, watchdog=watchdog, user=user), nl=False)
+
+
+@main.command()
+@root_option
 @click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable document.")
 @click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from dropbox_runner import scheduler, status, webhooks
+from dropbox_runner import scheduler, status, systemd, webhooks
 from dropbox_runner.config import Registry, model_problem
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.execution import Execution
@@ -72,6 +72,7 @@ class Daemon:
         self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
+        self.notifier = systemd.Notifier()
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -87,6 +88,7 @@ class Daemon:
             self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
             self.watcher.start()
             self.sender.start()
+            self.notifier.ready(f"watching {self.layout.inbox} ({self.watcher.mode})")
             self._loop()
             return 0
         finally:
@@ -101,6 +103,7 @@ class Daemon:
                 os._exit(1)
             log.info("%s: finishing the commit in progress, then stopping", signal.Signals(signum).name)
             self.stopping = True
+            self.notifier.stopping()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
@@ -121,6 +124,7 @@ class Daemon:
         self.jobs.recover()
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
         self.execution.stop()
         if "dropbox_runner.raycopies" in sys.modules:  # imported only if a model used Ray
             sys.modules["dropbox_runner.raycopies"].stop()
@@ -134,6 +138,7 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopping:
+            self.notifier.alive()
             try:
                 if not self._step():
                     return
@@ -282,3 +287,4 @@ class Daemon:
             **self.execution.describe(),
         }
         status.write_snapshot(self.layout, live)
+        self.notifier.status(lambda: systemd.status_line(live, self.layout.queue))
