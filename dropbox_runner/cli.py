@@ -260,7 +260,9 @@ def parse_window(ctx: click.Context, param: click.Parameter, window: str | None)
 )
 @click.option("--model", "model", default=None, help="Run every line with this model.")
 @click.option("--models", "models", default=None, help="Run every line with each of these models (a,b).")
-@click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
+@click.option(
+    "--priority", type=click.IntRange(-100_000, 100_000), default=None, help="Higher runs first (default 0)."
+)
 @click.option(
     "--metadata", multiple=True, callback=parse_metadata, help="key=value for batch.json (repeatable)."
 )

@@ -23,7 +23,7 @@ from dropbox_runner.history import History
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import Watcher, should_poll
-from dropbox_runner.jobs import Jobs
+from dropbox_runner.jobs import Jobs, retention_due
 from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.lifecycle import Status
@@ -255,7 +255,9 @@ class Daemon:
     def _prune(self) -> None:
         """keep_finished_days or a job's output_expires_after: older finished jobs leave the outbox."""
         now = time.time()
-        if now - self.last_prune < PRUNE_SECONDS:
+        if now - self.last_prune < PRUNE_SECONDS or not retention_due(
+            self.layout, self.settings.keep_finished_days
+        ):
             return
         self.last_prune = now
         self.jobs.pruned(self.settings.keep_finished_days, now)

@@ -15,7 +15,7 @@ from dropbox_runner import catalog, dedupe, webhooks
 from dropbox_runner.api.store import forget_api_batches
 from dropbox_runner.fsutil import fsync_dir, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
-from dropbox_runner.layout import acquire_root
+from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.lifecycle import Status, job_status
 from dropbox_runner.results.batchfile import write_batch_json
 from dropbox_runner.results.compare import publish_compare
@@ -271,6 +271,20 @@ class Jobs:
             elif task.status.final:
                 self.journal.dequeue(task)
         self._settle(spec)
+
+
+OUTPUT_EXPIRY_FLAG = "output-expiry-used"  # in state/: some job asked for output_expires_after
+
+
+def note_output_expiry(layout: Layout) -> None:
+    """Retention then runs without keep_finished_days too (it reads the whole archive once a minute)."""
+    flag = layout.state / OUTPUT_EXPIRY_FLAG
+    if not flag.exists():
+        write_atomic(flag, b"")
+
+
+def retention_due(layout: Layout, keep_days: float | None) -> bool:
+    return keep_days is not None or (layout.state / OUTPUT_EXPIRY_FLAG).exists()
 
 
 def retention_seconds(keep_days: float | None, output_expires_seconds: int | None) -> float | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_api import Server, client, wait_batch
 
-from dropbox_runner.jobs import Jobs
+from dropbox_runner.jobs import Jobs, retention_due
 from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout
 
@@ -123,6 +123,7 @@ def test_a_manifest_past_the_limits_is_rejected_naming_the_key(root: Path, manif
     batch = batch_json(root, "big")
     assert batch["status"] == "failed", batch
     assert said in batch["errors"]["data"][0]["message"]
+    assert not retention_due(Layout(root), None), "no job asked for output_expires_after"
 
 
 def test_a_manifest_at_the_limits_runs_and_its_outputs_expire(root: Path) -> None:
@@ -135,6 +136,7 @@ def test_a_manifest_at_the_limits_runs_and_its_outputs_expire(root: Path) -> Non
     batch = batch_json(root, "fine")
     assert batch["status"] == "completed" and batch["metadata"] == metadata
     assert len(read_jsonl(root / "outbox/fine/echo.jsonl")) == 1
+    assert retention_due(Layout(root), None), "the daemon's retention check now runs"
     jobs = Jobs(Journal(Layout(root)))
     assert jobs.pruned(None, batch["completed_at"] + 7100) == []
     assert jobs.pruned(None, batch["completed_at"] + 7201) == [batch["id"]]

@@ -100,6 +100,7 @@ def test_wait_exits_2_when_the_timeout_runs_out(root: Path, tmp_path: Path) -> N
         (["--metadata", "k=" + "v" * 513], "metadata.k: the value is longer than 512"),
         (["--completion-window", "soon"], "'soon' is not a duration"),
         (["--max-tokens", "0"], "--max-tokens"),
+        (["--priority", "100001"], "--priority"),  # a manifest would refuse it, and --wait never end
     ],
 )
 def test_usage_errors_exit_2_and_drop_nothing(root: Path, tmp_path: Path, args: list[str], said: str) -> None:
