@@ -141,3 +141,18 @@ def test_a_manifest_at_the_limits_runs_and_its_outputs_expire(root: Path) -> Non
     assert jobs.pruned(None, batch["completed_at"] + 7100) == []
     assert jobs.pruned(None, batch["completed_at"] + 7201) == [batch["id"]]
     assert not (root / "outbox/fine").exists()
+
+
+def test_batch_json_sums_the_usage_of_its_models(root: Path) -> None:
+    write_jsonl(root / "inbox/two.jsonl", [chat_line(i) for i in range(3)])
+    (root / "inbox/two.manifest.json").write_text(
+        '{"models": ["echo", "echo2"], "defaults": {"max_tokens": 2}}'
+    )
+    run_once(root)
+    batch = batch_json(root, "two")
+    per_model = [batch["models"][m]["usage"] for m in ("echo", "echo2")]
+    for key in ("input_tokens", "output_tokens", "total_tokens"):
+        assert batch["usage"][key] == sum(u[key] for u in per_model) > 0
+    assert batch["usage"]["output_tokens"] == 2 * 3 * 2
+    assert batch["usage"]["input_tokens_details"] == {"cached_tokens": 0}
+    assert {"prompt_tokens", "completion_tokens", "prompt_tokens_details"} <= set(per_model[0]), "kept"
