@@ -96,7 +96,8 @@ class Notifier:
 
 def status_line(describe: dict, queue: Path) -> str:
     """STATUS= text: the loaded model, what runs, and the queue."""
-    queue_length = sum(1 for name in os.listdir(queue) if not name.startswith("."))
+    entries = sum(1 for name in os.listdir(queue) if not name.startswith("."))
+    queue_length = max(0, entries - (1 if describe.get("running") else 0))  # the running task keeps its entry
     model = describe.get("loaded_model") or (
         f"loading {describe['loading_model']}" if describe.get("loading_model") else "no model loaded"
     )
