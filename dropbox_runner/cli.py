@@ -22,6 +22,7 @@ from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout, resolve_root
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2  # also: `submit --wait --timeout` ran out
 
 
 def load_registry(root: Path):
@@ -176,6 +177,21 @@ def serve(layout: Layout, host: str, port: int) -> None:
 
 @main.command()
 @root_option
+@click.option("--user", default=None, help="Run the daemon as this user (User= in the unit).")
+def service(layout: Layout, user: str | None) -> None:
+    """Print a systemd unit (Type=notify, with a watchdog) that runs the daemon for this root."""
+    from dropbox_runner.systemd import unit_text, watchdog_seconds
+
+    if not layout.models_yaml.exists():
+        raise RunnerError(f"{layout.models_yaml} does not exist; run `dropbox-runner init` first.")
+    registry = load_registry(layout.root)
+    inboxes = [layout.inbox, *(layout.inbox / m for m in registry.models)]
+    watchdog = watchdog_seconds(inboxes, layout.state, registry.settings.max_file_bytes)
+    click.echo(unit_text(layout.root, watchdog=watchdog, user=user), nl=False)
+
+
+@main.command()
+@root_option
 @click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable document.")
 @click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
@@ -216,6 +232,27 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
         pass
 
 
+def parse_metadata(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]) -> dict[str, str]:
+    from dropbox_runner.intake.manifest import metadata_problem
+
+    bad = next((p for p in pairs if "=" not in p or p.startswith("=")), None)
+    if bad is not None:
+        raise click.BadParameter(f"{bad!r} is not key=value")
+    metadata = dict(p.split("=", 1) for p in pairs)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise click.BadParameter(problem)
+    return metadata
+
+
+def parse_window(ctx: click.Context, param: click.Parameter, window: str | None) -> str | None:
+    from dropbox_runner.intake.manifest import window_seconds
+
+    if window is not None and window_seconds(window) is None:
+        raise click.BadParameter(f'{window!r} is not a duration; give "24h", "30m", "90s" or seconds')
+    return window
+
+
 @main.command()
 @root_option
 @click.argument(
@@ -223,27 +260,87 @@ def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all
 )
 @click.option("--model", "model", default=None, help="Run every line with this model.")
 @click.option("--models", "models", default=None, help="Run every line with each of these models (a,b).")
-@click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
+@click.option(
+    "--priority", type=click.IntRange(-100_000, 100_000), default=None, help="Higher runs first (default 0)."
+)
+@click.option(
+    "--metadata", multiple=True, callback=parse_metadata, help="key=value for batch.json (repeatable)."
+)
+@click.option(
+    "--completion-window", callback=parse_window, help='Expire unfinished lines after this ("24h", "30m").'
+)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Default max_tokens of a line.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 0 if every model completed.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: give up after S s.")
 def submit(
-    layout: Layout, files: tuple[Path, ...], model: str | None, models: str | None, priority: int | None
+    layout: Layout,
+    files: tuple[Path, ...],
+    model: str | None,
+    models: str | None,
+    priority: int | None,
+    metadata: dict[str, str],
+    completion_window: str | None,
+    max_tokens: int | None,
+    wait: bool,
+    timeout: float | None,
 ) -> None:
-    """Put files into the inbox safely: manifest first, then the file under a hidden name, then a rename."""
+    """Put files into the inbox safely: manifest first, then the file under a hidden name, then a rename.
+
+    With --wait, follow each file's batch.json (by the submit_id written into its metadata, so it
+    works on a shared root whose daemon runs elsewhere); exit 0 when every model completed, 1 when
+    a job failed, expired or was cancelled, 2 when --timeout runs out.
+    """
+    from dropbox_runner.intake.submit import Followed, new_submit_id
+
     if bool(model) == bool(models):
         raise click.UsageError("give exactly one of --model M or --models A,B.")
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout goes with --wait.")
     registry = load_registry(layout.root)
     names = [model] if model else [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if m not in registry.models]
     if unknown:
         raise RunnerError(f"unknown model {unknown[0]!r}; known models: {', '.join(registry.models)}.")
     layout.make(list(registry.models))
+    followed = []
     for src in files:
         stem = src.name[: -len(".jsonl")] if src.name.endswith(".jsonl") else src.stem
-        target = submit_file(layout, src, names, one_model_folder=bool(model), stem=stem, priority=priority)
-        stem = target.name[: -len(".jsonl")]
-        click.echo(
-            f"submitted {src} as {target.relative_to(layout.root)} for {', '.join(names)}; "
-            f"results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)"
+        submit_id = new_submit_id()
+        target = submit_file(
+            layout,
+            src,
+            names,
+            one_model_folder=bool(model),
+            stem=stem,
+            priority=priority,
+            metadata={**metadata, "submit_id": submit_id},
+            completion_window=completion_window,
+            defaults={"max_tokens": max_tokens} if max_tokens else None,
         )
+        stem = target.name[: -len(".jsonl")]
+        followed.append(Followed(stem, submit_id))
+        click.echo(
+            f"submitted {src} as {target.relative_to(layout.root)} for {', '.join(names)} "
+            f"(submit_id {submit_id}); results: outbox/{stem}/ (or outbox/{stem}.N/ if that name is taken)"
+        )
+    if wait:
+        sys.exit(wait_for_jobs(layout, followed, timeout))
+
+
+def wait_for_jobs(layout: Layout, followed: list, timeout: float | None) -> int:
+    from dropbox_runner.intake.submit import follow
+
+    ended = follow(layout, followed, timeout, click.echo, sys.stdout.isatty())
+    for job in followed:
+        for line in job.summary():
+            click.echo(line)
+    if not ended:
+        click.echo(f"timed out after {timeout:g}s; the jobs go on (`dropbox-runner status`)", err=True)
+    for job in followed:
+        click.echo(f"outbox/{job.folder}/" if job.folder else f"{job.name}: not taken yet")
+    if not ended:
+        return EXIT_USAGE
+    return 0 if all(job.succeeded() for job in followed) else EXIT_FAILURE
 
 
 def _job_operation(layout: Layout, ref: str, op: str) -> None:

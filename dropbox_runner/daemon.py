@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from dropbox_runner import scheduler, status, webhooks
+from dropbox_runner import scheduler, status, systemd, webhooks
 from dropbox_runner.config import Registry, model_problem
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.execution import Execution
@@ -27,6 +27,7 @@ from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.lifecycle import Status
+from dropbox_runner.retention import retention_due
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -73,6 +74,7 @@ class Daemon:
         self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
+        self.notifier = systemd.Notifier()
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -88,6 +90,7 @@ class Daemon:
             self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
             self.watcher.start()
             self.sender.start()
+            self.notifier.ready(f"watching {self.layout.inbox} ({self.watcher.mode})")
             self._loop()
             return 0
         finally:
@@ -102,6 +105,7 @@ class Daemon:
                 os._exit(1)
             log.info("%s: finishing the commit in progress, then stopping", signal.Signals(signum).name)
             self.stopping = True
+            self.notifier.stopping()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
@@ -122,6 +126,7 @@ class Daemon:
         self.jobs.recover()
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
         self.execution.stop()
         if "dropbox_runner.raycopies" in sys.modules:  # imported only if a model used Ray
             sys.modules["dropbox_runner.raycopies"].stop()
@@ -135,6 +140,7 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopping:
+            self.notifier.alive()
             try:
                 if not self._step():
                     return
@@ -251,12 +257,13 @@ class Daemon:
             self._guarded(spec.id, self.execution.cancel, spec, Status.EXPIRED)
 
     def _prune(self) -> None:
-        """keep_finished_days: finished jobs older than that leave the archive and the outbox."""
-        keep = self.settings.keep_finished_days
-        if keep is None or time.monotonic() - self.last_prune < PRUNE_SECONDS:
+        """keep_finished_days or a job's output_expires_after: older finished jobs leave the outbox."""
+        if time.monotonic() - self.last_prune < PRUNE_SECONDS or not retention_due(
+            self.layout, self.settings.keep_finished_days
+        ):
             return
         self.last_prune = time.monotonic()
-        self.jobs.pruned(keep, time.time())  # finished_at is Unix seconds, as written
+        self.jobs.pruned(self.settings.keep_finished_days, time.time())  # finished_at is Unix seconds
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(
@@ -285,3 +292,4 @@ class Daemon:
             **self.execution.describe(),
         }
         status.write_snapshot(self.layout, live)
+        self.notifier.status(lambda: systemd.status_line(live, self.layout.queue))

@@ -247,8 +247,9 @@ class Jobs:
         fsync_dir(self.layout.quarantine)
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
-    def pruned(self, keep_days: float, now: float) -> list[str]:
-        """Remove finished jobs older than `keep_days` (see `retention`); returns their ids."""
+    def pruned(self, keep_days: float | None, now: float) -> list[str]:
+        """Remove finished jobs past keep_finished_days or their own output_expires_after (see
+        `retention`); returns their ids."""
         return retention.prune(self.journal, keep_days, now)
 
     # -- recovery at start -------------------------------------------------------------------------

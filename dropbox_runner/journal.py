@@ -45,6 +45,7 @@ class JobSpec(BaseModel):
     fingerprints: dict[str, str] = Field(default_factory=dict)  # each model's entry, for dedupe
     completion_window: str | None = None  # as given; the job expires at expires_at
     expires_at: float | None = None
+    output_expires_seconds: int | None = None  # output_expires_after: removed this long after finishing
 
 
 class TaskRecord(BaseModel):

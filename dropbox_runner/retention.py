@@ -1,4 +1,5 @@
-"""Retention (`keep_finished_days`): finished jobs older than that leave state/archive/ and outbox/.
+"""Retention (`keep_finished_days`, a job's `output_expires_after`): finished jobs past it leave
+state/archive/ and outbox/.
 
 Only what the job itself published goes: its outbox folder only while its batch.json names the job.
 """
@@ -11,15 +12,17 @@ import shutil
 from dropbox_runner import catalog, dedupe
 from dropbox_runner.api import store as api_store  # plain files only: no web framework
 from dropbox_runner.errors import is_environmental
-from dropbox_runner.fsutil import fsync_dir, read_json_or_none
+from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic
 from dropbox_runner.journal import Journal
+from dropbox_runner.layout import Layout
 from dropbox_runner.results.batchfile import batch_document
 
 log = logging.getLogger("dropbox_runner.retention")
 
 
-def prune(journal: Journal, keep_days: float, now: float) -> list[str]:
-    """Remove finished jobs older than `keep_days` from state/archive/ and outbox/; returns them.
+def prune(journal: Journal, keep_days: float | None, now: float) -> list[str]:
+    """Remove finished jobs kept longer than `retention_seconds` from state/archive/ and outbox/;
+    returns them.
 
     An outbox folder goes only if its batch.json says it is this job's: after the user removed it,
     a later drop of the same name may own that folder now.
@@ -32,7 +35,8 @@ def prune(journal: Journal, keep_days: float, now: float) -> list[str]:
             continue
         ends = [t.get("completed_at") for t in job.tasks]
         finished_at = max((e for e in ends if e), default=None) if job.tasks else job.spec["created_at"]
-        if finished_at is None or now - finished_at < keep_days * 86400:
+        keep = retention_seconds(keep_days, job.spec.get("output_expires_seconds"))
+        if finished_at is None or keep is None or now - finished_at < keep:
             continue
         try:
             folder = _remove(journal, job_id)
@@ -42,11 +46,11 @@ def prune(journal: Journal, keep_days: float, now: float) -> list[str]:
             log.exception("could not remove %s", job_id)
             continue
         log.info(
-            "removed %s (%s), finished %.1f days ago (keep_finished_days %g)",
+            "removed %s (%s), finished %.1f days ago (kept %.0f s)",
             job_id,
             f"outbox/{folder}/" if folder else "its outbox folder is no longer its own",
             (now - finished_at) / 86400,
-            keep_days,
+            keep,
         )
         removed.append(job_id)
     if removed:
@@ -69,3 +73,23 @@ def _remove(journal: Journal, job_id: str) -> str | None:
         shutil.rmtree(outbox, ignore_errors=True)
     shutil.rmtree(layout.archive / job_id, ignore_errors=True)
     return spec.outbox if mine else None
+
+
+OUTPUT_EXPIRY_FLAG = "output-expiry-used"  # in state/: some job asked for output_expires_after
+
+
+def note_output_expiry(layout: Layout) -> None:
+    """Retention then runs without keep_finished_days too (it reads the whole archive once a minute)."""
+    flag = layout.state / OUTPUT_EXPIRY_FLAG
+    if not flag.exists():
+        write_atomic(flag, b"")
+
+
+def retention_due(layout: Layout, keep_days: float | None) -> bool:
+    return keep_days is not None or (layout.state / OUTPUT_EXPIRY_FLAG).exists()
+
+
+def retention_seconds(keep_days: float | None, output_expires_seconds: int | None) -> float | None:
+    """How long a finished job is kept: the earlier of keep_finished_days and its own expiry; None: forever."""
+    kept = keep_days * 86400 if keep_days is not None else None
+    return min((s for s in (kept, output_expires_seconds) if s is not None), default=None)

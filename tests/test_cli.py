@@ -46,10 +46,9 @@ def test_submit_one_model_and_several(root: Path, tmp_path: Path) -> None:
     assert (root / "inbox/echo/mine.jsonl").read_bytes() == src.read_bytes()
     result = invoke("submit", str(src), "--models", "echo,echo2", "--priority", "5")
     assert result.exit_code == 0, result.output
-    assert json.loads((root / "inbox/mine.manifest.json").read_text()) == {
-        "priority": 5,
-        "models": ["echo", "echo2"],
-    }
+    manifest = json.loads((root / "inbox/mine.manifest.json").read_text())
+    assert manifest["metadata"]["submit_id"].startswith("sub_")
+    assert manifest == {"priority": 5, "models": ["echo", "echo2"], "metadata": manifest["metadata"]}
     assert not [p for p in (root / "inbox").rglob(".*")], "no hidden temporary file is left"
     run_once(root)
     models = sorted(sorted(batch_json(root, n)["models"]) for n in ("mine", "mine.2"))

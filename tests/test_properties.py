@@ -18,7 +18,13 @@ from dropbox_runner.config import parse_registry
 from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.errors import ConfigError
 from dropbox_runner.fieldrules import HONOURED, INFORMATIONAL, VLLM_EXTRAS
-from dropbox_runner.intake.manifest import Manifest, parse_manifest
+from dropbox_runner.intake.manifest import (
+    RUNNER_KEYS,
+    Manifest,
+    expires_after_seconds,
+    metadata_problem,
+    parse_manifest,
+)
 from dropbox_runner.lines import IdSet, LineError, RawLine, Request, parse_line
 
 EXAMPLES = settings(
@@ -126,6 +132,10 @@ def test_any_bytes_give_a_request_or_a_line_error(data: bytes) -> None:
     assert isinstance(parse_line(RawLine(0, 1, data), IdSet()), Request | LineError)
 
 
+metadatas = st.dictionaries(st.text(max_size=70), st.text(max_size=600) | json_values, max_size=20)
+expiries = st.fixed_dictionaries(
+    {"anchor": st.sampled_from(["created_at", "now"]) | json_values, "seconds": st.integers() | json_values}
+)
 manifests = (
     st.fixed_dictionaries(
         {},
@@ -134,7 +144,8 @@ manifests = (
             "priority": st.integers() | json_values,
             "defaults": st.dictionaries(st.sampled_from(sorted(HONOURED | VLLM_EXTRAS)), json_values)
             | json_values,
-            "metadata": json_values,
+            "metadata": json_values | metadatas,
+            "output_expires_after": json_values | expiries,
         },
     )
     | json_values
@@ -156,6 +167,18 @@ def test_any_yaml_manifest_parses_or_says_why(obj: object) -> None:
     text = json.dumps(obj)  # JSON is YAML; the YAML path must accept or refuse it the same way
     result = parse_manifest(text.encode(), "m.manifest.yaml", "YAML")
     assert isinstance(result, Manifest | str)
+
+
+@EXAMPLES
+@given(json_values | metadatas, json_values | expiries)
+def test_metadata_and_expiry_checks_are_total(metadata: object, expires_after: object) -> None:
+    problem = metadata_problem(metadata)
+    assert problem is None or isinstance(problem, str)
+    if problem is None:
+        assert len([k for k in metadata if k not in RUNNER_KEYS]) <= 16
+        assert all(len(k) <= 64 and (not isinstance(v, str) or len(v) <= 512) for k, v in metadata.items())
+    seconds = expires_after_seconds(expires_after)
+    assert isinstance(seconds, str) or 3600 <= seconds <= 2592000
 
 
 @EXAMPLES

@@ -23,7 +23,7 @@ from dropbox_runner.api.edge import is_loopback as is_loopback  # `serve` asks i
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.fieldrules import quote
-from dropbox_runner.intake.manifest import window_seconds
+from dropbox_runner.intake.manifest import expires_after_seconds, metadata_problem, window_seconds
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
 
@@ -137,6 +137,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         folder = (b or {}).get("output_folder")
         has = lambda suffix: bool(folder) and (layout.outbox / folder / f"{model}{suffix}").exists()  # noqa: E731
         errors = (b or {}).get("errors")
+        used = (m or {}).get("usage") or {}
+        prompt, completion = used.get("prompt_tokens", 0), used.get("completion_tokens", 0)
         return {
             "id": record["id"],
             "object": "batch",
@@ -156,6 +158,15 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             "output_file_id": f"file-out-{record['id']}" if has(".jsonl") else None,
             "error_file_id": f"file-err-{record['id']}" if has(".errors.jsonl") else None,
             "request_counts": counts,
+            "usage": {
+                "input_tokens": prompt,
+                "input_tokens_details": {
+                    "cached_tokens": used.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+                },
+                "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
+            },
             "metadata": record["metadata"],
             "errors": {
                 "object": "list",
@@ -194,6 +205,13 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ApiError(400, "metadata must be an object of strings", param="metadata")
+        problem = metadata_problem(metadata)
+        if problem:
+            raise ApiError(400, problem, param="metadata")
+        expires_after = body.get("output_expires_after")
+        seconds = expires_after_seconds(expires_after) if expires_after is not None else None
+        if isinstance(seconds, str):
+            raise ApiError(400, seconds, param="output_expires_after")
         path = store.file_path(meta["id"])
         if metadata.get("models"):
             models = [m.strip() for m in metadata["models"].split(",") if m.strip()]
@@ -241,6 +259,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             stem=stem,
             metadata={**metadata, "api_batches": ",".join(ids)},
             completion_window=str(window),
+            output_expires_seconds=seconds,
         )
         return api_batch(records[0])
 

@@ -30,6 +30,7 @@ from dropbox_runner.intake.scanner import Drop
 from dropbox_runner.jobs import Jobs
 from dropbox_runner.journal import JobSpec, new_job_id
 from dropbox_runner.lines import summarize
+from dropbox_runner.retention import note_output_expiry
 
 log = logging.getLogger("dropbox_runner.intake")
 
@@ -242,6 +243,9 @@ class Claimer:
     def _apply_manifest(self, spec: JobSpec, m: Manifest, folder: str | None, reasons: list[str]) -> None:
         spec.models = list(m.models) or ([folder] if folder else [])
         spec.priority, spec.defaults, spec.metadata = m.priority, m.defaults, m.metadata
+        spec.output_expires_seconds = (m.output_expires_after or {}).get("seconds")
+        if spec.output_expires_seconds:
+            note_output_expiry(self.layout)
         if m.completion_window is not None:
             spec.completion_window = str(m.completion_window)
             spec.expires_at = spec.created_at + window_seconds(m.completion_window)

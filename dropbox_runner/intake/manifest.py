@@ -18,6 +18,10 @@ from dropbox_runner.fsutil import read_regular
 
 MAX_MANIFEST_BYTES = 1 << 20
 PRIORITY_LIMIT = 100_000
+# OpenAI's metadata limits; the runner's own keys (written by `submit` and the API) are not counted
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+RUNNER_KEYS = frozenset({"submit_id", "api_batches"})
+EXPIRES_AFTER_SECONDS = (3600, 2_592_000)
 
 
 class Manifest(BaseModel):
@@ -28,6 +32,7 @@ class Manifest(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     completion_window: str | int | float | None = None
+    output_expires_after: Any = None  # {"anchor": "created_at", "seconds": N}, checked below
 
 
 def read_manifest(path: Path) -> Manifest | str:
@@ -63,6 +68,14 @@ def parse_manifest(text: bytes, name: str, kind: str) -> Manifest | str:
     problem = check_defaults(manifest.defaults)
     if problem:
         return f"manifest {name}: defaults: {problem}"
+    problem = metadata_problem(manifest.metadata)
+    if problem:
+        return f"manifest {name}: {problem}"
+    if manifest.output_expires_after is not None:
+        seconds = expires_after_seconds(manifest.output_expires_after)
+        if isinstance(seconds, str):
+            return f"manifest {name}: {seconds}"
+        manifest.output_expires_after = {"anchor": "created_at", "seconds": seconds}
     try:
         size = len(orjson.dumps(manifest.metadata))
     except TypeError:  # an integer past 64 bits
@@ -73,6 +86,39 @@ def parse_manifest(text: bytes, name: str, kind: str) -> Manifest | str:
     if long_model is not None:
         return f"manifest {name}: models: no model is named {quote(long_model)}"
     return manifest
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    """OpenAI's limits on metadata (16 pairs, keys up to 64 characters, string values up to 512)."""
+    if not isinstance(metadata, dict):
+        return "metadata must be an object"
+    own = [k for k in metadata if k not in RUNNER_KEYS]
+    if len(own) > METADATA_PAIRS:
+        return (
+            f"metadata: {quote(own[METADATA_PAIRS])} is pair {METADATA_PAIRS + 1}; at most {METADATA_PAIRS}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or len(key) > METADATA_KEY_CHARS:
+            return f"metadata: the key {quote(key)} is longer than {METADATA_KEY_CHARS} characters"
+        if isinstance(value, str) and len(value) > METADATA_VALUE_CHARS:
+            return f"metadata.{key}: the value is longer than {METADATA_VALUE_CHARS} characters"
+    return None
+
+
+def expires_after_seconds(value: Any) -> int | str:
+    """The seconds of an `output_expires_after` object, or a sentence saying what is wrong with it."""
+    low, high = EXPIRES_AFTER_SECONDS
+    shape = f'output_expires_after must be {{"anchor": "created_at", "seconds": {low}..{high}}}'
+    if (
+        not isinstance(value, dict)
+        or value.get("anchor") != "created_at"
+        or set(value) - {"anchor", "seconds"}
+    ):
+        return shape
+    seconds = value.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= high:
+        return f"output_expires_after.seconds: {quote(seconds)} is not a whole number in {low}..{high}"
+    return seconds
 
 
 def window_seconds(window: Any) -> float | None:

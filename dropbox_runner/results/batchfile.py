@@ -26,18 +26,36 @@ def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[
         "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
         "output_file": f"{task.model}.jsonl",
         "error_file": f"{task.model}.errors.jsonl",
-        "usage": {
-            "prompt_tokens": usage["prompt_tokens"],
-            "completion_tokens": usage["completion_tokens"],
-            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
-        },
+        "usage": usage_block(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"]),
         "tokens_per_second": row["tokens_per_second"],
         "load_seconds": task.load_seconds,
         "started_at": _int(marker.started_at if marker else None),
         "completed_at": _int(task.completed_at),
         "error": task.error,
     }
+
+
+def usage_block(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """Chat's names (prompt/completion) beside the batch object's (input/output), one set of counts."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens_details": {"reasoning_tokens": 0},  # no model here reasons apart from its answer
+    }
+
+
+def summed_usage(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The usage of several models (or of none) added up."""
+    return usage_block(
+        sum(e["prompt_tokens"] for e in entries),
+        sum(e["completion_tokens"] for e in entries),
+        sum(e["prompt_tokens_details"]["cached_tokens"] for e in entries),
+    )
 
 
 def _int(t: float | None) -> int | None:
@@ -82,6 +100,7 @@ def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> 
         "expires_at": _int(spec.expires_at),
         "expired_at": _int(done_at) if status == Status.EXPIRED else None,
         "request_counts": counts,
+        "usage": summed_usage([e["usage"] for e in models.values()]),
         "models": models,
         "metadata": spec.metadata,
         "dedupe_of": spec.dedupe_of,
