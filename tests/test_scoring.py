@@ -163,3 +163,31 @@ def test_each_pair_of_inputs_vllm_takes_is_accepted() -> None:
         assert isinstance(result, Request) and result.kind == "score", result
     result = parse("/v1/rerank", {"query": "a", "documents": "b", "top_n": 0, "priority": 0})
     assert isinstance(result, Request) and result.kind == "rerank", result
+
+
+def test_models_yaml_takes_task_score_and_names_a_wrong_task(tmp_path: Path) -> None:
+    from dropbox_runner.config import parse_registry
+    from dropbox_runner.errors import ConfigError
+
+    registry = parse_registry("models:\n  ce: {path: x, task: score}\n", tmp_path)
+    assert registry.models["ce"].task == "score"
+    with pytest.raises(ConfigError, match="task"):
+        parse_registry("models:\n  ce: {path: x, task: rerank}\n", tmp_path)
+
+
+def test_two_scoring_models_side_by_side_in_compare_jsonl(sroot: Path) -> None:
+    (sroot / "inbox/both.manifest.json").write_text(json.dumps({"models": ["echo-embed", "echo-ce"]}))
+    lines = [
+        score_line("s", text_1=QUERY, text_2=DOCS[:2]),
+        score_line("r", url="/v1/rerank", query=QUERY, documents=DOCS),
+    ]
+    write_jsonl(sroot / "inbox/both.jsonl", lines)
+    run_once(sroot)
+    rows = read_jsonl(sroot / "outbox/both/compare.jsonl")
+    embed, ce = (read_jsonl(sroot / f"outbox/both/{m}.jsonl") for m in ("echo-embed", "echo-ce"))
+    scores = [d["score"] for d in embed[0]["response"]["body"]["data"]]
+    assert rows[0]["answers"]["echo-embed"] == {"score": scores}
+    assert rows[1]["answers"]["echo-ce"] == {
+        "ranking": [r["index"] for r in ce[1]["response"]["body"]["results"]]
+    }
+    assert rows[1]["answers"]["echo-ce"]["ranking"][0] == 2
