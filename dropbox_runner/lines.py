@@ -16,6 +16,7 @@ import orjson
 from dropbox_runner.fieldrules import HONOURED, SAMPLING_FOR, VLLM_EXTRAS, check_body, quote
 from dropbox_runner.fsutil import open_regular
 from dropbox_runner.openai_responses import to_chat
+from dropbox_runner.scoringrules import SCORING_KINDS, check_scoring
 
 URLS = {
     "/v1/chat/completions": "chat",
@@ -149,7 +150,10 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
         body = merged_body(
             body, *({k: v for k, v in d.items() if k in HONOURED | VLLM_EXTRAS} for d in defaults)
         )
-    problem = check_body("chat" if kind == "response" else kind, body)
+    if kind in SCORING_KINDS:
+        problem = check_scoring(kind, body)
+    else:
+        problem = check_body("chat" if kind == "response" else kind, body)
     if problem:
         return LineError(raw.index, raw.line, cid, problem[1], problem[0])
     return Request(raw.index, raw.line, cid, kind, body)

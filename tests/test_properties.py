@@ -17,17 +17,10 @@ from hypothesis import strategies as st
 from dropbox_runner.config import parse_registry
 from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.errors import ConfigError
-from dropbox_runner.fieldrules import (
-    HONOURED,
-    INFORMATIONAL,
-    RERANK_PAIR,
-    SCORE_PAIRS,
-    SCORING_FIELDS,
-    SCORING_KINDS,
-    VLLM_EXTRAS,
-)
+from dropbox_runner.fieldrules import HONOURED, INFORMATIONAL, VLLM_EXTRAS
 from dropbox_runner.intake.manifest import Manifest, parse_manifest
 from dropbox_runner.lines import IdSet, LineError, RawLine, Request, parse_line
+from dropbox_runner.scoringrules import RERANK_PAIR, SCORE_PAIRS, SCORING_FIELDS, SCORING_KINDS
 
 EXAMPLES = settings(
     max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

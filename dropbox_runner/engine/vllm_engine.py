@@ -22,8 +22,9 @@ from dropbox_runner.engine.base import (
     score_inputs,
 )
 from dropbox_runner.engine.vllm_scoring import ScoringMixin
-from dropbox_runner.fieldrules import HONOURED, SCORING_KINDS, VLLM_EXTRAS
+from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
 from dropbox_runner.lines import Request
+from dropbox_runner.scoringrules import SCORING_KINDS
 
 
 def _engine_in_this_process() -> None:
