@@ -52,6 +52,7 @@ class EngineKind(StrEnum):
 class Task(StrEnum):
     GENERATE = "generate"
     EMBED = "embed"
+    SCORE = "score"  # a cross-encoder: score and rerank lines only
 
 
 class Webhook(BaseModel):

@@ -16,13 +16,20 @@ import orjson
 from dropbox_runner.fieldrules import HONOURED, SAMPLING_FOR, VLLM_EXTRAS, check_body, quote
 from dropbox_runner.fsutil import open_regular
 from dropbox_runner.openai_responses import to_chat
+from dropbox_runner.scoringrules import SCORING_KINDS, check_scoring
 
 URLS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
     "/v1/responses": "response",
+    "/v1/score": "score",  # and the other paths vLLM's server routes to its scoring
+    "/v1/rerank": "rerank",
+    "/score": "score",
+    "/rerank": "rerank",
+    "/v2/rerank": "rerank",
 }
+SHOWN_URLS = ", ".join(u for u in URLS if u.startswith("/v1/"))
 MAX_LINE_BYTES = 32 * 1024 * 1024
 BOM = b"\xef\xbb\xbf"
 FULL_CHECK_LINES = 10_000  # lines the daemon checks when it takes a file (the model process checks all)
@@ -33,7 +40,8 @@ class Request:
     index: int  # position among non-blank lines: line `index` of every output file answers it
     line: int  # 1-based physical line in the file, for people
     custom_id: str
-    kind: str  # chat | completion | embedding | response (its body already the chat it amounts to)
+    # chat | completion | embedding | response (its body already the chat it amounts to) | score | rerank
+    kind: str
     body: dict[str, Any]
 
 
@@ -128,7 +136,7 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
     kind = URLS.get(url) if isinstance(url, str) else None
     if kind is None:
         return LineError(
-            raw.index, raw.line, cid, f"unknown url {quote(url)}; use one of {', '.join(URLS)}", "url"
+            raw.index, raw.line, cid, f"unknown url {quote(url)}; use one of {SHOWN_URLS}", "url"
         )
     body = obj.get("body")
     if not isinstance(body, dict):
@@ -142,7 +150,10 @@ def parse_line(raw: RawLine, seen: IdSet, defaults: tuple[dict[str, Any], ...] =
         body = merged_body(
             body, *({k: v for k, v in d.items() if k in HONOURED | VLLM_EXTRAS} for d in defaults)
         )
-    problem = check_body("chat" if kind == "response" else kind, body)
+    if kind in SCORING_KINDS:
+        problem = check_scoring(kind, body)
+    else:
+        problem = check_body("chat" if kind == "response" else kind, body)
     if problem:
         return LineError(raw.index, raw.line, cid, problem[1], problem[0])
     return Request(raw.index, raw.line, cid, kind, body)

@@ -75,6 +75,12 @@ FIELDS_BODY = [
     "dimensions",
     "bad_words",
     "frequency_penalty",
+    "text_1",
+    "text_2",
+    "query",
+    "documents",
+    "top_n",
+    "use_activation",
 ]
 
 
@@ -88,8 +94,13 @@ def hostile_value(rnd: random.Random, depth: int = 0):
     return {rnd.choice(keys): hostile_value(rnd, depth + 1) for _ in range(rnd.randint(0, 3))}
 
 
-def valid_line(rnd: random.Random, i: int) -> dict:
-    kind = rnd.choice(["chat", "completion", "embedding"])
+def valid_line(rnd: random.Random, i: int, scoring: bool = False) -> dict:
+    kind = rnd.choice(["chat", "completion", "embedding"] + ["score", "rerank"] * scoring)
+    if kind == "score":
+        return {"custom_id": f"q-{i}", "url": "/v1/score", "body": {"text_1": "a", "text_2": [f"v {i}", "b"]}}
+    if kind == "rerank":
+        body = {"query": f"valid {i}", "documents": ["x", "y"], "top_n": 1}
+        return {"custom_id": f"q-{i}", "url": "/v1/rerank", "body": body}
     if kind == "chat":
         return chat_line(i, f"valid line {i}")
     if kind == "completion":
@@ -97,12 +108,12 @@ def valid_line(rnd: random.Random, i: int) -> dict:
     return {"custom_id": f"q-{i}", "url": "/v1/embeddings", "body": {"input": f"valid {i}"}}
 
 
-def hostile_line(rnd: random.Random, i: int) -> bytes:
+def hostile_line(rnd: random.Random, i: int, scoring: bool = False) -> bytes:
     """A valid line with one to three fields (top, body or message level) set to hostile values."""
     if rnd.random() < 0.08:
         junk = rnd.randbytes(rnd.randint(1, 60)).decode("latin-1")  # garbage, but UTF-8 text
         return junk.replace("\n", " ").replace("\r", " ").encode()
-    obj = valid_line(rnd, i)
+    obj = valid_line(rnd, i, scoring)
     obj["custom_id"] = f"h-{i}"
     for _ in range(rnd.randint(1, 3)):
         where = rnd.random()
@@ -115,9 +126,12 @@ def hostile_line(rnd: random.Random, i: int) -> bytes:
     return json.dumps(obj).encode()
 
 
-def hostile_lines(rnd: random.Random, n: int) -> list[bytes]:
+def hostile_lines(rnd: random.Random, n: int, scoring: bool = False) -> list[bytes]:
+    """Lines for a model; with `scoring`, for an embedding model, so score and rerank lines too."""
     return [
-        hostile_line(rnd, i) if rnd.random() < 0.7 else json.dumps(valid_line(rnd, i)).encode()
+        hostile_line(rnd, i, scoring)
+        if rnd.random() < 0.7
+        else json.dumps(valid_line(rnd, i, scoring)).encode()
         for i in range(n)
     ]
 
@@ -133,14 +147,16 @@ def test_hostile_files_and_manifests_never_stop_the_daemon(root: Path) -> None:
     rnd = random.Random(20261128)
     (root / "models.yaml").write_text(
         (root / "models.yaml").read_text().replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 60")
+        + "  echo-embed: {engine: echo, task: embed}\n"
     )
     d = Daemon(root)
     try:
         expected: dict[str, list[bytes]] = {}
         for f in range(FILES):
-            lines = hostile_lines(rnd, LINES_PER_FILE)
+            model = ("echo2", "echo", "echo-embed")[f % 3]
+            lines = hostile_lines(rnd, LINES_PER_FILE, scoring=model == "echo-embed")
             lines.append(json.dumps(chat_line(999, "always one valid line")).encode())
-            path = root / "inbox" / ("echo" if f % 2 else "echo2") / f"fuzz{f}.jsonl"
+            path = root / "inbox" / model / f"fuzz{f}.jsonl"
             write_jsonl(path, lines)
             expected[f"fuzz{f}"] = lines
         for m in range(MANIFESTS):

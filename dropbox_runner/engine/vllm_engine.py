@@ -15,12 +15,16 @@ from typing import Any
 from dropbox_runner.engine.base import (
     Finished,
     RequestRejected,
+    check_task,
     embedding_body,
     generation_body,
     requested_max_tokens,
+    score_inputs,
 )
+from dropbox_runner.engine.vllm_scoring import ScoringMixin
 from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
 from dropbox_runner.lines import Request
+from dropbox_runner.scoringrules import SCORING_KINDS
 
 
 def _engine_in_this_process() -> None:
@@ -80,8 +84,12 @@ def prompt_ids(tokenizer: Any, req: Request) -> list[list[int]]:
         except Exception as exc:  # the template itself rejects the conversation
             raise RequestRejected(f"the chat template rejected the messages: {exc}", "messages") from exc
         return [tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))]
-    payload = body["prompt"] if req.kind == "completion" else body["input"]
-    texts = [payload] if isinstance(payload, str) else payload
+    if req.kind in SCORING_KINDS:  # as an embedding model reads them: queries, then documents
+        queries, documents = score_inputs(req)
+        texts = queries + documents
+    else:
+        payload = body["prompt"] if req.kind == "completion" else body["input"]
+        texts = [payload] if isinstance(payload, str) else payload
     return [tokenizer.encode(t, add_special_tokens=True) for t in texts]
 
 
@@ -93,14 +101,14 @@ class _Pending:
     results: dict[int, Any] = field(default_factory=dict)
 
 
-class VllmEngine:
+class VllmEngine(ScoringMixin):
     def __init__(self, model_name: str, path: str, task: str, engine_args: dict[str, Any]) -> None:
         from vllm import LLM
 
         self.model_name = model_name
         self.task = task
         args = dict(engine_args)
-        if task == "embed":
+        if task in ("embed", "score"):
             args.setdefault("runner", "pooling")
         self.llm = LLM(model=path, **args)
         self.engine = self.llm.llm_engine
@@ -120,6 +128,13 @@ class VllmEngine:
         """Add a request; `prompts` are its token ids when the feed-ahead already made them."""
         from vllm.inputs import TokensPrompt
 
+        check_task(req, self.task, self.model_name)
+        if req.kind in SCORING_KINDS:
+            inputs = self._scoring_inputs(req, prompts)
+            self._pending[req.index] = _Pending(req, len(inputs), sum(len(ids) for ids, _ in inputs))
+            for part, (ids, params) in enumerate(inputs):
+                self.engine.add_request(f"{req.index}:{part}", TokensPrompt(prompt_token_ids=ids), params)
+            return
         if prompts is None:
             prompts = prompt_ids(self.tokenizer, req)
         pt = sum(len(p) for p in prompts)
@@ -215,6 +230,8 @@ class VllmEngine:
     def _finish(self, p: _Pending) -> Finished:
         req = p.req
         outs = [p.results[i] for i in range(p.parts)]
+        if req.kind in SCORING_KINDS:
+            return self._finish_scoring(p, outs)
         if req.kind == "embedding":
             vectors = [o.outputs.data.tolist() for o in outs]
             body = embedding_body(self.model_name, vectors, p.prompt_tokens)

@@ -151,7 +151,7 @@ def make_engine(spec: p.Start) -> Engine:
     if spec.engine == "echo":
         from dropbox_runner.engine.echo import EchoEngine
 
-        return EchoEngine(spec.model, spec.engine_args)
+        return EchoEngine(spec.model, spec.engine_args, spec.task)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
     build_if_missing(spec)

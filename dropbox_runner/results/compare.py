@@ -16,13 +16,19 @@ from dropbox_runner.journal import JobSpec, Journal
 
 
 def answer_of(line: dict[str, Any]) -> dict[str, Any]:
-    """The readable part of one output line: the text (or embedding norms), or the error."""
+    """The readable part of one output line: the text (or embedding norms, scores, ranking), or the error."""
     response = line.get("response")
     if response is None:
         return {"error": (line.get("error") or {}).get("message")}
     body = response.get("body") or {}
     if response.get("status_code") != 200:
         return {"error": (body.get("error") or {}).get("message")}
+    if "results" in body:  # rerank: the documents, best first
+        return {"ranking": [r.get("index") for r in body["results"]]}
+    data = body.get("data") or []
+    if data and "score" in data[0]:
+        scores = [d.get("score") for d in data]
+        return {"score": scores[0] if len(scores) == 1 else scores}
     if body.get("object") == "list":
         norms = [round(math.sqrt(sum(x * x for x in d["embedding"])), 6) for d in body.get("data", [])]
         return {"embedding_norm": norms[0] if len(norms) == 1 else norms}
