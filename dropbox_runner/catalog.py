@@ -74,7 +74,7 @@ def _load_or_none(path: Path) -> Any | None:
 
 def find_job(layout: Layout, ref: str) -> str | None:
     """The id of a job given its id, its outbox folder name or its drop name (the newest of that name)."""
-    if ref.startswith(JOB_PREFIX) and "/" not in ref and layout.job_dir(ref).is_dir():
+    if ref.startswith(JOB_PREFIX) and "/" not in ref and _is_dir(layout.job_dir(ref)):
         return ref
     best: tuple[int, float, str] | None = None
     for folder in (layout.jobs, layout.archive):
@@ -86,6 +86,14 @@ def find_job(layout: Layout, ref: str) -> str | None:
                 rank = (1 if spec["outbox"] == ref else 0, spec["created_at"], job_id)
                 best = max(best, rank) if best else rank
     return best[2] if best else None
+
+
+def _is_dir(path: Path) -> bool:
+    """is_dir that answers False for a name the filesystem cannot hold (ENAMETOOLONG) too."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def quarantined(layout: Layout) -> list[dict[str, Any]]:

@@ -117,7 +117,10 @@ class Layout:
 
     def job_dir(self, job_id: str) -> Path:
         active = self.jobs / job_id
-        return active if active.exists() else self.archive / job_id
+        try:
+            return active if active.exists() else self.archive / job_id
+        except OSError:  # a name the filesystem cannot hold (ENAMETOOLONG) is no job of either folder
+            return self.archive / job_id
 
 
 LOCK_ATTEMPTS = 5  # `status` probes the lock for an instant: a starting daemon tries a few times

@@ -28,7 +28,14 @@ from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
 
 API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/score",
+    "/v1/rerank",
+)
 PAGE = Path(__file__).with_name("page.html")
 STATUS_MAP = {"queued": "validating"}  # our other statuses are OpenAI's own
 
@@ -363,8 +370,13 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.get("/outbox/{folder}/{name}")
     def outbox_file(folder: str, name: str) -> FileResponse:
-        path = (layout.outbox / folder / name).resolve()
-        if path.parent.parent != layout.outbox.resolve() or name.startswith(".") or not path.is_file():
+        try:  # a name the filesystem cannot hold (ENAMETOOLONG) is no such file either
+            path = (layout.outbox / folder / name).resolve()
+            found = path.parent.parent == layout.outbox.resolve() and not name.startswith(".")
+            found = found and path.is_file()
+        except OSError:
+            found = False
+        if not found:
             raise ApiError(404, "no such result file", code="not_found")
         return FileResponse(path, media_type="application/jsonl")
 
