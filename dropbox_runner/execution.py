@@ -166,27 +166,13 @@ class Execution:
             self._event(ev)
             if self.proc is not proc:
                 return
-        if not proc.alive():
-            for ev in proc.drain():
+        why = proc.trouble(self.settings, busy=self.sent and self.task is not None)
+        if why is not None:
+            for ev in proc.drain() if not proc.alive() else ():
                 self._event(ev)
                 if self.proc is not proc:
                     return
-            self._died(proc, proc.exit_description())
-        elif not proc.loaded and proc.silent_for() > self.settings.load_timeout_seconds:
-            log.error("%s did not load within load_timeout_seconds; ending it", proc.name)
-            proc.end(1.0)
-            self._died(proc, f"did not load in {self.settings.load_timeout_seconds:g}s")
-        elif (
-            self.sent
-            and self.task is not None
-            and proc.loaded
-            and proc.silent_for() > self.settings.stall_timeout_seconds
-        ):
-            log.error(
-                "no result from %s for %.0fs with requests in flight; ending it", proc.name, proc.silent_for()
-            )
-            proc.end(1.0)
-            self._died(proc, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+            self._died(proc, why)
 
     def _pump_copies(self, timeout: float) -> None:
         sharded = self.sharded
@@ -285,7 +271,7 @@ class Execution:
             self.finish(outcome)
         elif running is not None and self.proc is not None and self.sent:
             self.cancel_outcome = outcome
-            self.proc.send(p.Cancel())
+            self.proc.send(p.Cancel(f"{spec.id}/{running.model}"))
         elif running is not None:
             self.finish(outcome)
 
@@ -356,7 +342,7 @@ class Execution:
             return
         self.load_deaths.pop(proc.name, None)
         log_path = self.journal.log_path(task.job_id, task.model)
-        alone = proc.alone if self.sent else None
+        alone = proc.alone.get(f"{task.job_id}/{task.model}") if self.sent else None
         verdict = crashes.after_crash(task, alone, first_missing(log_path), read_fed_mark(log_path), why)
         log.error(
             "the model process of %s %s during %s (crash %d): %s",

@@ -201,7 +201,7 @@ class ShardedRun:
             self.ray.wait_any([c.proc for c in self.copies], timeout)
             ready = list(self.copies)
         else:
-            pipes = {c.proc._events: c for c in self.copies}
+            pipes = {c.proc.fileno(): c for c in self.copies}
             try:
                 fds, _, _ = select.select(list(pipes), [], [], timeout)
             except (ValueError, OSError):
@@ -211,15 +211,11 @@ class ShardedRun:
             for ev in copy.proc.events(0):
                 self._event(copy, ev)
         for copy in list(self.copies):
-            proc = copy.proc
-            if not proc.alive():
-                for ev in proc.drain():
+            why = copy.proc.trouble(self.settings, busy=copy.shard is not None)
+            if why is not None:
+                for ev in copy.proc.drain() if not copy.proc.alive() else ():
                     self._event(copy, ev)
-                self._died(copy, proc.exit_description())
-            elif not proc.loaded and proc.silent_for() > self.settings.load_timeout_seconds:
-                self._died(copy, f"did not load in {self.settings.load_timeout_seconds:g}s")
-            elif copy.shard is not None and proc.silent_for() > self.settings.stall_timeout_seconds:
-                self._died(copy, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+                self._died(copy, why)
         if time.monotonic() - self.last_commit >= self.settings.commit_interval_ms / 1000:
             self.commit()
         return self.finished()

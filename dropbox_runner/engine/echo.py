@@ -67,8 +67,11 @@ class EchoEngine:
     def in_flight(self) -> int:
         return len(self._due)
 
-    def submit(self, req: Request) -> None:
+    def submit(
+        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+    ) -> None:
         finished = self._answer(req)
+        finished.tag = tag
         self._seq += 1
         delay = 60.0 if self.slow_on and self.slow_on in _prompt_text(req) else self.delay
         heapq.heappush(self._due, (time.monotonic() + delay, self._seq, finished))
@@ -120,8 +123,8 @@ class EchoEngine:
             done.append(heapq.heappop(self._due)[2])
         return done
 
-    def abort(self, index: int) -> None:
-        self._due = [d for d in self._due if d[2].index != index]
+    def abort(self, index: int, tag: str = "") -> None:
+        self._due = [d for d in self._due if (d[2].index, d[2].tag) != (index, tag)]
         heapq.heapify(self._due)
 
     def abort_all(self) -> None:
