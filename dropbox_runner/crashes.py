@@ -51,3 +51,27 @@ def memory_retry_utilization(engine_args: dict, tried: bool) -> float | None:
     except (TypeError, ValueError):
         return None
     return round(current * MEMORY_RETRY_FACTOR, 3)
+
+
+def suspects(marks: dict[str, tuple[int, int]], alone: str | None) -> list[str]:
+    """The tasks a crash of a shared model process counts against: the one whose line ran alone, else
+    each task that had uncommitted lines in flight (marks: first line without a committed result,
+    highest line fed)."""
+    if alone is not None:
+        return [alone]
+    return [key for key, (missing, fed) in marks.items() if fed >= missing]
+
+
+def shared_crash(
+    keys: list[str], marks: dict[str, tuple[int, int]], last: dict[str, int], solo: set[str]
+) -> str:
+    """A crash with several tasks in flight counts against none of them. The first restarts them at
+    full speed, sharing; a second one while a suspect of the first still had the same lines uncommitted
+    makes every suspect run alone (one task at a time), where the single-task hunt finds the line."""
+    again = [k for k in keys if k in last and marks[k][0] <= last[k]]
+    last.clear()
+    last.update({k: marks[k][1] for k in keys})
+    if again:
+        solo.update(keys)
+        return f"crashed again with the same tasks in flight; running {', '.join(sorted(keys))} one task at a time"
+    return "restarting at full speed; no task is counted a crash"

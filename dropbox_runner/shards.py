@@ -262,7 +262,10 @@ class ShardedRun:
 
     def _give_back(self, shard: Shard) -> None:
         """A dead copy's shard: its missing lines run again; the culprit is hunted line by line."""
-        if all(self.log.done[shard.start : shard.end]):
+        done = self.log.done
+        while shard.start < shard.end and done[shard.start]:
+            shard.start += 1  # what the copy sent is kept: the shard resumes after it
+        if all(done[shard.start : shard.end]):
             return
         shard.crashes += 1
         if shard.alone and shard.crashes >= 2:

@@ -54,7 +54,10 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
     (root / "models.yaml").write_text(
         (root / "models.yaml")
         .read_text()
-        .replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2")
+        .replace(
+            "manifest_grace_seconds: 1",
+            "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2\n  preempt_after_seconds: 0",
+        )
     )
     write_jsonl(root / "inbox/paced/first.jsonl", [chat_line(i) for i in range(500)])
     d = Daemon(root)

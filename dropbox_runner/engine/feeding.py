@@ -232,6 +232,8 @@ class Worker:
         return [self.tasks[task_id]] if task_id in self.tasks else []
 
     def _add(self, order: p.TaskOrder) -> None:
+        if order.task_id in self.tasks:
+            return  # sent again (the process was reloaded): it runs already
         task = TaskRun(order)
         self.interval = order.commit_interval_ms / 1000
         resumed = task.open(self.channel.send)
