@@ -1,4 +1,5 @@
-"""What to do when a model process dies or hangs: plain decisions over a task record.
+"""What to do when a model process or a copy dies or hangs: plain decisions over a task record,
+over the tasks a shared process held, and over a copy's shard.
 
 Most crashes are not the request's fault (a kill, a passing OOM), so a first crash restarts at full
 speed. A second crash before every line fed at the first has a result runs those lines one at a
@@ -40,6 +41,15 @@ def after_crash(task: TaskRecord, alone: int | None, first_missing: int, fed: in
     if task.crashes > MAX_CRASHES_WITHOUT_CULPRIT + len(task.poison):
         return Verdict(True, f"the model process crashed {task.crashes} times ({why})")
     return Verdict(False, note)
+
+
+def after_shard_crash(crashes: int, alone: bool) -> str:
+    """A copy died on a shard (`crashes` deaths so far, counting this one): `poison` when its one line
+    killed copies twice (it fails with engine_crash), `split` when a shard of several lines killed two
+    (its lines run one at a time), else `again` (most deaths are not a request's fault)."""
+    if crashes >= 2:
+        return "poison" if alone else "split"
+    return "again"
 
 
 def memory_retry_utilization(engine_args: dict, tried: bool) -> float | None:

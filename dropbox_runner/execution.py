@@ -77,6 +77,7 @@ class Execution:
             self.jobs.cancelled(spec, None, Status.EXPIRED)  # a queued job that expired never loads
             return
         run = SlotTask(task, spec, group_of(self.journal, spec, self.settings.fair_share_key))
+        task.group = run.group
         self.running[run.key] = run
         self.jobs.started(spec, task)
         marker = read_marker(self.journal.log_path(spec.id, task.model))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from dropbox_runner import crashes
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, Settings
 from dropbox_runner.history import History
@@ -268,9 +269,10 @@ class ShardedRun:
         if all(done[shard.start : shard.end]):
             return
         shard.crashes += 1
-        if shard.alone and shard.crashes >= 2:
+        verdict = crashes.after_shard_crash(shard.crashes, shard.alone)
+        if verdict == "poison":
             self._poison(shard.start)
-        elif shard.crashes >= 2:
+        elif verdict == "split":
             log.warning(
                 "lines %d-%d killed two copies; running them one at a time", shard.start, shard.end - 1
             )

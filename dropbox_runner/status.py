@@ -81,7 +81,7 @@ def model_row(
         },
         "load_seconds": task.get("load_seconds"),
         "error": task.get("error"),
-        "group": (live or {}).get("group"),
+        "group": (live or {}).get("group") or task.get("group"),
         "share": (live or {}).get("share"),
         "preemptions": task.get("preemptions", 0),
     }

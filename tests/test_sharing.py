@@ -175,6 +175,21 @@ def test_admission_rules() -> None:
     assert waited.admit is None and "takes no new task" in waited.reason
 
 
+def test_metrics_name_at_most_50_groups_and_fold_the_rest_into_other() -> None:
+    from dropbox_runner.api.metrics import _by_group
+
+    def row(group: str, tokens: int) -> dict:
+        usage = {"prompt_tokens": 1, "completion_tokens": tokens}
+        return {"model": "m", "group": group, "succeeded": 1, "failed": 0, "usage": usage, "preemptions": 1}
+
+    doc = {"jobs": [{"models": [row(f"team{i}", 100 + i)]} for i in range(60)]}
+    families = {f.name: f for f in _by_group(doc)}
+    groups = {s.labels["group"] for s in families["dropbox_runner_group_requests"].samples}
+    assert len(groups) == 51 and "other" in groups and "team59" in groups and "team0" not in groups
+    other = [s.value for s in families["dropbox_runner_preemptions"].samples if s.labels["group"] == "other"]
+    assert other == [10]
+
+
 # -- the daemon ----------------------------------------------------------------------------------------
 def test_two_jobs_share_one_process_a_third_joins_and_each_gets_its_own_answers(
     root: Path, daemon, tmp_path: Path
@@ -370,3 +385,17 @@ def test_a_poison_line_among_three_sharing_tasks_fails_alone(root: Path) -> None
     for name in ("p1", "p2"):
         assert batch_json(root, name)["status"] == "completed"
         assert task_record(root, name, "crashy")["crashes"] == 0
+
+
+def test_a_group_that_joins_late_starts_level_and_gets_no_burst() -> None:
+    fair = Fairness()
+    first, late = Share("a1", "a", 0), Share("b1", "b", 0)
+    for i in range(1000):  # the first task ran alone for a while
+        fair.fed(fair.choose([first]), i)
+        fair.finished(first, i, 10)
+    picks = []
+    for i in range(20):
+        picks.append(fair.choose([first, late]))
+        fair.fed(picks[-1], 2000 + i)
+        fair.finished(picks[-1], 2000 + i, 10)
+    assert 8 <= sum(s is late for s in picks) <= 12  # turns alternate from the start

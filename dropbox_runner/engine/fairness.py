@@ -44,8 +44,10 @@ class Fairness:
     def choose(self, candidates: Iterable[Share]) -> Share | None:
         """The task whose line is fed next, among those that have a line ready."""
         ready = list(candidates)
-        if not ready:
-            return None
+        if len(ready) <= 1:  # a lone task: nothing to weigh (its clocks still move as it feeds)
+            if ready:
+                self._groups, self._tasks = {ready[0].group}, {ready[0].key}
+            return ready[0] if ready else None
         top = max(s.priority for s in ready)
         ready = [s for s in ready if s.priority == top]
         groups: dict[str, list[Share]] = {}
