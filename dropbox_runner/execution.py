@@ -288,6 +288,7 @@ class Execution(SlotFailures):
         requests, tokens = run.counted
         self.history.done(run.task.model, max(0, ev.count - requests), max(0, ev.completion_tokens - tokens))
         run.progressed(ev)
+        self.history.task_progress(run.key, run.group, ev.count, ev.completion_tokens)
         if run.due_batch_json():
             self.jobs.progressed(run.spec, run.task)
         if run.due_progress_log():
@@ -305,12 +306,14 @@ class Execution(SlotFailures):
     # -- ending a task -----------------------------------------------------------------------------
     def finish(self, run: SlotTask, outcome: Status, error: str | None = None) -> None:
         self.running.pop(run.key, None)
+        self.history.task_ended(run.key)
         self.solo.discard(run.key)
         self.back_since.pop(run.task.queue_key, None)
         self.jobs.finalized(run.spec, run.task, outcome, error)
 
     def requeue(self, run: SlotTask, why: str) -> None:
         self.running.pop(run.key, None)
+        self.history.task_ended(run.key)
         self.jobs.requeued(run.spec, run.task, why)
 
     def drop(self, job_id: str) -> None:

@@ -190,6 +190,30 @@ def test_metrics_name_at_most_50_groups_and_fold_the_rest_into_other() -> None:
     assert other == [10]
 
 
+def test_history_keeps_a_series_per_running_task(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dropbox_runner.history import History
+
+    clock = iter(range(0, 1000, 10))
+    history = History(SimpleNamespace(state=tmp_path), clock=lambda: next(clock), every=10)
+    history.task_progress("j1/m", "a", 5, 50)
+    history.task_progress("j2/m", "b", 1, 4)
+    history.tick()
+    history.task_ended("j1/m")
+    history.task_progress("j2/m", "b", 3, 12)
+    history.tick()
+    history.task_ended("j2/m")
+    history.tick()
+    points = json.loads((tmp_path / "history.json").read_text())["points"]
+    assert points[0]["tasks"] == {
+        "j1/m": {"group": "a", "requests": 5, "tokens": 50},
+        "j2/m": {"group": "b", "requests": 1, "tokens": 4},
+    }
+    assert points[1]["tasks"] == {"j2/m": {"group": "b", "requests": 3, "tokens": 12}}
+    assert "tasks" not in points[2]
+
+
 # -- the daemon ----------------------------------------------------------------------------------------
 def test_two_jobs_share_one_process_a_third_joins_and_each_gets_its_own_answers(
     root: Path, daemon, tmp_path: Path
