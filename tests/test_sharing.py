@@ -423,3 +423,52 @@ def test_a_group_that_joins_late_starts_level_and_gets_no_burst() -> None:
         fair.fed(picks[-1], 2000 + i)
         fair.finished(picks[-1], 2000 + i, 10)
     assert 8 <= sum(s is late for s in picks) <= 12  # turns alternate from the start
+
+
+def test_one_feed_ahead_thread_serves_every_task_within_one_budget(tmp_path: Path) -> None:
+    import threading
+
+    from dropbox_runner import protocol as p
+    from dropbox_runner.engine.feedahead import FeedAhead
+
+    class Tokenizer:  # a fast tokenizer used from two threads at once raises "Already borrowed"
+        def __init__(self) -> None:
+            self.threads: set[str] = set()
+            self.busy = threading.Lock()
+
+        def apply_chat_template(self, messages, **kw) -> str:
+            return messages[-1]["content"]
+
+        def encode(self, text: str, **kw) -> list[int]:
+            if not self.busy.acquire(blocking=False):
+                raise RuntimeError("Already borrowed")
+            try:
+                self.threads.add(threading.current_thread().name)
+                return [len(w) for w in text.split()]
+            finally:
+                self.busy.release()
+
+    tok = Tokenizer()
+    ahead = FeedAhead(tok, limit=90)
+    orders = []
+    for t in range(3):
+        path = write_jsonl(
+            tmp_path / f"in{t}.jsonl", [chat_line(i, f"task {t} line {i}") for i in range(200)]
+        )
+        order = p.TaskOrder(
+            job_id=f"j{t}", model="m", input=str(path), log="", total=200, defaults=[], commit_interval_ms=50
+        )
+        orders.append(order)
+        ahead.add(order)
+    wait_for(
+        lambda: all(len(ahead.sources[o.task_id].cache) == 30 for o in orders),
+        timeout=30,
+        what="each task's part",
+    )
+    assert tok.threads == {"feed-ahead"}
+    assert ahead.take("j1/m", 0) == [[4, 1, 4, 1]]  # "task 1 line 0"
+    ahead.remove("j0/m")  # a task that ends frees its part of the budget for the others
+    wait_for(
+        lambda: all(len(ahead.sources[o.task_id].cache) == 45 for o in orders[1:]), timeout=30, what="halves"
+    )
+    ahead.stop()

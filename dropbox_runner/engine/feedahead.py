@@ -117,6 +117,8 @@ class FeedAhead:
         start, end = order.shard or (0, float("inf"))
         defaults = tuple(order.defaults)
         for _ in range(CHUNK):
+            if len(src.cache) >= self.limit // max(1, len(self.sources)):
+                return  # its part of the budget is full
             raw = next(src.lines, None)
             if raw is None or raw.index >= end or src.done:
                 src.done = True
