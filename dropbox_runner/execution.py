@@ -269,6 +269,8 @@ class Execution(SlotFailures):
 
     def _task_done(self, run: SlotTask, outcome: str) -> None:
         final = {"completed": Status.COMPLETED, "cancelled": run.cancel_outcome}.get(outcome)
+        if run.cancelling and final is None:  # it gave up its slot just before the cancel arrived
+            final = run.cancel_outcome
         if final is not None:
             self.finish(run, final)
         elif run.leaving:
@@ -341,7 +343,7 @@ class Execution(SlotFailures):
             self._end_copies()  # what the copies sent is committed
             self.finish(run, outcome)
         elif self.proc is not None and run.sent:
-            run.cancel_outcome = outcome
+            run.cancel_outcome, run.cancelling = outcome, True
             self.proc.send(p.Cancel(run.key))
         else:
             self.finish(run, outcome)

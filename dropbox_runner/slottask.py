@@ -48,6 +48,7 @@ class SlotTask:
     group: str
     sent: bool = False  # handed to the model process
     cancel_outcome: Status = Status.CANCELLED  # or EXPIRED, when its completion window ran out
+    cancelling: bool = False  # a cancel (or expiry) was sent: it ends so whatever else it says
     leaving: str | None = None  # why it gives up its slot; back to the queue when it has committed
     counted: tuple[int, int] = (0, 0)  # requests and completion tokens already in history
     done: int = 0
