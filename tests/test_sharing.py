@@ -472,3 +472,37 @@ def test_one_feed_ahead_thread_serves_every_task_within_one_budget(tmp_path: Pat
         lambda: all(len(ahead.sources[o.task_id].cache) == 45 for o in orders[1:]), timeout=30, what="halves"
     )
     ahead.stop()
+
+
+def test_events_split_over_many_reads_come_out_whole_and_in_order() -> None:
+    """The supervisor splits its buffer once per complete event, not at every 64 KiB read."""
+    import os
+    import threading
+
+    from dropbox_runner import protocol as p
+    from dropbox_runner.supervisor import ModelProcess
+
+    big = p.Results([[i, True, 1, 2, 0, "x" * 200] for i in range(5000)], "j/m")  # about 1.2 MB
+    small = p.Progress(1, 0, 2, None, None, "j/m")
+    data = big.encode() + small.encode() + big.encode()
+    r, w = os.pipe()
+    proc = object.__new__(ModelProcess)
+    proc._events, proc._buffer, proc._newline, proc.alone = (
+        os.fdopen(r, "rb", buffering=0),
+        bytearray(),
+        False,
+        {},
+    )
+    proc.name, proc.loaded, proc.last_event_at = "m", True, 0.0
+
+    def write() -> None:
+        for start in range(0, len(data), 10_000):  # odd pieces: events end in the middle of reads
+            os.write(w, data[start : start + 10_000])
+        os.close(w)
+
+    threading.Thread(target=write).start()
+    got: list = []
+    while proc._read(5.0):
+        got += proc._complete_events()
+    assert [type(e) for e in got] == [p.Results, p.Progress, p.Results]
+    assert got[0] == big and got[1] == small and got[2] == big
