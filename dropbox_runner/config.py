@@ -99,6 +99,9 @@ class Settings(BaseModel):
     require_ready_marker: bool = False
     max_file_bytes: int = Field(10 * 1024**3, gt=0)
     max_swap_delay_seconds: float = Field(600.0, ge=0)
+    max_shared_tasks: int = Field(8, ge=1, le=256)  # tasks of the loaded model run in its process at once
+    fair_share_key: str = "team"  # the job metadata key whose value names a job's group
+    preempt_after_seconds: float | None = Field(300.0, ge=0)  # null: never preempt for another model
     stop_timeout_seconds: float = Field(10.0, gt=0)
     stall_timeout_seconds: float = Field(300.0, gt=0)  # no commit while requests are in flight
     load_timeout_seconds: float = Field(1800.0, gt=0)

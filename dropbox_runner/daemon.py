@@ -28,6 +28,7 @@ from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.lifecycle import Status
 from dropbox_runner.retention import retention_due
+from dropbox_runner.slottask import group_of
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -75,6 +76,7 @@ class Daemon:
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
         self.notifier = systemd.Notifier()
+        self.groups: dict[str, str] = {}  # job id -> fair-share group (a spec never changes)
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -167,15 +169,18 @@ class Daemon:
         self._expire()
         self._prune()
         execution = self.execution
-        if execution.task is None and not self._start_next():
+        if not execution.busy and not self._start_next():
             if self.once and self._idle():
                 log.info("--once: inbox and queue are empty; exiting")
                 return False
             busy = self.scanner.pending or self.scanner.waiting
             self.watcher.changed.wait(FAST_SCAN_SECONDS if busy else 1.0)
-        elif execution.task is not None:
-            job_id = execution.task.job_id
-            self._guarded(job_id, execution.pump, 0.2)
+        elif execution.busy:
+            self._share()
+            if execution.task is not None:
+                self._guarded(execution.task.job_id, execution.pump, 0.2)
+            else:  # preempting: the last tasks have left, the process ends
+                execution.pump(0.2)
         if execution.pause_reason:
             self._pause(execution.pause_reason)
             execution.pause_reason = None
@@ -196,7 +201,7 @@ class Daemon:
 
     def _idle(self) -> bool:
         return (
-            self.execution.task is None
+            not self.execution.busy
             and self.scanner.pending == 0
             and not self.journal.queued()
             and not any(self.layout.control.iterdir())
@@ -266,7 +271,8 @@ class Daemon:
         self.jobs.pruned(self.settings.keep_finished_days, time.time())  # finished_at is Unix seconds
 
     def _start_next(self) -> bool:
-        choice = scheduler.pick(
+        choice, self.execution.next_choice = self.execution.next_choice, None  # a preemptor goes first
+        choice = choice or scheduler.pick(
             self.journal.queued(), self.execution.loaded_model, self.settings.max_swap_delay_seconds
         )
         if choice is None:
@@ -276,6 +282,54 @@ class Daemon:
             return True
         self._guarded(choice.job_id, self.execution.start, choice)
         return True
+
+    def _share(self) -> None:
+        """While a model process runs: admit, take a slot back, or preempt (CONTRACT section 12)."""
+        ex = self.execution
+        if not ex.running or ex.preempting or ex.proc is None or ex.sharded is not None:
+            return
+        held_keys = ex.running_keys()
+        queued = [e for e in self.journal.queued() if e[0] not in held_keys]
+        if not queued:
+            return
+        solo = bool(ex.solo & set(ex.running))  # a task suspected by a crash runs alone
+        queued = [e for e in queued if e[2] != ex.proc.name or f"{e[1]}/{e[2]}" not in ex.solo]
+        held = [
+            scheduler.Held(r.task.queue_key, r.key, r.group, bool(r.leaving)) for r in ex.running.values()
+        ]
+        decision = scheduler.admission(
+            queued,
+            held,
+            ex.proc.name,
+            {e[0]: self._group(e[1]) for e in queued},
+            max_shared=1 if solo else self.settings.max_shared_tasks,
+            max_delay=self.settings.max_swap_delay_seconds,
+            preempt_after=self.settings.preempt_after_seconds,
+            loaded_for=time.monotonic() - ex.proc.started_at,
+            runnable=set(self.registry.models) - set(self.model_problems),
+            back_since=ex.back_since,
+        )
+        if decision.preempt:
+            ex.preempt(decision.preempt, decision.admit)
+        elif decision.evict:
+            ex.evict(decision.evict, decision.reason)
+        elif decision.admit is not None:
+            choice = decision.admit
+            if not (self.layout.jobs / choice.job_id / f"{choice.model}.task.json").exists():
+                (self.layout.queue / choice.key).unlink(missing_ok=True)
+                return
+            self._guarded(choice.job_id, ex.start, choice)
+        elif decision.reason:
+            log.debug("no admission: %s", decision.reason)
+
+    def _group(self, job_id: str) -> str:
+        if job_id not in self.groups:
+            try:
+                spec = self.journal.spec(job_id)
+            except (OSError, ValueError):
+                return ""
+            self.groups[job_id] = group_of(self.journal, spec, self.settings.fair_share_key)
+        return self.groups[job_id]
 
     def _snapshot(self, force: bool = False, stopped: bool = False) -> None:
         """About once a second, and at once when the model process starts, loads or ends."""

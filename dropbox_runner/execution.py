@@ -1,7 +1,8 @@
-"""The model slot: at most one model process, the task it runs, and what its events mean.
+"""The model slot: at most one model process, the tasks it runs together, and what its events mean.
 
-Starts and swaps model processes, hands them tasks, turns their events into job operations, and
-applies the crash policy when one dies or hangs. The daemon's loop drives it.
+Starts and swaps model processes, hands them tasks (several at once: section 12), takes a task's
+slot back for a higher priority or another group, preempts for another model, turns events into
+job operations, and applies the crash policy when the process dies or hangs. The daemon drives it.
 """
 
 from __future__ import annotations
@@ -12,47 +13,56 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import crashes
 from dropbox_runner import protocol as p
 from dropbox_runner.config import EngineKind, ModelConfig, Registry, model_problem, resolve_model_path
 from dropbox_runner.history import History
 from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import JobSpec, TaskRecord
+from dropbox_runner.journal import JobSpec
 from dropbox_runner.lifecycle import Status
-from dropbox_runner.memory import fit_problem, is_memory_failure
-from dropbox_runner.results.log import first_missing, read_fed_mark, read_marker
+from dropbox_runner.memory import fit_problem
+from dropbox_runner.results.log import read_marker
 from dropbox_runner.scheduler import Choice
 from dropbox_runner.shards import ShardedRun
+from dropbox_runner.slotfailures import SlotFailures
+from dropbox_runner.slottask import SlotTask, group_of
 from dropbox_runner.supervisor import ModelProcess, group_rss_bytes
 
 log = logging.getLogger("dropbox_runner.daemon")
 
-PROGRESS_LOG_SECONDS = 10.0
-BATCH_JSON_SECONDS = 2.0
-LOAD_ATTEMPTS = 3  # a model process killed while loading is started again, this many times in all
 
-
-class Execution:
+class Execution(SlotFailures):
     def __init__(self, jobs: Jobs, registry: Registry, history: History) -> None:
         self.jobs, self.journal, self.layout, self.history = jobs, jobs.journal, jobs.layout, history
         self.registry, self.settings = registry, registry.settings
         self.proc: ModelProcess | None = None
-        self.task: TaskRecord | None = None
-        self.spec: JobSpec | None = None
-        self.sent = False  # the task was handed to the model process
+        self.running: dict[str, SlotTask] = {}  # by task id: the tasks the model process holds
         self.sharded: ShardedRun | None = None  # the running task's copies, when it has several
-        self.cancel_outcome = Status.CANCELLED  # or EXPIRED, when its completion window ran out
         self.memory_retry: dict[str, float] = {}
         self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
         self.swaps: deque[dict[str, Any]] = deque(maxlen=20)
         self.pause_reason: str | None = None  # set when the disk failed: the daemon pauses
+        self.preempting: str | None = None  # why the process is stopping for another model
+        self.next_choice: Choice | None = None  # the task that preempted: it starts next
+        self.back_since: dict[str, float] = {}  # queue key -> when it gave up its slot
+        self.solo: set[str] = set()  # tasks suspected by a crash while sharing: they run alone
+        self.shared_crash: dict[str, int] = {}  # tasks in flight at the last crash while sharing
         self._io_error: str | None = None
-        self._last_batch_json = self._last_progress_log = 0.0
-        self._counted = (0, 0)  # requests and completion tokens of the running task already in history
 
     @property
     def loaded_model(self) -> str | None:
         return self.proc.name if self.proc is not None and self.proc.alive() else None
+
+    @property
+    def task(self):
+        """The first running task's record, or None (one task at a time: the running task)."""
+        return next(iter(self.running.values())).task if self.running else None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running) or self.preempting is not None
+
+    def running_keys(self) -> set[str]:
+        return {t.task.queue_key for t in self.running.values()}
 
     # -- starting a task ---------------------------------------------------------------------------
     def start(self, choice: Choice) -> None:
@@ -64,25 +74,28 @@ class Execution:
         if spec.expires_at is not None and time.time() >= spec.expires_at:
             self.jobs.cancelled(spec, None, Status.EXPIRED)  # a queued job that expired never loads
             return
-        self.task, self.spec, self.sent, self.cancel_outcome = task, spec, False, Status.CANCELLED
+        run = SlotTask(task, spec, group_of(self.journal, spec, self.settings.fair_share_key))
+        task.group = run.group
+        self.running[run.key] = run
         self.jobs.started(spec, task)
         marker = read_marker(self.journal.log_path(spec.id, task.model))
-        self._counted = (marker.count, marker.completion_tokens) if marker else (0, 0)
+        run.counted = (marker.count, marker.completion_tokens) if marker else (0, 0)
         if marker is not None and marker.count >= spec.total:
             log.info("%s/%s: every line already has a result; publishing", spec.id, task.model)
-            self.finish(Status.COMPLETED)
+            self.finish(run, Status.COMPLETED)
             return
-        log.info("next: %s (%s) on %s: %s", spec.name, spec.id, task.model, choice.reason)
+        shared = f", sharing with {len(self.running) - 1} other tasks" if len(self.running) > 1 else ""
+        log.info("next: %s (%s) on %s: %s%s", spec.name, spec.id, task.model, choice.reason, shared)
         config = self.registry.models[task.model]
         if config.replicas > 1 or config.executor == "ray":
-            self._start_copies(config)
+            self._start_copies(run, config)
             return
         if self.proc is not None and (self.proc.name != task.model or not self.proc.alive()):
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
             self._load(task.model)
-        if self.proc is not None and self.task is not None:
-            self._send_run()  # while it loads, too: the model process prepares the lines meanwhile
+        if self.proc is not None and run.key in self.running and not run.sent:
+            run.sent = self.proc.send(p.Run(self._order(run)))  # while it loads too: lines get prepared
 
     def _load(self, model: str) -> None:
         config = self.registry.models[model]
@@ -98,6 +111,9 @@ class Execution:
             config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
         log.info("loading %s", model)
         self.proc = ModelProcess(self.layout, model, config)
+        for run in self.running.values():  # tasks of a process that was reloaded (memory retry)
+            if run.task.model == model and not run.sent:
+                run.sent = self.proc.send(p.Run(self._order(run)))
 
     def end_model(self, why: str) -> None:
         proc, self.proc = self.proc, None
@@ -109,36 +125,39 @@ class Execution:
         self.swaps.append({"model": proc.name, "unload_seconds": round(seconds, 3), "at": time.time()})
         self.history.swapped(proc.name, started, seconds)
 
-    def _start_copies(self, config: ModelConfig) -> None:
+    def _start_copies(self, run: SlotTask, config: ModelConfig) -> None:
         """Several copies of the model on this task: the daemon leases them shards (see shards.py)."""
-        model = self.task.model
+        model = run.task.model
         self.end_model(f"{model} runs on {config.replicas} copies next")
         problem = model_problem(self.layout.root, model, config)
         if problem:
             self._fail_model(model, f"the model {model} cannot run here: {problem}")
             return
         log.info("loading %d copies of %s (%s)", config.replicas, model, config.executor)
-        order = self._order()
         try:
             self.sharded = ShardedRun(
-                self.layout, self.journal, self.settings, self.history, self.spec, self.task, config, order
+                self.layout,
+                self.journal,
+                self.settings,
+                self.history,
+                run.spec,
+                run.task,
+                config,
+                self._order(run),
             )
         except ConnectionError as exc:  # Ray cannot be reached
             where = self.settings.ray_address
             self._fail_model(model, f"settings.ray_address: cannot reach Ray at {where!r} ({exc})"[:400])
             return
-        self.sent = True
+        run.sent = True
 
     def _end_copies(self) -> None:
         sharded, self.sharded = self.sharded, None
         if sharded is not None:
             sharded.close()
 
-    def _send_run(self) -> None:
-        self.sent = self.proc.send(p.Run(self._order()))
-
-    def _order(self) -> p.TaskOrder:
-        task, spec = self.task, self.spec
+    def _order(self, run: SlotTask) -> p.TaskOrder:
+        task, spec = run.task, run.spec
         model = self.registry.models[task.model]
         timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
         return p.TaskOrder(
@@ -152,7 +171,36 @@ class Execution:
             request_timeout_seconds=timeout,
             poison=task.poison,
             isolate_until=task.isolate_until,
+            task_id=run.key,
+            priority=spec.priority,
+            group=run.group,
         )
+
+    # -- giving slots back -------------------------------------------------------------------------
+    def evict(self, key: str, why: str) -> None:
+        """The task commits and goes back to the queue in its place; the others go on."""
+        run = self.running.get(key)
+        if run is None or run.leaving or self.proc is None:
+            return
+        log.info("slot: %s/%s gives up its slot: %s", run.task.job_id, run.task.model, why)
+        run.leaving = why
+        self.proc.send(p.Stop(run.key))
+
+    def preempt(self, why: str, preemptor: Choice) -> None:
+        """Stop feeding; the requests in flight finish (stop_timeout_seconds at most); every task goes
+        back to the queue, the model process ends, and `preemptor` starts next."""
+        if self.preempting is not None or self.proc is None:
+            return
+        held = ", ".join(sorted(self.running))
+        log.info("preempt: %s/%s preempts %s: %s", preemptor.job_id, preemptor.model, held, why)
+        self.preempting, self.next_choice = why, preemptor
+        for run in self.running.values():
+            run.leaving = run.leaving or why
+        if not self.running:
+            self.end_model(why)
+            self.preempting = None
+            return
+        self.proc.send(p.Stop(grace_seconds=self.settings.stop_timeout_seconds))
 
     # -- events ------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
@@ -166,139 +214,150 @@ class Execution:
             self._event(ev)
             if self.proc is not proc:
                 return
-        if not proc.alive():
-            for ev in proc.drain():
+        busy = any(r.sent for r in self.running.values())
+        why = proc.trouble(self.settings, busy=busy)
+        if why is not None:
+            for ev in proc.drain() if not proc.alive() else ():
                 self._event(ev)
                 if self.proc is not proc:
                     return
-            self._died(proc, proc.exit_description())
-        elif not proc.loaded and proc.silent_for() > self.settings.load_timeout_seconds:
-            log.error("%s did not load within load_timeout_seconds; ending it", proc.name)
-            proc.end(1.0)
-            self._died(proc, f"did not load in {self.settings.load_timeout_seconds:g}s")
-        elif (
-            self.sent
-            and self.task is not None
-            and proc.loaded
-            and proc.silent_for() > self.settings.stall_timeout_seconds
-        ):
-            log.error(
-                "no result from %s for %.0fs with requests in flight; ending it", proc.name, proc.silent_for()
-            )
-            proc.end(1.0)
-            self._died(proc, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+            if self.preempting is not None and not self.running:
+                self._preempted()
+                return
+            self._died(proc, why)
 
     def _pump_copies(self, timeout: float) -> None:
-        sharded = self.sharded
+        sharded, run = self.sharded, next(iter(self.running.values()))
         done = sharded.pump(timeout)
         if done or sharded.failed:
             self._end_copies()
             if done:
-                self.finish(Status.COMPLETED)
+                self.finish(run, Status.COMPLETED)
             else:
-                self.finish(Status.FAILED, sharded.failed)
-        elif time.monotonic() - self._last_batch_json >= BATCH_JSON_SECONDS:
-            self._last_batch_json = time.monotonic()
-            self.jobs.progressed(self.spec, self.task)
+                self.finish(run, Status.FAILED, sharded.failed)
+        elif run.due_batch_json():
+            self.jobs.progressed(run.spec, run.task)
 
     def _event(self, ev: p.Message) -> None:
-        task = self.task
         if isinstance(ev, p.Loaded):
             log.info("loaded %s in %.1fs (window %d)", self.proc.name, ev.load_seconds, ev.capacity)
             self.history.loaded(self.proc.name, time.time() - ev.load_seconds, ev.load_seconds)
-            if task is not None and task.load_seconds is None:
-                task.load_seconds = ev.load_seconds
-                self.journal.save_task(task)
-        elif isinstance(ev, p.LoadFailed):
+            for run in self.running.values():
+                if run.task.load_seconds is None:
+                    run.task.load_seconds = ev.load_seconds
+                    self.journal.save_task(run.task)
+            return
+        if isinstance(ev, p.LoadFailed):
             proc, self.proc = self.proc, None
             proc.end(self.settings.stop_timeout_seconds)
             self._load_failed(proc.name, ev.reason)
-        elif task is None:
             return
-        elif isinstance(ev, p.Resumed):
+        run = self.running.get(getattr(ev, "task_id", ""))
+        if run is None:
+            return
+        if isinstance(ev, p.Resumed):
             for note in ev.notes:
-                log.warning("recovery of %s/%s: %s", task.job_id, task.model, note)
+                log.warning("recovery of %s: %s", run.key, note)
             if ev.kept:
-                log.info("resuming %s/%s after %d committed results", task.job_id, task.model, ev.kept)
+                log.info("resuming %s after %d committed results", run.key, ev.kept)
         elif isinstance(ev, p.IoError):
             self._io_error = ev.message
         elif isinstance(ev, p.Progress):
-            self._progress(ev)
+            self._progress(run, ev)
         elif isinstance(ev, p.TaskDone):
-            outcome = {"completed": Status.COMPLETED, "cancelled": self.cancel_outcome}.get(ev.outcome)
-            if outcome is None:
-                self.requeue("the daemon is stopping")
-            else:
-                self.finish(outcome)
+            self._task_done(run, ev.outcome)
 
-    def _progress(self, ev: p.Progress) -> None:
-        requests, tokens = self._counted
-        self.history.done(self.task.model, max(0, ev.count - requests), max(0, ev.completion_tokens - tokens))
-        self._counted = (ev.count, ev.completion_tokens)
-        now = time.monotonic()
-        if now - self._last_batch_json >= BATCH_JSON_SECONDS:
-            self._last_batch_json = now
-            self.jobs.progressed(self.spec, self.task)
-        if now - self._last_progress_log >= PROGRESS_LOG_SECONDS:
-            self._last_progress_log = now
-            elapsed = (ev.updated_at or 0) - (ev.started_at or 0)
-            tps = ev.completion_tokens / elapsed if elapsed > 0 else 0.0
+    def _task_done(self, run: SlotTask, outcome: str) -> None:
+        final = {"completed": Status.COMPLETED, "cancelled": run.cancel_outcome}.get(outcome)
+        if run.cancelling and final is None:  # it gave up its slot just before the cancel arrived
+            final = run.cancel_outcome
+        if final is not None:
+            self.finish(run, final)
+        elif run.leaving:
+            run.task.preemptions += 1
+            self.back_since[run.task.queue_key] = time.time()
+            self.requeue(run, run.leaving)
+        else:
+            self.requeue(run, "the daemon is stopping")
+        if self.preempting is not None and not self.running:
+            self._preempted()
+
+    def _preempted(self) -> None:
+        why, self.preempting = self.preempting, None
+        self.end_model(why)
+
+    def _progress(self, run: SlotTask, ev: p.Progress) -> None:
+        requests, tokens = run.counted
+        self.history.done(run.task.model, max(0, ev.count - requests), max(0, ev.completion_tokens - tokens))
+        run.progressed(ev)
+        self.history.task_progress(run.key, run.group, ev.count, ev.completion_tokens)
+        if run.due_batch_json():
+            self.jobs.progressed(run.spec, run.task)
+        if run.due_progress_log():
             log.info(
-                "progress %s/%s: %d/%d done, %d failed, %.0f tok/s",
-                self.spec.name,
-                self.task.model,
+                "progress %s/%s: %d/%d done, %d failed, %.0f tok/s over the last minute (group %s)",
+                run.spec.name,
+                run.task.model,
                 ev.count,
-                self.spec.total,
+                run.spec.total,
                 ev.failed,
-                tps,
+                run.recent_rate()[1],
+                run.group,
             )
 
     # -- ending a task -----------------------------------------------------------------------------
-    def finish(self, outcome: Status, error: str | None = None) -> None:
-        task, spec = self.task, self.spec
-        self.task = self.spec = None
-        self.jobs.finalized(spec, task, outcome, error)
+    def finish(self, run: SlotTask, outcome: Status, error: str | None = None) -> None:
+        self.running.pop(run.key, None)
+        self.history.task_ended(run.key)
+        self.solo.discard(run.key)
+        self.back_since.pop(run.task.queue_key, None)
+        self.jobs.finalized(run.spec, run.task, outcome, error)
 
-    def requeue(self, why: str) -> None:
-        task, spec = self.task, self.spec
-        self.task = self.spec = None
-        self.jobs.requeued(spec, task, why)
+    def requeue(self, run: SlotTask, why: str) -> None:
+        self.running.pop(run.key, None)
+        self.history.task_ended(run.key)
+        self.jobs.requeued(run.spec, run.task, why)
 
     def drop(self, job_id: str) -> None:
-        """Forget the running task of a job that failed at its boundary, ending its model process."""
-        if self.task is not None and self.task.job_id == job_id:
-            self.task = self.spec = None
+        """Forget the running tasks of a job that failed at its boundary, ending its model process."""
+        runs = [r for r in self.running.values() if r.task.job_id == job_id]
+        for run in runs:
+            self.running.pop(run.key, None)
+        if runs:
             self._end_copies()
-            if self.proc is not None:
-                self.end_model(f"job {job_id} failed")
+            self.end_model(f"job {job_id} failed")
+            for run in list(self.running.values()):
+                self.requeue(run, f"its model process ended because job {job_id} failed")
 
     def cancel(self, spec: JobSpec, outcome: Status = Status.CANCELLED) -> None:
-        """Cancel a job (or expire it): queued tasks end now, the running one at its next step."""
-        running = self.task if self.task is not None and self.task.job_id == spec.id else None
-        if running is not None and self.cancel_outcome == Status.EXPIRED:
+        """Cancel a job (or expire it): queued tasks end now, the running ones at their next step."""
+        run = next((r for r in self.running.values() if r.task.job_id == spec.id), None)  # one model each
+        if run is not None and run.cancel_outcome == Status.EXPIRED:
             return  # already expiring
-        models = self.jobs.cancelled(spec, running, outcome)
+        models = self.jobs.cancelled(spec, run.task if run else None, outcome)
         verb = "cancel" if outcome == Status.CANCELLED else "expire"
         log.info("%s %s: %s", verb, spec.id, ", ".join(models) or "no queued task")
-        if running is not None and self.sharded is not None:
+        if run is None:
+            return
+        if self.sharded is not None:
             self._end_copies()  # what the copies sent is committed
-            self.finish(outcome)
-        elif running is not None and self.proc is not None and self.sent:
-            self.cancel_outcome = outcome
-            self.proc.send(p.Cancel())
-        elif running is not None:
-            self.finish(outcome)
+            self.finish(run, outcome)
+        elif self.proc is not None and run.sent:
+            run.cancel_outcome, run.cancelling = outcome, True
+            self.proc.send(p.Cancel(run.key))
+        else:
+            self.finish(run, outcome)
 
     def stop(self) -> None:
-        """Warm stop: the running task commits and goes back in line; the model process ends."""
+        """Warm stop: the running tasks commit and go back in line; the model process ends."""
         self._end_copies()
-        if self.task is not None and self.proc is not None and self.proc.alive() and self.sent:
+        if self.running and self.proc is not None and self.proc.alive():
             self.proc.send(p.Stop())
             deadline = time.monotonic() + self.settings.stop_timeout_seconds
-            while self.task is not None and time.monotonic() < deadline and self.proc and self.proc.alive():
+            while self.running and time.monotonic() < deadline and self.proc and self.proc.alive():
                 self.pump(0.2)
-        if self.task is not None:
-            self.requeue("the daemon stopped")
+        for run in list(self.running.values()):
+            self.requeue(run, "the daemon stopped")
         if self.proc is not None:
             self.proc.end(self.settings.stop_timeout_seconds)
             self.proc = None
@@ -311,66 +370,8 @@ class Execution:
         if self.proc is not None:
             self.proc.end(self.settings.stop_timeout_seconds)
             self.proc = None
-        self.task = self.spec = None
-
-    # -- failures ----------------------------------------------------------------------------------
-    def _load_failed(self, model: str, reason: str) -> None:
-        log.error("%s could not load: %s", model, reason)
-        config = self.registry.models[model]
-        if config.engine == EngineKind.VLLM and is_memory_failure(reason):
-            util = crashes.memory_retry_utilization(config.engine_args, model in self.memory_retry)
-            if util is not None:
-                self.memory_retry[model] = util
-                log.warning("retrying %s once with gpu_memory_utilization %.3f", model, util)
-                self._load(model)
-                return
-        self._fail_model(model, f"the model {model} could not load: {reason}")
-
-    def _fail_model(self, model: str, message: str) -> None:
-        """Fail the running task and every queued task of a model that cannot run; the queue moves on."""
-        log.error("failing the tasks of %s: %s", model, message)
-        if self.task is not None and self.task.model == model:
-            self.finish(Status.FAILED, message)
-        for _, job_id, m in self.journal.queued():
-            if m == model:
-                spec = self.journal.spec(job_id)
-                self.jobs.finalized(spec, self.journal.task(job_id, m), Status.FAILED, message)
-
-    def _died(self, proc: ModelProcess, why: str) -> None:
-        self.proc = None
-        proc.end(1.0)
-        task = self.task
-        if task is None:
-            log.warning("the model process of %s %s while idle", proc.name, why)
-            return
-        if self._io_error:
-            self.pause_reason, self._io_error = f"{self._io_error}; nothing committed is lost", None
-            self.requeue("it resumes once the disk accepts writes again")
-            return
-        if not proc.loaded:
-            deaths = self.load_deaths[proc.name] = self.load_deaths.get(proc.name, 0) + 1
-            if deaths < LOAD_ATTEMPTS:
-                self.requeue(f"the model process {why} while loading; loading it again")
-            else:
-                self._load_failed(proc.name, f"the model process {why} while loading, {deaths} times")
-            return
-        self.load_deaths.pop(proc.name, None)
-        log_path = self.journal.log_path(task.job_id, task.model)
-        alone = proc.alone if self.sent else None
-        verdict = crashes.after_crash(task, alone, first_missing(log_path), read_fed_mark(log_path), why)
-        log.error(
-            "the model process of %s %s during %s (crash %d): %s",
-            proc.name,
-            why,
-            task.job_id,
-            task.crashes,
-            verdict.note,
-        )
-        if verdict.give_up:
-            self.finish(Status.FAILED, verdict.note)
-        else:
-            self.journal.save_task(task)
-            self.requeue("restarting the model process and resuming from the last commit")
+        self.running.clear()
+        self.preempting = None
 
     # -- for the status snapshot -------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -381,7 +382,8 @@ class Execution:
             "model_pid": proc.pid if proc else None,
             "load_seconds": proc.load_seconds if proc else None,
             "model_rss_mb": round(group_rss_bytes(proc.pid) / 2**20, 1) if proc else None,
-            "running": {"job_id": self.task.job_id, "model": self.task.model} if self.task else None,
+            "running": [r.describe(self.running.values()) for r in self.running.values()],
+            "preempting": self.preempting,
             **(self.sharded.describe() if self.sharded is not None else {}),
             "swaps": list(self.swaps),
         }

@@ -1,5 +1,6 @@
 """The daemon's bounded history for the page and /metrics: completed requests and tokens per model
-over time, model loads and swaps, in `state/history.json` (rewritten atomically, fixed size).
+(and per running task) over time, model loads and swaps, in `state/history.json` (rewritten
+atomically, fixed size).
 
 Totals are cumulative since the history began, so a point's difference with the one before is the
 work done in between, whatever restarts came between them.
@@ -32,6 +33,7 @@ class History:
         self.swaps: deque[dict[str, Any]] = deque(saved.get("swaps") or [], maxlen=MAX_EVENTS)
         self.totals: dict[str, dict[str, float]] = saved.get("totals") or {}
         self.last_point = float("-inf")
+        self.running: dict[str, dict[str, Any]] = {}  # task id -> its group and totals, while it runs
 
     def _model(self, model: str) -> dict[str, float]:
         return self.totals.setdefault(model, {"requests": 0, "tokens": 0, "loads": 0, "load_seconds": 0.0})
@@ -41,6 +43,13 @@ class History:
         totals = self._model(model)
         totals["requests"] += requests
         totals["tokens"] += tokens
+
+    def task_progress(self, task_id: str, group: str, requests: int, tokens: int) -> None:
+        """A running task's committed requests and completion tokens so far (a series per task)."""
+        self.running[task_id] = {"group": group, "requests": requests, "tokens": tokens}
+
+    def task_ended(self, task_id: str) -> None:
+        self.running.pop(task_id, None)
 
     def loaded(self, model: str, started_at: float, seconds: float) -> None:
         totals = self._model(model)
@@ -64,7 +73,10 @@ class History:
         models = {
             m: {"requests": int(t["requests"]), "tokens": int(t["tokens"])} for m, t in self.totals.items()
         }
-        self.points.append({"t": round(now, 3), "models": models})
+        point: dict[str, Any] = {"t": round(now, 3), "models": models}
+        if self.running:  # at most max_shared_tasks of them: the points stay bounded
+            point["tasks"] = {k: dict(v) for k, v in self.running.items()}
+        self.points.append(point)
         if save:
             self.save()
         return True

@@ -65,6 +65,8 @@ class TaskRecord(BaseModel):
     suspect_until: int = -1  # lines up to this one were fed when the model process last crashed
     isolate_until: int = -1  # after a crash: run lines one at a time up to this index, to find the culprit
     retries: int = 0
+    group: str | None = None  # its fair-share group, set when it first runs (section 12)
+    preemptions: int = 0  # times the task gave up its slot (a higher priority, another group or model)
     outcome: Status | None = None  # the final status publishing is for (kept across a crash)
     ending: Status | None = None  # cancelled or expired, once asked while it ran: the first one asked
 

@@ -57,6 +57,12 @@ class TaskOrder:
     isolate_until: int = -1
     shard: list[int] | None = None  # [start, end): run only these lines and send results back (copies)
     shard_at: list[int] | None = None  # offset, physical line and index of a line at or before the start
+    task_id: str = ""  # names the task in every event about it (several tasks share one process)
+    priority: int = 0
+    group: str = ""  # the fair-share group (section 12): tasks of one group share its turn
+
+    def __post_init__(self) -> None:
+        self.task_id = self.task_id or f"{self.job_id}/{self.model}"
 
 
 @dataclass(slots=True)
@@ -71,12 +77,19 @@ class Run(Message):
 
 @dataclass(slots=True)
 class Cancel(Message):
-    """Abort what is in flight; the task ends cancelled."""
+    """Abort the task's requests in flight; it ends cancelled. No task id: every task."""
+
+    task_id: str = ""
 
 
 @dataclass(slots=True)
 class Stop(Message):
-    """Commit and exit (a swap, or the daemon stopping)."""
+    """Commit and exit (a swap, or the daemon stopping); with a task id, only that task ends
+    (interrupted: it gave up its slot) and the process goes on with the others. `grace_seconds`:
+    how long the requests in flight may go on before the rest is aborted."""
+
+    task_id: str = ""
+    grace_seconds: float = 0.0
 
 
 # -- events: model process -> daemon -----------------------------------------------------------------
@@ -101,6 +114,7 @@ class Resumed(Message):
 
     kept: int
     notes: list[str]
+    task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -108,6 +122,7 @@ class Running(Message):
     """A line about to run alone while a crash culprit is hunted; None once no line runs alone."""
 
     index: int | None
+    task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -119,6 +134,7 @@ class Progress(Message):
     completion_tokens: int
     started_at: float | None
     updated_at: float | None
+    task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -126,6 +142,7 @@ class Results(Message):
     """A copy's results for the daemon to append: [index, ok, prompt, completion, cached, payload]."""
 
     records: list[list[Any]]
+    task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -133,6 +150,7 @@ class IoError(Message):
     """A commit failed (disk full, I/O error): the model process stops right after."""
 
     message: str
+    task_id: str = ""
 
 
 @dataclass(slots=True)
@@ -140,6 +158,7 @@ class TaskDone(Message):
     """The task ended: completed, cancelled, or interrupted (the daemon is stopping)."""
 
     outcome: str  # completed | cancelled | interrupted
+    task_id: str = ""
 
 
 COMMANDS: dict[str, type[Message]] = {c.tag: c for c in (Start, Run, Cancel, Stop)}

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayError
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig
 from dropbox_runner.layout import Layout
-from dropbox_runner.supervisor import start_message
+from dropbox_runner.supervisor import start_message, trouble
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -90,7 +90,7 @@ class _Outbox:
     def __init__(self) -> None:
         self.events: deque[bytes] = deque()
         self.commands: queue.Queue[p.Message] = queue.Queue()
-        self.active_log = None
+        self.logs: set = set()
 
     def send(self, event: p.Message) -> None:
         self.events.append(event.encode())
@@ -122,7 +122,7 @@ class CopyActor:
         return [self.load_seconds, self.engine.capacity, os.getpid()]
 
     def run(self, order: dict[str, Any], lines: bytes | None = None) -> None:
-        from dropbox_runner.engine.worker import TaskRun
+        from dropbox_runner.engine.feeding import Worker
 
         if lines is not None:  # the shard's lines, sent by the daemon: read from a file of this host
             import tempfile
@@ -132,12 +132,11 @@ class CopyActor:
             order = {**order, "input": f.name, "shard_at": [0, order["shard_at"][1], order["shard_at"][2]]}
 
         def work() -> None:
-            try:
-                outcome = TaskRun(self.engine, p.TaskOrder(**order), self.outbox, self.outbox, None).run()
+            try:  # the worker sends the shard's results, then its TaskDone
+                Worker(self.engine, self.outbox, self.outbox, None).run_alone(p.TaskOrder(**order))
             finally:
                 if lines is not None:
                     os.unlink(order["input"])
-            self.outbox.send(p.TaskDone(outcome))
 
         threading.Thread(target=work, name="shard", daemon=True).start()
 
@@ -174,6 +173,12 @@ class RayCopy:
     def silent_for(self) -> float:
         return time.monotonic() - self.last_event_at
 
+    def trouble(self, settings, busy: bool) -> str | None:
+        return trouble(self, settings, busy)
+
+    def fileno(self) -> int:
+        raise OSError("a Ray copy has no pipe: wait on refs()")
+
     def send(self, command: p.Message) -> bool:
         if isinstance(command, p.Run):
             self.actor.run.remote(asdict(command.task))
@@ -208,7 +213,8 @@ class RayCopy:
         except RayError as exc:
             self._dead = f"failed in Ray ({exc})"[:300]
             return []
-        self.last_event_at = time.monotonic()
+        if not self.loaded or value:  # an empty poll is no sign of life: a hung copy answers those too
+            self.last_event_at = time.monotonic()
         if not self.loaded:
             self.loaded, self.load_seconds, self.pid = True, value[0], value[2]
             return [p.Loaded(load_seconds=value[0], capacity=value[1])]

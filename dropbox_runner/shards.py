@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from dropbox_runner import crashes
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, Settings
 from dropbox_runner.history import History
@@ -201,7 +202,7 @@ class ShardedRun:
             self.ray.wait_any([c.proc for c in self.copies], timeout)
             ready = list(self.copies)
         else:
-            pipes = {c.proc._events: c for c in self.copies}
+            pipes = {c.proc.fileno(): c for c in self.copies}
             try:
                 fds, _, _ = select.select(list(pipes), [], [], timeout)
             except (ValueError, OSError):
@@ -211,15 +212,11 @@ class ShardedRun:
             for ev in copy.proc.events(0):
                 self._event(copy, ev)
         for copy in list(self.copies):
-            proc = copy.proc
-            if not proc.alive():
-                for ev in proc.drain():
+            why = copy.proc.trouble(self.settings, busy=copy.shard is not None)
+            if why is not None:
+                for ev in copy.proc.drain() if not copy.proc.alive() else ():
                     self._event(copy, ev)
-                self._died(copy, proc.exit_description())
-            elif not proc.loaded and proc.silent_for() > self.settings.load_timeout_seconds:
-                self._died(copy, f"did not load in {self.settings.load_timeout_seconds:g}s")
-            elif copy.shard is not None and proc.silent_for() > self.settings.stall_timeout_seconds:
-                self._died(copy, f"hung (no result for {self.settings.stall_timeout_seconds:g}s)")
+                self._died(copy, why)
         if time.monotonic() - self.last_commit >= self.settings.commit_interval_ms / 1000:
             self.commit()
         return self.finished()
@@ -266,12 +263,16 @@ class ShardedRun:
 
     def _give_back(self, shard: Shard) -> None:
         """A dead copy's shard: its missing lines run again; the culprit is hunted line by line."""
-        if all(self.log.done[shard.start : shard.end]):
+        done = self.log.done
+        while shard.start < shard.end and done[shard.start]:
+            shard.start += 1  # what the copy sent is kept: the shard resumes after it
+        if all(done[shard.start : shard.end]):
             return
         shard.crashes += 1
-        if shard.alone and shard.crashes >= 2:
+        verdict = crashes.after_shard_crash(shard.crashes, shard.alone)
+        if verdict == "poison":
             self._poison(shard.start)
-        elif shard.crashes >= 2:
+        elif verdict == "split":
             log.warning(
                 "lines %d-%d killed two copies; running them one at a time", shard.start, shard.end - 1
             )

@@ -62,8 +62,13 @@ def daemon_state(layout: Layout) -> dict[str, Any]:
 
 
 def model_row(
-    spec: dict[str, Any], task: dict[str, Any], marker: dict[str, Any] | None, now: float
+    spec: dict[str, Any],
+    task: dict[str, Any],
+    marker: dict[str, Any] | None,
+    now: float,
+    live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A task's row; `live` is the daemon's word on it while it runs (group, share, recent ETA)."""
     m = marker or {}
     count, failed = m.get("count", 0), m.get("failed", 0)
     started, updated = m.get("started_at"), m.get("updated_at")
@@ -74,6 +79,10 @@ def model_row(
     rate = count / elapsed if elapsed > 0 else 0.0
     remaining = spec["total"] - count
     eta = remaining / rate if rate > 0 and not final else None
+    if live is not None:  # from the rate over the last minute: time spent waiting does not count
+        eta = live.get("eta_seconds")
+    elif task["status"] == "queued":
+        eta = None  # waiting, or preempted: no rate to go by
     return {
         "model": task["model"],
         "status": task["status"],
@@ -91,17 +100,32 @@ def model_row(
         },
         "load_seconds": task.get("load_seconds"),
         "error": task.get("error"),
+        "group": (live or {}).get("group") or task.get("group"),
+        "share": (live or {}).get("share"),
+        "preemptions": task.get("preemptions", 0),
     }
 
 
-def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any] | None:
+def _shown(task: dict[str, Any]) -> Status:
+    """A preempted task waits in the queue, and its job stays in progress (CONTRACT section 12)."""
+    status = Status(task["status"])
+    return Status.IN_PROGRESS if status == Status.QUEUED and task.get("preemptions") else status
+
+
+def job_view(
+    layout: Layout, job_id: str, now: float, live: dict[tuple[str, str], dict] | None = None
+) -> dict[str, Any] | None:
     """One job as status shows it, or None if it is gone or half made."""
     job = catalog.read_job(layout, job_id)
     if job is None:
         return None
     spec = job.spec
-    models = [model_row(spec, t, job.markers.get(t["model"]), now) for t in job.tasks]
-    status = Status.FAILED if spec["rejected"] else job_status([Status(t["status"]) for t in job.tasks])
+    live = live or {}
+    models = [
+        model_row(spec, t, job.markers.get(t["model"]), now, live.get((job_id, t["model"])))
+        for t in job.tasks
+    ]
+    status = Status.FAILED if spec["rejected"] else job_status([_shown(t) for t in job.tasks])
     return {
         "id": spec["id"],
         "name": spec["name"],
@@ -117,6 +141,14 @@ def job_view(layout: Layout, job_id: str, now: float) -> dict[str, Any] | None:
     }
 
 
+def live_tasks(state: dict[str, Any]) -> dict[tuple[str, str], dict]:
+    """The running daemon's word on each task its model process holds, by (job id, model)."""
+    running = state["snapshot"].get("running") if state["running"] else None
+    if not isinstance(running, list):
+        return {}
+    return {(r["job_id"], r["model"]): r for r in running if isinstance(r, dict) and "job_id" in r}
+
+
 def collect(
     layout: Layout, *, show_all: bool = False, with_history: bool = True, page: int = 0
 ) -> dict[str, Any]:
@@ -127,11 +159,13 @@ def collect(
     start = 0 if show_all else max(0, page) * RECENT_FINISHED
     hidden = 0 if show_all else max(0, len(finished) - start - RECENT_FINISHED)
     finished = finished if show_all else finished[start : start + RECENT_FINISHED]
-    views = (job_view(layout, j, now) for j in active + finished)
+    state = daemon_state(layout)
+    live = live_tasks(state)
+    views = (job_view(layout, j, now, live) for j in active + finished)
     history = read_history(layout)
     return {
         "root": str(layout.root),
-        "daemon": daemon_state(layout),
+        "daemon": state,
         "jobs": [v for v in views if v is not None],
         "hidden_finished": hidden,
         "finished_total": len(catalog.job_ids(layout.archive)),
@@ -152,7 +186,7 @@ FAILED_LINES_SHOWN = 20
 def job_detail(layout: Layout, job_id: str) -> dict[str, Any] | None:
     """One job for the page: its view, batch.json's errors, the first failed lines of each model and
     the files to download."""
-    job = job_view(layout, job_id, time.time())
+    job = job_view(layout, job_id, time.time(), live_tasks(daemon_state(layout)))
     if job is None:
         return None
     folder = layout.outbox / job["outbox"].split("/")[1]
@@ -328,6 +362,13 @@ def render_detail(job: dict[str, Any]) -> str:
         lines.append(f"    output: {job['outbox']}{m['model']}.jsonl")
         if m["failed"]:
             lines.append(f"    errors: {job['outbox']}{m['model']}.errors.jsonl")
+        if m.get("group") is not None:
+            share = f"{m['share']:.0%}" if m.get("share") is not None else "-"
+            lines.append(
+                f"    group {m['group']}, {share} of the model's completion tokens over the last minute"
+            )
+        if m.get("preemptions"):
+            lines.append(f"    gave up its slot {m['preemptions']} times (preempted)")
         if m["error"]:
             lines.append(f"    error: {m['error']}")
     for e in job["line_errors"]:

@@ -46,7 +46,7 @@ class ModelProcess:
         self.loaded = False
         self.load_seconds: float | None = None
         self.capacity = 0
-        self.alone: int | None = None  # the line running by itself while a culprit is hunted
+        self.alone: dict[str, int] = {}  # task id -> the line running by itself while a culprit is hunted
         self.started_at = time.monotonic()
         self.last_event_at = self.started_at
         read_fd, write_fd = os.pipe()
@@ -66,12 +66,17 @@ class ModelProcess:
             )
         os.close(write_fd)
         self._events = os.fdopen(read_fd, "rb", buffering=0)
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._newline = False  # the buffer holds a complete event
         self.send(start_message(layout, name, config, write_fd))
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def fileno(self) -> int:
+        """The events pipe, for select()."""
+        return self._events.fileno()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -96,10 +101,16 @@ class ModelProcess:
         if not chunk:
             return None
         self._buffer += chunk
+        self._newline = self._newline or b"\n" in chunk
         return True
 
     def _complete_events(self) -> list[p.Message]:
-        *lines, self._buffer = self._buffer.split(b"\n")
+        if not self._newline:  # a long event arrives in many reads: split it once, when whole
+            return []
+        end = self._buffer.rfind(b"\n")
+        lines = bytes(self._buffer[:end]).split(b"\n")
+        del self._buffer[: end + 1]
+        self._newline = False
         events = []
         for line in lines:
             if not line:
@@ -118,8 +129,10 @@ class ModelProcess:
     def _note(self, ev: p.Message) -> None:
         if isinstance(ev, p.Loaded):
             self.loaded, self.load_seconds, self.capacity = True, ev.load_seconds, ev.capacity
+        elif isinstance(ev, p.Running) and ev.index is None:
+            self.alone.pop(ev.task_id, None)
         elif isinstance(ev, p.Running):
-            self.alone = ev.index
+            self.alone[ev.task_id] = ev.index
 
     def events(self, timeout: float) -> list[p.Message]:
         """Events that arrived within `timeout` seconds (none at EOF: check `alive`)."""
@@ -135,6 +148,11 @@ class ModelProcess:
 
     def silent_for(self) -> float:
         return time.monotonic() - self.last_event_at
+
+    def trouble(self, settings, busy: bool) -> str | None:
+        """Why this process (or copy) must be treated as dead, or None: it exited, it did not load
+        within load_timeout_seconds, or it said nothing for stall_timeout_seconds while `busy`."""
+        return trouble(self, settings, busy)
 
     def exit_description(self) -> str:
         code = self.proc.poll()
@@ -180,6 +198,21 @@ class ModelProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and group_members(self.proc.pid):
             time.sleep(0.05)
+
+
+def trouble(proc, settings, busy: bool) -> str | None:
+    """The one supervision check of a model process or a Ray copy (see `ModelProcess.trouble`)."""
+    if not proc.alive():
+        return proc.exit_description()
+    if not proc.loaded and proc.silent_for() > settings.load_timeout_seconds:
+        log.error("%s did not load within load_timeout_seconds; ending it", proc.name)
+        return f"did not load in {settings.load_timeout_seconds:g}s"
+    if busy and proc.loaded and proc.silent_for() > settings.stall_timeout_seconds:
+        log.error(
+            "no result from %s for %.0fs with requests in flight; ending it", proc.name, proc.silent_for()
+        )
+        return f"hung (no result for {settings.stall_timeout_seconds:g}s)"
+    return None
 
 
 def group_rss_bytes(pgid: int) -> int:

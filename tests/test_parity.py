@@ -297,6 +297,16 @@ def test_metrics_agree_with_status_json(root: Path) -> None:
     assert samples[("dropbox_runner_daemon_up", ())] == 0
     assert samples[("dropbox_runner_model_loads_total", (("model", "echo"),))] == 1
     assert ("dropbox_runner_model_load_seconds_count", (("model", "echo2"),)) in samples
+    user = __import__("getpass").getuser()  # no team in the metadata: the dropped file's owner
+    assert (
+        samples[
+            (
+                "dropbox_runner_group_requests_total",
+                (("group", user), ("model", "echo"), ("outcome", "succeeded")),
+            )
+        ]
+        == 2
+    )
 
 
 def test_status_json_carries_a_bounded_history_of_points_loads_and_swaps(root: Path) -> None:

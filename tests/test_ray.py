@@ -136,3 +136,20 @@ def test_an_unreachable_ray_address_fails_that_models_tasks_and_the_others_run(r
     assert batch_json(root, "fine")["status"] == "completed"
     batch = batch_json(root, "u")
     assert batch["status"] == "failed" and "ray_address" in batch["models"]["rr"]["error"]
+
+
+def test_an_empty_poll_is_no_sign_of_life_so_a_hung_copy_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 6: a hung actor still answers polls, with nothing; the stall check must see it."""
+    from types import SimpleNamespace
+
+    from dropbox_runner import raycopies
+
+    copy = object.__new__(raycopies.RayCopy)
+    copy.name, copy.loaded, copy._dead, copy._poll = "rr", True, None, "ref"
+    copy.last_event_at = __import__("time").monotonic() - 1000  # its last event, long ago
+    monkeypatch.setattr(raycopies.ray, "wait", lambda refs, timeout: (refs, []))
+    monkeypatch.setattr(raycopies.ray, "get", lambda ref: [])  # the actor's outbox is empty
+    assert copy.events(0) == []
+    settings = SimpleNamespace(load_timeout_seconds=1800, stall_timeout_seconds=300)
+    assert copy.silent_for() > 300
+    assert "hung" in copy.trouble(settings, busy=True)

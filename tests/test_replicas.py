@@ -142,3 +142,18 @@ def test_the_daemon_imports_no_engine_and_no_ray_until_a_model_asks(rroot: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "heavy: []" in out.stdout, out.stderr[-2000:]
     assert batch_json(rroot, "light")["status"] == "completed"
+
+
+def test_a_dead_copys_shard_resumes_after_what_it_sent() -> None:
+    """Issue 23 item 9: the lines a copy sent before it died are not leased again."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from dropbox_runner.shards import Shard, ShardedRun
+
+    run = object.__new__(ShardedRun)
+    done = bytearray(100)
+    done[:60] = b"\x01" * 60  # the copy sent lines 0-59, then died
+    run.log, run.queue = SimpleNamespace(done=done), deque()
+    run._give_back(Shard(0, 100))
+    assert [(s.start, s.end, s.crashes) for s in run.queue] == [(60, 100, 1)]

@@ -65,7 +65,10 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
     (root / "models.yaml").write_text(
         (root / "models.yaml")
         .read_text()
-        .replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2")
+        .replace(
+            "manifest_grace_seconds: 1",
+            "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2\n  preempt_after_seconds: 0",
+        )
     )
     # The first task runs until the old task for another model is queued behind it and newer work
     # for the loaded model is queued too: its gated last line holds it, not the CPU's pace.

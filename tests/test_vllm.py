@@ -176,11 +176,19 @@ def test_greedy_text_equals_vllm_run_batch_and_bodies_validate(
         models_dir / "tiny-llama", tmp_path, [x for x in lines if x["url"] == "/v1/chat/completions"]
     )  # runs beside the daemon's first load
     name = drop(root, "tiny-llama/greedy.jsonl", lines)
+    # a second job of the same model, its chat lines in reverse order: the two share the process
+    chat = [x for x in lines if x["url"] == "/v1/chat/completions"]
+    second = drop(root, "tiny-llama/greedy-shared.jsonl", chat[::-1])
     batch = wait_done(root, name)
     assert rb.wait(timeout=LOAD_TIMEOUT) == 0, (tmp_path / "rb.log").read_text()[-3000:]
     assert batch["status"] == "completed" and batch["request_counts"]["failed"] == 0
-    ours = {x["custom_id"]: x for x in read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")}
+    assert wait_done(root, second)["status"] == "completed"
+    assert "sharing with 1 other tasks" in vroot.daemon.output()
     theirs = {x["custom_id"]: x for x in read_jsonl(rb_out)}
+    for x in read_jsonl(root / f"outbox/{second}/tiny-llama.jsonl"):
+        got = x["response"]["body"]["choices"][0]["message"]["content"]
+        assert got == theirs[x["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"]
+    ours = {x["custom_id"]: x for x in read_jsonl(root / f"outbox/{name}/tiny-llama.jsonl")}
     assert set(theirs) == {c for c in ours if not c.startswith("c-")}
     for cid, x in ours.items():
         body = x["response"]["body"]

@@ -58,6 +58,7 @@ class _RootCollector:
                 tokens.add_metric([model, kind], c[kind])
         yield requests
         yield tokens
+        yield from _by_group(doc)
 
         loads = CounterMetricFamily("dropbox_runner_model_loads", "Model loads, by model.", labels=["model"])
         seconds = SummaryMetricFamily(
@@ -68,6 +69,51 @@ class _RootCollector:
             seconds.add_metric([model], count_value=t.get("loads", 0), sum_value=t.get("load_seconds", 0.0))
         yield loads
         yield seconds
+
+
+MAX_GROUPS = 50  # the groups with the most completion tokens are named; the rest are `other`
+
+
+def _by_group(doc: dict[str, Any]) -> Any:
+    """Requests, tokens and preemptions by model and fair-share group (CONTRACT section 12)."""
+    sums: dict[tuple[str, str], Counter] = {}
+    for job in doc["jobs"]:
+        for m in job["models"]:
+            c = sums.setdefault((m["model"], m.get("group") or "none"), Counter())
+            c["succeeded"] += m["succeeded"]
+            c["failed"] += m["failed"]
+            c["prompt"] += m["usage"]["prompt_tokens"]
+            c["completion"] += m["usage"]["completion_tokens"]
+            c["preemptions"] += m.get("preemptions", 0)
+    per_group = Counter()
+    for (_, group), c in sums.items():
+        per_group[group] += c["completion"]
+    named = {g for g, _ in per_group.most_common(MAX_GROUPS)}
+    folded: dict[tuple[str, str], Counter] = {}
+    for (model, group), c in sums.items():
+        folded.setdefault((model, group if group in named else "other"), Counter()).update(c)
+    requests = CounterMetricFamily(
+        "dropbox_runner_group_requests",
+        "Requests answered, by model, group and outcome.",
+        labels=["model", "group", "outcome"],
+    )
+    tokens = CounterMetricFamily(
+        "dropbox_runner_group_tokens", "Tokens, by model, group and kind.", labels=["model", "group", "kind"]
+    )
+    preemptions = CounterMetricFamily(
+        "dropbox_runner_preemptions",
+        "Times tasks gave up their slot, by model and group.",
+        labels=["model", "group"],
+    )
+    for (model, group), c in sorted(folded.items()):
+        for outcome in ("succeeded", "failed"):
+            requests.add_metric([model, group, outcome], c[outcome])
+        for kind in ("prompt", "completion"):
+            tokens.add_metric([model, group, kind], c[kind])
+        preemptions.add_metric([model, group], c["preemptions"])
+    yield requests
+    yield tokens
+    yield preemptions
 
 
 def render(layout: Layout) -> bytes:

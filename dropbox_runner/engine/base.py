@@ -1,6 +1,7 @@
 """The interface every engine offers the model process: submit requests, step, collect finished ones.
 
 An engine never blocks on a full window: the worker keeps at most `capacity` requests in flight.
+A request is named by its task's tag and its line index, so the lines of several tasks never collide.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Finished:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    tag: str = ""  # the task the request belongs to (several tasks share one engine)
 
 
 class RequestRejected(Exception):
@@ -38,14 +40,16 @@ class Engine(Protocol):
     model_name: str
     capacity: int
 
-    def submit(self, req: Request) -> None: ...
+    def submit(
+        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+    ) -> None: ...
 
     def step(self) -> list[Finished]: ...
 
     @property
     def in_flight(self) -> int: ...
 
-    def abort(self, index: int) -> None: ...
+    def abort(self, index: int, tag: str = "") -> None: ...
 
     def abort_all(self) -> None: ...
 

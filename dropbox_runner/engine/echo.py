@@ -93,9 +93,12 @@ class EchoEngine:
     def in_flight(self) -> int:
         return len(self._due) + len(self._gated)
 
-    def submit(self, req: Request) -> None:
+    def submit(
+        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+    ) -> None:
         check_task(req, self.task, self.model_name)
         finished = self._answer(req)
+        finished.tag = tag
         if self.gate_on and self.gate_on in _prompt_text(req):
             self._gated.append(finished)
             return
@@ -171,10 +174,10 @@ class EchoEngine:
             done.append(heapq.heappop(self._due)[2])
         return done
 
-    def abort(self, index: int) -> None:
-        self._due = [d for d in self._due if d[2].index != index]
+    def abort(self, index: int, tag: str = "") -> None:
+        self._due = [d for d in self._due if (d[2].index, d[2].tag) != (index, tag)]
         heapq.heapify(self._due)
-        self._gated = [f for f in self._gated if f.index != index]
+        self._gated = [f for f in self._gated if (f.index, f.tag) != (index, tag)]
 
     def abort_all(self) -> None:
         self._due.clear()

@@ -15,12 +15,13 @@ from dropbox_runner.results.log import Marker, Recovery
 
 
 class ShardSink:
-    def __init__(self, total: int, start: int, end: int, send) -> None:
+    def __init__(self, total: int, start: int, end: int, send, task_id: str = "") -> None:
         self.done = bytearray(b"\x01") * total  # lines outside the shard are not this copy's
         self.done[start:end] = bytes(end - start)
         self.marker = Marker()
         self.path = f"shard {start}-{end}"
         self._send = send
+        self.task_id = task_id
         self._pending: list[list] = []
         self._lock = threading.Lock()
 
@@ -44,7 +45,7 @@ class ShardSink:
         with self._lock:
             records, self._pending = self._pending, []
         if records:
-            self._send(p.Results(records))
+            self._send(p.Results(records, self.task_id))
         return bool(records)
 
     def freeze(self) -> None:

@@ -98,6 +98,7 @@ class _Pending:
     req: Request
     parts: int
     prompt_tokens: int
+    tag: str = ""
     results: dict[int, Any] = field(default_factory=dict)
 
 
@@ -117,23 +118,28 @@ class VllmEngine(ScoringMixin):
         self.max_model_len = config.model_config.max_model_len
         # Two full batches in flight: one running, one waiting, so the scheduler never starves.
         self.capacity = 2 * config.scheduler_config.max_num_seqs
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[str, _Pending] = {}  # by "<task tag>:<line index>"
+        # vLLM serves the lower value first where the build schedules by priority: ours is negated
+        self.by_priority = getattr(config.scheduler_config, "policy", "fcfs") == "priority"
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
     # -- requests -> engine ---------------------------------------------------------------------
-    def submit(self, req: Request, prompts: list[list[int]] | None = None) -> None:
+    def submit(
+        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+    ) -> None:
         """Add a request; `prompts` are its token ids when the feed-ahead already made them."""
         from vllm.inputs import TokensPrompt
 
         check_task(req, self.task, self.model_name)
+        key = f"{tag}:{req.index}"  # unique across the tasks the process holds
         if req.kind in SCORING_KINDS:
             inputs = self._scoring_inputs(req, prompts)
-            self._pending[req.index] = _Pending(req, len(inputs), sum(len(ids) for ids, _ in inputs))
+            self._pending[key] = _Pending(req, len(inputs), sum(len(ids) for ids, _ in inputs), tag)
             for part, (ids, params) in enumerate(inputs):
-                self.engine.add_request(f"{req.index}:{part}", TokensPrompt(prompt_token_ids=ids), params)
+                self.engine.add_request(f"{key}:{part}", TokensPrompt(prompt_token_ids=ids), params)
             return
         if prompts is None:
             prompts = prompt_ids(self.tokenizer, req)
@@ -150,8 +156,9 @@ class VllmEngine(ScoringMixin):
         else:
             params = [self._sampling_params(req, len(ids)) for ids in prompts]
         n = 1 if req.kind == "embedding" else (req.body.get("n") or 1)
-        pending = _Pending(req, len(prompts) * n, pt)
-        self._pending[req.index] = pending
+        pending = _Pending(req, len(prompts) * n, pt, tag)
+        self._pending[key] = pending
+        extra = {"priority": -priority} if self.by_priority else {}
         part = 0
         for ids, p in zip(prompts, params, strict=True):
             for i in range(n):
@@ -159,7 +166,7 @@ class VllmEngine(ScoringMixin):
                     p = p.clone()
                     if p.seed is not None:
                         p.seed += i
-                self.engine.add_request(f"{req.index}:{part}", TokensPrompt(prompt_token_ids=ids), p)
+                self.engine.add_request(f"{key}:{part}", TokensPrompt(prompt_token_ids=ids), p, **extra)
                 part += 1
 
     def _pooling_params(self):
@@ -217,14 +224,16 @@ class VllmEngine(ScoringMixin):
         for out in self.engine.step():
             if not out.finished:
                 continue
-            index, _, part = out.request_id.partition(":")
-            pending = self._pending.get(int(index))
+            key, _, part = out.request_id.rpartition(":")
+            pending = self._pending.get(key)
             if pending is None:
                 continue
             pending.results[int(part)] = out
             if len(pending.results) == pending.parts:
-                del self._pending[int(index)]
-                done.append(self._finish(pending))
+                del self._pending[key]
+                finished = self._finish(pending)
+                finished.tag = pending.tag
+                done.append(finished)
         return done
 
     def _finish(self, p: _Pending) -> Finished:
@@ -309,13 +318,14 @@ class VllmEngine(ScoringMixin):
             "text_offset": offsets,
         }
 
-    def abort(self, index: int) -> None:
-        pending = self._pending.pop(index, None)
+    def abort(self, index: int, tag: str = "") -> None:
+        key = f"{tag}:{index}"
+        pending = self._pending.pop(key, None)
         if pending is not None:
-            self.engine.abort_request([f"{index}:{k}" for k in range(pending.parts)])
+            self.engine.abort_request([f"{key}:{k}" for k in range(pending.parts)])
 
     def abort_all(self) -> None:
-        ids = [f"{i}:{k}" for i, p in self._pending.items() for k in range(p.parts)]
+        ids = [f"{key}:{k}" for key, p in self._pending.items() for k in range(p.parts)]
         if ids:
             self.engine.abort_request(ids)
         self._pending.clear()

@@ -65,7 +65,13 @@ def _int(t: float | None) -> int | None:
 def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> dict[str, Any]:
     """The OpenAI-style batch object of a job."""
     models = {t.model: model_entry(spec, t, read_marker(journal.log_path(spec.id, t.model))) for t in tasks}
-    status = Status.FAILED if spec.rejected else job_status([t.status for t in tasks])
+    status = (
+        Status.FAILED
+        if spec.rejected
+        else job_status(
+            [Status.IN_PROGRESS if t.preemptions and t.status == Status.QUEUED else t.status for t in tasks]
+        )
+    )
     counts = {"total": 0, "completed": 0, "failed": 0}
     for entry in models.values():
         for k in counts:

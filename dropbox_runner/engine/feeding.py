@@ -1,0 +1,265 @@
+"""The feeding loop of a model process: every task it holds, one engine, one window.
+
+Each task keeps its own log (or a copy's shard sink), its own timeouts, cancel and outcome. Lines
+are chosen for the window by `fairness` (strict priority, then completion tokens group by group),
+and a window's worth is fed ordered by priority, adapter and prompt prefix. One committer thread
+makes every task's results durable each commit interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from dropbox_runner import protocol as p
+from dropbox_runner.engine.base import Engine, Finished, RequestRejected
+from dropbox_runner.engine.fairness import Fairness
+from dropbox_runner.engine.feedahead import FeedAhead, window_order
+from dropbox_runner.engine.taskrun import TaskRun
+from dropbox_runner.lines import Request
+
+log = logging.getLogger("dropbox_runner.worker")
+
+ENGINE_ERROR = "the engine raised an error on this request: {}"
+
+
+class Worker:
+    """Runs the tasks the daemon sends, together, until told to stop.
+
+    `lifeline` gives the commands (`commands`, a queue), holds the logs to freeze if the daemon dies
+    (`logs`) and ends the process group (`die`); `channel` takes events (`send`, `offer`).
+    """
+
+    def __init__(
+        self, engine: Engine, channel, lifeline, ahead: FeedAhead | None, group: bool = True
+    ) -> None:
+        self.engine, self.channel, self.lifeline, self.ahead = engine, channel, lifeline, ahead
+        self.group = group and ahead is not None  # grouping by prefix needs the token ids ahead
+        self.tasks: dict[str, TaskRun] = {}
+        self.fair = Fairness()
+        self.staged: deque[tuple[TaskRun, Request, Any, int]] = deque()  # composed, not yet fed
+        self.interval = 0.2
+        self.draining_until: float | None = None  # a stop with grace: no new line, in flight may end
+        self._stop = threading.Event()
+        self._tasks_lock = threading.Lock()
+        self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
+        self._committer.start()
+
+    # -- commands ----------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Until a Stop for the whole process; every task ends committed with its TaskDone."""
+        try:
+            while self._commands():
+                self._fill()
+                if self.engine.in_flight:
+                    self._collect()
+                for task in [t for t in self.tasks.values() if t.finished]:
+                    self._end(task, task.outcome)
+        finally:
+            self._stop.set()
+
+    def run_alone(self, order: p.TaskOrder) -> str:
+        """One task, then return its outcome (a Ray copy's shard)."""
+        self.lifeline.commands.put(p.Run(order))
+        outcome = "interrupted"
+        while self._commands(block=False) and (self.tasks or not self.lifeline.commands.empty()):
+            self._fill()
+            if self.engine.in_flight:
+                self._collect()
+            for task in [t for t in self.tasks.values() if t.finished]:
+                outcome = task.outcome
+                self._end(task, task.outcome)
+        self._stop.set()
+        return outcome
+
+    def _commands(self, block: bool = True) -> bool:
+        """Carry out the commands that arrived; False once the process is to stop."""
+        idle = block and not self.tasks and not self.engine.in_flight
+        while True:
+            try:
+                cmd = self.lifeline.commands.get(timeout=1.0) if idle else self.lifeline.commands.get_nowait()
+            except queue.Empty:
+                return self._drained()
+            idle = False
+            if isinstance(cmd, p.Run):
+                self._add(cmd.task)
+            elif isinstance(cmd, p.Cancel):
+                for task in self._named(cmd.task_id):
+                    self._end(task, "cancelled", abort=True)
+            elif isinstance(cmd, p.Stop) and cmd.task_id:
+                for task in self._named(cmd.task_id):
+                    self._end(task, "interrupted", abort=True)
+            elif isinstance(cmd, p.Stop):
+                if cmd.grace_seconds > 0 and self.engine.in_flight:
+                    self.draining_until = time.monotonic() + cmd.grace_seconds
+                    self.staged.clear()
+                    continue
+                self._stop_all()
+                return False
+
+    def _drained(self) -> bool:
+        """During a stop with grace: True while requests in flight may still finish."""
+        if self.draining_until is None:
+            return True
+        if self.engine.in_flight and time.monotonic() < self.draining_until:
+            return True
+        self._stop_all()
+        return False
+
+    def _stop_all(self) -> None:
+        for task in list(self.tasks.values()):
+            self._end(task, "interrupted", abort=True)
+
+    def _named(self, task_id: str) -> list[TaskRun]:
+        if not task_id:
+            return list(self.tasks.values())
+        return [self.tasks[task_id]] if task_id in self.tasks else []
+
+    def _add(self, order: p.TaskOrder) -> None:
+        if order.task_id in self.tasks:
+            return  # sent again (the process was reloaded): it runs already
+        task = TaskRun(order)
+        self.interval = order.commit_interval_ms / 1000
+        resumed = task.open(self.channel.send)
+        self.lifeline.logs.add(task.log)
+        self.channel.send(resumed)
+        with self._tasks_lock:
+            self.tasks[task.key] = task
+
+    def _end(self, task: TaskRun, outcome: str, abort: bool = False) -> None:
+        if abort:
+            for index in list(task.in_flight):
+                self.engine.abort(index, task.key)  # only this task's requests
+            task.in_flight.clear()
+            task.started.clear()
+            task.exhausted = True
+            self.fair.forget(task.share)
+            self.staged = deque(s for s in self.staged if s[0] is not task)
+        with self._tasks_lock:
+            self.tasks.pop(task.key, None)
+        if self.ahead is not None:
+            prepared = self.ahead.remove(task.key)
+            if prepared:
+                log.info("feed-ahead prepared %d lines of %s", prepared, task.key)
+        self._commit(task)
+        self.lifeline.logs.discard(task.log)
+        task.log.close()
+        if task.order.shard is None:
+            self.channel.send(task.progress())
+        self.channel.send(p.TaskDone(outcome, task.key))
+
+    # -- commits -----------------------------------------------------------------------------------
+    def _commit(self, task: TaskRun) -> bool:
+        try:
+            return task.log.commit()
+        except OSError as exc:  # disk full, I/O error: what is committed stays; stop here
+            self.channel.send(p.IoError(f"cannot write {task.log.path}: {exc.strerror or exc}", task.key))
+            self.lifeline.die()
+            return False
+
+    def _commit_loop(self) -> None:
+        deadline = time.monotonic() + self.interval
+        # The next commit is due one interval after the start of the last, not after its end.
+        while not self._stop.wait(max(0.0, deadline - time.monotonic())):
+            deadline = time.monotonic() + self.interval
+            with self._tasks_lock:
+                tasks = list(self.tasks.values())
+            for task in tasks:
+                if self._commit(task) and task.order.shard is None:
+                    self.channel.offer(task.progress())
+
+    # -- feeding -----------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        """Feed staged lines while the window has room; compose the next window when none is staged."""
+        if self.draining_until is not None:
+            return
+        while True:
+            if not self.staged and not self._compose():
+                return
+            task, req, ids, window = self.staged[0]
+            if self.engine.in_flight >= window:
+                return
+            self.staged.popleft()
+            if window == 1:
+                self.channel.send(p.Running(req.index, task.key))
+            self._submit(task, req, ids)
+
+    def _compose(self) -> bool:
+        """Stage the next lines; False if none can be staged now."""
+        for task in self.tasks.values():
+            if not task.alone:
+                continue
+            req = task.peek()
+            if self.engine.in_flight:
+                return False  # the line run alone ends before any other starts
+            if req is None or req.index > task.order.isolate_until:
+                task.alone = False
+                self.channel.send(p.Running(None, task.key))
+                continue
+            self.fair.fed(task.share, req.index)
+            self.staged.append((task, task.take(), None, 1))
+            return True
+        size = self.engine.capacity if self.group else 1
+        batch = []
+        while len(batch) < size:
+            share = self.fair.choose(t.share for t in self.tasks.values() if t.peek() is not None)
+            if share is None:
+                break
+            task = self.tasks[share.key]
+            req = task.take()
+            self.fair.fed(share, req.index)
+            ids = self.ahead.take(task.key, req.index) if self.ahead is not None else None
+            batch.append((task, req, ids))
+        if len(batch) > 1 and self.group:
+            batch.sort(key=lambda item: window_order((item[0].share.priority, item[0].order.model, item[2])))
+        self.staged.extend((task, req, ids, self.engine.capacity) for task, req, ids in batch)
+        return bool(batch)
+
+    def _submit(self, task: TaskRun, req: Request, ids: list[list[int]] | None) -> None:
+        task.log.fed(req.index)
+        try:
+            self.engine.submit(req, ids, tag=task.key, priority=task.share.priority)
+        except RequestRejected as exc:
+            error = {"message": str(exc), "param": exc.param, "code": "invalid_request"}
+            self._finished(task, Finished(req.index, req.custom_id, 400, error=error, tag=task.key))
+            return
+        except Exception as exc:  # the engine's own fault for this request: it fails alone
+            log.exception("request %s raised in the engine", req.custom_id)
+            message = ENGINE_ERROR.format(f"{type(exc).__name__}: {exc}"[:300])
+            error = {"message": message, "param": None, "code": "engine_error", "type": "server_error"}
+            self._finished(task, Finished(req.index, req.custom_id, 500, error=error, tag=task.key))
+            return
+        task.in_flight.add(req.index)
+        if task.timeout is not None:  # only timed requests need their start time
+            task.started[req.index] = (time.monotonic(), req.custom_id)
+
+    def _finished(self, task: TaskRun, fin: Finished) -> None:
+        task.in_flight.discard(fin.index)
+        self.fair.finished(task.share, fin.index, fin.completion_tokens)
+        task.record(fin)
+
+    def _collect(self) -> None:
+        for fin in self.engine.step():
+            task = self.tasks.get(fin.tag)
+            if task is not None:  # else its task was cancelled or gave up its slot
+                self._finished(task, fin)
+        now = time.monotonic()
+        for task in self.tasks.values():
+            if task.timeout is not None:
+                self._expire(task, now - task.timeout)
+
+    def _expire(self, task: TaskRun, cutoff: float) -> None:
+        """Fail alone every request of the task handed to the engine before `cutoff` (oldest first)."""
+        while task.started:
+            index, (t0, custom_id) = next(iter(task.started.items()))
+            if t0 > cutoff:
+                return
+            self.engine.abort(index, task.key)
+            task.in_flight.discard(index)
+            self.fair.finished(task.share, index, 0)
+            message = f"the request ran longer than request_timeout_seconds ({task.timeout:g} s)"
+            task.record_failure(index, custom_id, "request_timeout", message)
