@@ -71,6 +71,7 @@ def announce_one(root: Path, status: str = "completed") -> Path:
             "output_folder": "x",
             "request_counts": {"total": 1, "completed": 1, "failed": 0},
         },
+        hooks=[Webhook(url="http://127.0.0.1:9/any", secret=SECRET)],  # some receiver takes it: journaled
     )
     return next((root / "state/webhooks").glob("evt_*.json"))
 
