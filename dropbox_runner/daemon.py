@@ -108,7 +108,7 @@ class Daemon:
     def _check_models(self) -> None:
         """Say which models cannot run here, and why (the packaged ones are built when first loaded)."""
         for name, model in self.registry.models.items():
-            problem = model_problem(self.layout.root, name, model)
+            problem = model_problem(self.layout.root, name, model, self.registry)
             if problem:
                 self.model_problems[name] = problem
                 log.warning(
@@ -258,7 +258,10 @@ class Daemon:
 
     def _start_next(self) -> bool:
         choice = scheduler.pick(
-            self.journal.queued(), self.execution.loaded_model, self.settings.max_swap_delay_seconds
+            self.journal.queued(),
+            self.execution.loaded_model,
+            self.settings.max_swap_delay_seconds,
+            base_of=self.registry.base_of,
         )
         if choice is None:
             return False

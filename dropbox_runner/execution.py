@@ -12,7 +12,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import crashes
+from dropbox_runner import adapters, crashes
 from dropbox_runner import protocol as p
 from dropbox_runner.config import EngineKind, ModelConfig, Registry, model_problem, resolve_model_path
 from dropbox_runner.history import History
@@ -73,19 +73,25 @@ class Execution:
             self.finish(Status.COMPLETED)
             return
         log.info("next: %s (%s) on %s: %s", spec.name, spec.id, task.model, choice.reason)
-        config = self.registry.models[task.model]
+        serving = self.registry.base_of(task.model)  # an adapter runs in its base's process
+        if serving != task.model:
+            problem = adapters.adapter_problem(self.layout.root, self.registry, task.model)
+            if problem:
+                self._fail_model(task.model, f"the adapter {task.model} cannot run here: {problem}")
+                return
+        config = self.registry.models[serving]
         if config.replicas > 1 or config.executor == "ray":
             self._start_copies(config)
             return
-        if self.proc is not None and (self.proc.name != task.model or not self.proc.alive()):
+        if self.proc is not None and (self.proc.name != serving or not self.proc.alive()):
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
-            self._load(task.model)
+            self._load(serving)
         if self.proc is not None and self.task is not None:
             self._send_run()  # while it loads, too: the model process prepares the lines meanwhile
 
     def _load(self, model: str) -> None:
-        config = self.registry.models[model]
+        config = adapters.serving_config(self.layout.root, self.registry, model)
         problem = model_problem(self.layout.root, model, config)
         if config.engine == EngineKind.VLLM and problem is None:
             folder = resolve_model_path(self.layout.root, config)
@@ -139,7 +145,7 @@ class Execution:
 
     def _order(self) -> p.TaskOrder:
         task, spec = self.task, self.spec
-        model = self.registry.models[task.model]
+        model = adapters.effective_config(self.registry, task.model)
         timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
         return p.TaskOrder(
             job_id=spec.id,
@@ -226,7 +232,9 @@ class Execution:
             self._progress(ev)
         elif isinstance(ev, p.TaskDone):
             outcome = {"completed": Status.COMPLETED, "cancelled": self.cancel_outcome}.get(ev.outcome)
-            if outcome is None:
+            if ev.outcome == "failed":  # the engine refused the task's adapter: its tasks fail alone
+                self._fail_model(task.model, f"the adapter {task.model} cannot run here: {ev.error}")
+            elif outcome is None:
                 self.requeue("the daemon is stopping")
             else:
                 self.finish(outcome)
@@ -329,10 +337,11 @@ class Execution:
     def _fail_model(self, model: str, message: str) -> None:
         """Fail the running task and every queued task of a model that cannot run; the queue moves on."""
         log.error("failing the tasks of %s: %s", model, message)
-        if self.task is not None and self.task.model == model:
+        served = {model, *self.registry.adapters_of(model)}  # a base that cannot run fails its adapters
+        if self.task is not None and self.task.model in served:
             self.finish(Status.FAILED, message)
         for _, job_id, m in self.journal.queued():
-            if m == model:
+            if m in served:
                 spec = self.journal.spec(job_id)
                 self.jobs.finalized(spec, self.journal.task(job_id, m), Status.FAILED, message)
 

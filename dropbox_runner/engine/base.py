@@ -37,7 +37,11 @@ class Engine(Protocol):
     model_name: str
     capacity: int
 
-    def submit(self, req: Request) -> None: ...
+    def submit(self, req: Request, prompts: list[list[int]] | None = None, model: str | None = None) -> None:
+        """`model`: the engine's own model (None) or one of the LoRA adapters it was started with."""
+
+    def refuses(self, model: str) -> str | None:
+        """Why this engine cannot answer for `model` (an adapter it cannot load), or None."""
 
     def step(self) -> list[Finished]: ...
 

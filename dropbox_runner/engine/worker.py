@@ -151,11 +151,11 @@ def make_engine(spec: p.Start) -> Engine:
     if spec.engine == "echo":
         from dropbox_runner.engine.echo import EchoEngine
 
-        return EchoEngine(spec.model, spec.engine_args)
+        return EchoEngine(spec.model, spec.engine_args, spec.adapters)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
     build_if_missing(spec)
-    return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args)
+    return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args, spec.adapters)
 
 
 def load_failure_reason(exc: BaseException) -> str:
@@ -323,7 +323,7 @@ class TaskRun:
 
     def _submit(self, req: Request, ids: list[list[int]] | None = None) -> None:
         try:
-            self.engine.submit(req, ids) if ids is not None else self.engine.submit(req)
+            self.engine.submit(req, ids, model=self.task.model)  # the task's model: the base or an adapter
         except RequestRejected as exc:
             error = {"message": str(exc), "param": exc.param, "code": "invalid_request"}
             self._record(Finished(req.index, req.custom_id, 400, error=error))
@@ -419,6 +419,12 @@ def serve(channel: Channel, lifeline: Lifeline, spec: p.Start) -> int:
             return 0
         if isinstance(cmd, p.Run):
             ahead = lifeline.feed_ahead_for(cmd.task)
+            refused = engine.refuses(cmd.task.model)  # an adapter the engine cannot serve fails its task
+            if refused is not None:
+                if ahead is not None:
+                    ahead.stop()
+                channel.send(p.TaskDone("failed", refused[:600]))
+                continue
             group = spec.feed_order == "prefix"
             outcome = TaskRun(engine, cmd.task, channel, lifeline, ahead, group).run()
             if ahead is not None:
