@@ -26,6 +26,8 @@ demo: install
 	$(BIN)/dropbox-runner submit examples/smollm2/questions.jsonl --model smollm2
 	cp examples/compare.manifest.json examples/compare.jsonl inbox/
 	cp examples/minilm/sentences.jsonl inbox/minilm/
+	$(PY) examples/lora/make_adapters.py
+	cp examples/lora/fine-tunes.manifest.json examples/lora/fine-tunes.jsonl inbox/
 	$(BIN)/dropbox-runner run --once
 	$(BIN)/dropbox-runner status
 	@echo
