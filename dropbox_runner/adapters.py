@@ -21,7 +21,12 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 def adapter_folder(root: Path, model: ModelConfig) -> Path:
     """The adapter's folder: a path relative to the root, or absolute (`~` expanded)."""
-    return (root / (model.adapter or "")).expanduser()
+    path = Path(model.adapter or "")
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # an unknown ~user: the folder check then says it does not exist
+        pass
+    return root / path
 
 
 def adapter_rank(folder: Path) -> int | str:
@@ -131,7 +136,7 @@ def folder_digest(folder: Path) -> str:
     h = blake2b(digest_size=12)
     try:
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-    except OSError:
+    except (OSError, ValueError):  # missing, unreadable, a NUL byte in the name
         files = []
     for path in files:
         h.update(str(path.relative_to(folder)).encode() + b"\0")
