@@ -37,6 +37,7 @@ class Execution:
         self.jobs, self.journal, self.layout, self.history = jobs, jobs.journal, jobs.layout, history
         self.registry, self.settings = registry, registry.settings
         self.proc: ModelProcess | None = None
+        self.answers_for: set[str] = set()  # the running process's model and the adapters it was started with
         self.task: TaskRecord | None = None
         self.spec: JobSpec | None = None
         self.sent = False  # the task was handed to the model process
@@ -83,7 +84,9 @@ class Execution:
         if config.replicas > 1 or config.executor == "ray":
             self._start_copies(config)
             return
-        if self.proc is not None and (self.proc.name != serving or not self.proc.alive()):
+        if self.proc is not None and (
+            self.proc.name != serving or not self.proc.alive() or task.model not in self.answers_for
+        ):  # an adapter made after its base started needs the base started again
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
             self._load(serving)
@@ -104,6 +107,7 @@ class Execution:
             config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
         log.info("loading %s", model)
         self.proc = ModelProcess(self.layout, model, config)
+        self.answers_for = {model, *config.lora_adapters}
 
     def end_model(self, why: str) -> None:
         proc, self.proc = self.proc, None

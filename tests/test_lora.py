@@ -219,3 +219,21 @@ def test_models_check_names_a_bad_adapter(lroot: Path) -> None:
     assert "LoRA adapter of base" in lines["sql"] and lines["sql"].endswith("ok")
     assert "FAIL" in lines["ghost"] and "does not exist" in lines["ghost"]
     assert "FAIL" not in lines["base"]
+
+
+def test_an_adapter_made_after_its_base_started_restarts_the_base_for_it(lroot: Path) -> None:
+    import shutil
+
+    shutil.rmtree(lroot / "adapters/chat")
+    d = Daemon(lroot)
+    try:
+        write_jsonl(lroot / "inbox/base/first.jsonl", [chat_line(0)])
+        wait_for(lambda: finished(lroot, "first"), what="the base's job")
+        fake_adapter(lroot / "adapters/chat")
+        write_jsonl(lroot / "inbox/chat/second.jsonl", [chat_line(0)])
+        wait_for(lambda: finished(lroot, "second"), what="the adapter's job")
+    finally:
+        d.kill(signal.SIGTERM)
+    body = read_jsonl(lroot / "outbox/second/chat.jsonl")[0]["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == "echo[chat]: question number"
+    assert d.output().count("loading base") == 2

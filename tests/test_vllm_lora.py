@@ -13,7 +13,6 @@ import pytest
 from dropbox_runner.engine import tinymodels
 
 from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
-from lora_kit import random_adapter
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -37,27 +36,35 @@ print("REFERENCE" + json.dumps(out))
 """
 
 
-def test_each_adapters_greedy_text_equals_vllms_own_lora_chat(tmp_path: Path) -> None:
+def test_each_adapters_greedy_text_equals_vllms_own_lora_chat_and_a_refused_one_fails_alone(
+    tmp_path: Path,
+) -> None:
     base = tinymodels.build(REPO / "models", "tiny-llama")
     root = tmp_path / "root"
     folders = {
-        name: str(random_adapter(base, root / "adapters" / name, seed))
+        name: str(tinymodels.random_lora(base, root / "adapters" / name, seed))
         for name, seed in (("a1", 1), ("a2", 2))
     }
+    # Rank 16 over the base's max_lora_rank of 8: vLLM itself refuses it when the model process loads it.
+    tinymodels.random_lora(base, root / "adapters/wide", 3, rank=16)
     models = {
         "tiny-llama": {
             "path": str(base),
-            "engine_args": ARGS,
+            "engine_args": {**ARGS, "max_lora_rank": 8, "max_loras": 2},
             "defaults": {"temperature": 0, "max_tokens": 16},
         },
-        **{name: {"base": "tiny-llama", "adapter": f"adapters/{name}"} for name in folders},
+        **{name: {"base": "tiny-llama", "adapter": f"adapters/{name}"} for name in [*folders, "wide"]},
     }
     (root / "models.yaml").write_text(json.dumps({"settings": {"settle_seconds": 0.2}, "models": models}))
     write_jsonl(root / "inbox/cmp.jsonl", [chat_line(i, q) for i, q in enumerate(QUESTIONS)])
-    (root / "inbox/cmp.manifest.json").write_text(json.dumps({"models": ["tiny-llama", "a1", "a2"]}))
+    manifest = {"models": ["tiny-llama", "a1", "wide", "a2"]}
+    (root / "inbox/cmp.manifest.json").write_text(json.dumps(manifest))
     proc = run_once(root, timeout=900, env={"HF_HUB_OFFLINE": "1"})
-    assert proc.stderr.count("loading tiny-llama") == 1, "one load for the base and both adapters"
-    assert batch_json(root, "cmp")["status"] == "completed", batch_json(root, "cmp")
+    assert proc.stderr.count("loading tiny-llama") == 1, "one load for the base and its adapters"
+    batch = batch_json(root, "cmp")
+    assert [batch["models"][m]["status"] for m in ("tiny-llama", "a1", "a2")] == ["completed"] * 3, batch
+    assert batch["models"]["wide"]["status"] == "failed"
+    assert "vLLM cannot serve this adapter" in batch["models"]["wide"]["error"], batch["models"]["wide"]
     text = {
         m: [
             x["response"]["body"]["choices"][0]["message"]["content"]
