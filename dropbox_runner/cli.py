@@ -387,11 +387,15 @@ def models(layout: Layout, check: bool) -> None:
     failed = 0
     for name, m in registry.models.items():
         line = f"{name:<20} engine={m.engine.value:<5} task={m.task.value:<8} path={m.path or '-'}"
+        if m.base is not None:
+            line = f"{name:<20} LoRA adapter of {m.base}: {m.adapter}"
         if check:
-            problem = model_problem(layout.root, name, m)
+            problem = model_problem(layout.root, name, m, registry)
             if problem:
                 failed += 1
                 line += f"  FAIL: {problem}"
+            elif m.base is not None:
+                line += "  ok"
             else:
                 resolved = resolve_model_path(layout.root, m)
                 folder = Path(resolved) if resolved else None

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from dropbox_runner import plainyaml
 from dropbox_runner.errors import ConfigError
@@ -137,6 +137,15 @@ class ModelConfig(BaseModel):
     # prefix: each window of lines is fed grouped by prompt prefix (the prefix cache serves them);
     # input: fed in input order. Results and their order are the same either way.
     feed_order: Literal["prefix", "input"] = "prefix"
+    # An adapter entry (section 13): the model of this file whose process serves it, and its PEFT folder.
+    base: str | None = None
+    adapter: str | None = None
+    _adapters: dict[str, str] = PrivateAttr(default_factory=dict)  # set on a base's serving config
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The adapters this (serving) config's process answers for: name -> folder (adapters.py)."""
+        return self._adapters
 
     def fingerprint(self) -> str:
         """A digest of everything in this entry that changes results (for dedupe)."""
@@ -151,6 +160,14 @@ class Registry(BaseModel):
 
     settings: Settings = Field(default_factory=Settings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    def base_of(self, name: str) -> str:
+        """The model whose process serves `name`: an adapter's base, else the model itself."""
+        model = self.models.get(name)
+        return model.base if model is not None and model.base is not None else name
+
+    def adapters_of(self, base: str) -> list[str]:
+        return [name for name, m in self.models.items() if m.base == base]
 
 
 def resolve_model_path(root: Path, model: ModelConfig) -> str | None:
@@ -235,6 +252,9 @@ def check_model_entry(name: str, model: ModelConfig) -> None:
     problem = check_defaults(model.defaults)
     if problem:
         raise ConfigError(f"models.{name}.defaults: {problem}.")
+    if model.base is not None or model.adapter is not None:
+        check_adapter_entry(name, model)
+        return
     if model.engine == EngineKind.ECHO:
         unknown = set(model.engine_args) - ECHO_ARGS
         if unknown:
@@ -246,6 +266,24 @@ def check_model_entry(name: str, model: ModelConfig) -> None:
         raise ConfigError(f"models.{name}.path: missing; a vllm model needs a folder or hub id.")
 
 
+ADAPTER_KEYS = frozenset({"base", "adapter", "defaults", "request_timeout_seconds"})
+
+
+def check_adapter_entry(name: str, model: ModelConfig) -> None:
+    """The form of an adapter entry. What depends on the base or the folder is adapters.adapter_problem's:
+    such an adapter fails its own tasks, and the daemon runs the rest."""
+    if not model.base:
+        raise ConfigError(f"models.{name}.base: missing; an adapter entry names the model it adapts.")
+    if not model.adapter:
+        raise ConfigError(f"models.{name}.adapter: missing; an adapter entry names its PEFT LoRA folder.")
+    extra = sorted(model.model_fields_set - ADAPTER_KEYS)
+    if extra:
+        raise ConfigError(
+            f"models.{name}.{extra[0]}: an adapter entry takes only base, adapter, defaults and "
+            "request_timeout_seconds (its base's entry says how the model loads)."
+        )
+
+
 def check_copies(name: str, model: ModelConfig) -> None:
     if model.devices is not None and len(model.devices) != model.replicas:
         raise ConfigError(
@@ -253,9 +291,15 @@ def check_copies(name: str, model: ModelConfig) -> None:
         )
 
 
-def model_problem(root: Path, name: str, model: ModelConfig) -> str | None:
-    """A sentence saying why this entry cannot load on this machine, or None (without loading it)."""
+def model_problem(root: Path, name: str, model: ModelConfig, registry: Registry | None = None) -> str | None:
+    """A sentence saying why this entry cannot load on this machine, or None (without loading it).
+    An adapter entry is checked against its base, so it needs the registry."""
     from dropbox_runner.memory import fit_problem
+
+    if model.base is not None:
+        from dropbox_runner.adapters import adapter_problem
+
+        return adapter_problem(root, registry or Registry(models={name: model}), name)
 
     if model.executor == "ray" and importlib.util.find_spec("ray") is None:
         return "executor: ray needs Ray (pip install 'dropbox-runner[ray]')"

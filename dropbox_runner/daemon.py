@@ -115,7 +115,7 @@ class Daemon:
     def _check_models(self) -> None:
         """Say which models cannot run here, and why (the packaged ones are built when first loaded)."""
         for name, model in self.registry.models.items():
-            problem = model_problem(self.layout.root, name, model)
+            problem = model_problem(self.layout.root, name, model, self.registry)
             if problem:
                 self.model_problems[name] = problem
                 log.warning(
@@ -273,7 +273,10 @@ class Daemon:
     def _start_next(self) -> bool:
         choice, self.execution.next_choice = self.execution.next_choice, None  # a preemptor goes first
         choice = choice or scheduler.pick(
-            self.journal.queued(), self.execution.loaded_model, self.settings.max_swap_delay_seconds
+            self.journal.queued(),
+            self.execution.loaded_model,
+            self.settings.max_swap_delay_seconds,
+            base_of=self.registry.base_of,
         )
         if choice is None:
             return False
@@ -293,7 +296,7 @@ class Daemon:
         if not queued:
             return
         solo = bool(ex.solo & set(ex.running))  # a task suspected by a crash runs alone
-        queued = [e for e in queued if e[2] != ex.proc.name or f"{e[1]}/{e[2]}" not in ex.solo]
+        queued = [e for e in queued if f"{e[1]}/{e[2]}" not in ex.solo]
         held = [
             scheduler.Held(r.task.queue_key, r.key, r.group, bool(r.leaving)) for r in ex.running.values()
         ]
@@ -308,6 +311,8 @@ class Daemon:
             loaded_for=time.monotonic() - ex.proc.started_at,
             runnable=set(self.registry.models) - set(self.model_problems),
             back_since=ex.back_since,
+            # an adapter the process was started with joins it; one made since needs a new process
+            base_of=lambda m: self.registry.base_of(m) if m in ex.answers_for else m,
         )
         if decision.preempt:
             ex.preempt(decision.preempt, decision.admit)

@@ -1,7 +1,7 @@
 """Dedupe: a drop whose results are already known is republished instead of run again.
 
 The key covers everything that decides results: the bytes, the models, the manifest's defaults
-and each model's entry in models.yaml. Results are copied, never shared: a retry of the earlier
+and each model's entry in models.yaml (an adapter's: its base's, its own and its folder's files). Results are copied, never shared: a retry of the earlier
 job must not change the later one.
 """
 
@@ -9,13 +9,32 @@ from __future__ import annotations
 
 import logging
 from hashlib import blake2b
+from pathlib import Path
 
 import orjson
 
+from dropbox_runner.adapters import adapter_folder, folder_digest
+from dropbox_runner.config import Registry
 from dropbox_runner.fsutil import copy_atomic, read_json_or_none, write_json
 from dropbox_runner.journal import JobSpec, Journal
 
 log = logging.getLogger("dropbox_runner.dedupe")
+
+
+def fingerprints(registry: Registry, root: Path, models: list[str]) -> dict[str, str]:
+    """What decides each model's results, as a digest: its entry; for an adapter, its base's entry,
+    its own, and the bytes of every file in its folder (new weights run again)."""
+    out = {}
+    for name in models:
+        model = registry.models[name]
+        base = registry.models.get(model.base) if model.base is not None else None
+        if model.base is None:
+            out[name] = model.fingerprint()
+            continue
+        parts = [base.fingerprint() if base else None, model.fingerprint()]
+        parts.append(folder_digest(adapter_folder(root, model)))
+        out[name] = blake2b(orjson.dumps(parts), digest_size=12).hexdigest()
+    return out
 
 
 def dedupe_key(spec: JobSpec) -> str:

@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dropbox_runner import adapters
 from dropbox_runner import protocol as p
 from dropbox_runner.config import EngineKind, ModelConfig, Registry, model_problem, resolve_model_path
 from dropbox_runner.history import History
@@ -36,6 +37,7 @@ class Execution(SlotFailures):
         self.registry, self.settings = registry, registry.settings
         self.proc: ModelProcess | None = None
         self.running: dict[str, SlotTask] = {}  # by task id: the tasks the model process holds
+        self.answers_for: set[str] = set()  # the running process's model and the adapters it was started with
         self.sharded: ShardedRun | None = None  # the running task's copies, when it has several
         self.memory_retry: dict[str, float] = {}
         self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
@@ -86,19 +88,27 @@ class Execution(SlotFailures):
             return
         shared = f", sharing with {len(self.running) - 1} other tasks" if len(self.running) > 1 else ""
         log.info("next: %s (%s) on %s: %s%s", spec.name, spec.id, task.model, choice.reason, shared)
-        config = self.registry.models[task.model]
+        serving = self.registry.base_of(task.model)  # an adapter runs in its base's process
+        if serving != task.model:
+            problem = adapters.adapter_problem(self.layout.root, self.registry, task.model)
+            if problem:
+                self._fail_model(task.model, f"the adapter {task.model} cannot run here: {problem}")
+                return
+        config = self.registry.models[serving]
         if config.replicas > 1 or config.executor == "ray":
             self._start_copies(run, config)
             return
-        if self.proc is not None and (self.proc.name != task.model or not self.proc.alive()):
+        if self.proc is not None and (
+            self.proc.name != serving or not self.proc.alive() or task.model not in self.answers_for
+        ):  # an adapter made after its base started needs the base started again
             self.end_model(f"{task.model} is needed next")
         if self.proc is None:
-            self._load(task.model)
+            self._load(serving)
         if self.proc is not None and run.key in self.running and not run.sent:
             run.sent = self.proc.send(p.Run(self._order(run)))  # while it loads too: lines get prepared
 
     def _load(self, model: str) -> None:
-        config = self.registry.models[model]
+        config = adapters.serving_config(self.layout.root, self.registry, model)
         problem = model_problem(self.layout.root, model, config)
         if config.engine == EngineKind.VLLM and problem is None:
             folder = resolve_model_path(self.layout.root, config)
@@ -111,8 +121,9 @@ class Execution(SlotFailures):
             config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
         log.info("loading %s", model)
         self.proc = ModelProcess(self.layout, model, config)
+        self.answers_for = {model, *config.lora_adapters}
         for run in self.running.values():  # tasks of a process that was reloaded (memory retry)
-            if run.task.model == model and not run.sent:
+            if self.registry.base_of(run.task.model) == model and not run.sent:
                 run.sent = self.proc.send(p.Run(self._order(run)))
 
     def end_model(self, why: str) -> None:
@@ -158,7 +169,7 @@ class Execution(SlotFailures):
 
     def _order(self, run: SlotTask) -> p.TaskOrder:
         task, spec = run.task, run.spec
-        model = self.registry.models[task.model]
+        model = adapters.effective_config(self.registry, task.model)
         timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
         return p.TaskOrder(
             job_id=spec.id,
@@ -265,7 +276,10 @@ class Execution(SlotFailures):
         elif isinstance(ev, p.Progress):
             self._progress(run, ev)
         elif isinstance(ev, p.TaskDone):
-            self._task_done(run, ev.outcome)
+            if ev.outcome == "failed":  # the engine refused the task's adapter: its tasks fail alone
+                self._fail_model(run.task.model, f"the adapter {run.task.model} cannot run here: {ev.error}")
+            else:
+                self._task_done(run, ev.outcome)
 
     def _task_done(self, run: SlotTask, outcome: str) -> None:
         final = {"completed": Status.COMPLETED, "cancelled": run.cancel_outcome}.get(outcome)

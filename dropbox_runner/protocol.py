@@ -41,6 +41,7 @@ class Start(Message):
     engine_args: dict[str, Any]
     build: str | None = None  # a packaged model to build into `path` before loading (first use)
     feed_order: str = "prefix"  # prefix: windows fed grouped by prompt prefix; input: in input order
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters it answers for: name -> folder
 
 
 @dataclass(slots=True)
@@ -157,8 +158,9 @@ class IoError(Message):
 class TaskDone(Message):
     """The task ended: completed, cancelled, or interrupted (the daemon is stopping)."""
 
-    outcome: str  # completed | cancelled | interrupted
+    outcome: str  # completed | cancelled | interrupted | failed (the engine refused the task's adapter)
     task_id: str = ""
+    error: str | None = None  # why it failed
 
 
 COMMANDS: dict[str, type[Message]] = {c.tag: c for c in (Start, Run, Cancel, Stop)}

@@ -3,13 +3,14 @@ and, while a model process runs, which queued task joins it, which gives its slo
 another model preempts it.
 
 Preferring the loaded model saves model swaps; no task waits more than `max_swap_delay_seconds`
-behind later work because of it.
+behind later work because of it. A LoRA adapter's task is its base's work: `base_of` maps it.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -27,13 +28,17 @@ def queued_at(key: str) -> float:
 
 
 def pick(
-    entries: list[tuple[str, str, str]], loaded: str | None, max_delay: float, now: float | None = None
+    entries: list[tuple[str, str, str]],
+    loaded: str | None,
+    max_delay: float,
+    now: float | None = None,
+    base_of: Callable[[str], str] = str,
 ) -> Choice | None:
     if not entries:
         return None
     now = time.time() if now is None else now
     head = entries[0]
-    if loaded is None or head[2] == loaded:
+    if loaded is None or base_of(head[2]) == loaded:
         return Choice(*head, reason="first in line")
     waited = now - queued_at(head[0])
     if waited >= max_delay:
@@ -42,7 +47,7 @@ def pick(
     for entry in entries[1:]:
         if entry[0].split("-", 1)[0] != rank:
             break
-        if entry[2] == loaded:
+        if base_of(entry[2]) == loaded:
             return Choice(
                 *entry, reason=f"{loaded} is loaded; {head[1]}/{head[2]} waits ({waited:.0f}s so far)"
             )
@@ -85,6 +90,7 @@ def admission(
     runnable: set[str],
     back_since: dict[str, float] | None = None,
     now: float | None = None,
+    base_of: Callable[[str], str] = str,
 ) -> Admission:
     """What the loaded process does next with the queue (CONTRACT section 12): preempt for another
     model, admit a task of its own model, take a slot back from one, or nothing.
@@ -96,7 +102,7 @@ def admission(
     now = time.time() if now is None else now
     top = min(rank(h.key) for h in held)
     for key, job_id, model in queued:
-        if model == loaded or model not in runnable or rank(key) > top:
+        if base_of(model) == loaded or model not in runnable or rank(key) > top:
             continue
         waited = now - max(queued_at(key), (back_since or {}).get(key, 0.0))
         higher = rank(key) < top
@@ -113,7 +119,7 @@ def admission(
         if waited >= max_delay:
             return Admission(reason=f"{job_id}/{model} has waited {waited:.0f}s: {loaded} takes no new task")
         break
-    mine = [e for e in queued if e[2] == loaded]
+    mine = [e for e in queued if base_of(e[2]) == loaded]  # an adapter's task is its base's work
     if not mine:
         return Admission()
     running_in = Counter(h.group for h in held if not h.leaving)

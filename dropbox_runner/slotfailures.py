@@ -40,10 +40,11 @@ class SlotFailures:
     def _fail_model(self, model: str, message: str) -> None:
         """Fail the running tasks and every queued task of a model that cannot run; the queue moves on."""
         log.error("failing the tasks of %s: %s", model, message)
-        for run in [r for r in self.running.values() if r.task.model == model]:
+        served = {model, *self.registry.adapters_of(model)}  # a base that cannot run fails its adapters
+        for run in [r for r in self.running.values() if r.task.model in served]:
             self.finish(run, Status.FAILED, message)
         for _, job_id, m in self.journal.queued():
-            if m == model:
+            if m in served:
                 spec = self.journal.spec(job_id)
                 self.jobs.finalized(spec, self.journal.task(job_id, m), Status.FAILED, message)
 

@@ -32,6 +32,7 @@ def start_message(layout: Layout, name: str, config: ModelConfig, event_fd: int)
         path=resolve_model_path(layout.root, config),
         engine_args=config.engine_args,
         feed_order=config.feed_order,
+        adapters=config.lora_adapters,
         build=Path(config.path).name if config.path and is_embedded_path(layout.root, config.path) else None,
     )
 

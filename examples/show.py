@@ -29,3 +29,10 @@ if compare.exists():
         for model, answer in line["answers"].items():
             shown = answer.get("text") or answer.get("error") or ""
             print(f"  {line['custom_id']:<7} {model:<11} {' '.join(str(shown).split())[:110]!r}")
+fine_tunes = root / "outbox/fine-tunes/compare.jsonl"
+if fine_tunes.exists():
+    print("\nSmolLM2 beside two LoRA adapters of it, one load (outbox/fine-tunes/compare.jsonl):")
+    for line in list(map(json.loads, fine_tunes.read_text().splitlines()))[:4]:
+        for model, answer in line["answers"].items():
+            shown = answer.get("text") or answer.get("error") or ""
+            print(f"  {line['custom_id']:<6} {model:<15} {' '.join(str(shown).split())[:100]!r}")

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dropbox_runner import adapters, dedupe
 from dropbox_runner.config import parse_registry
 from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.errors import ConfigError
@@ -270,6 +271,8 @@ registries = (
                         "task": st.sampled_from(["generate", "embed", "score"]) | json_values,
                         "engine_args": json_values,
                         "defaults": json_values,
+                        "base": st.sampled_from(["a", "b", ""]) | json_values,
+                        "adapter": st.text(max_size=12) | json_values,
                     },
                 )
                 | json_values,
@@ -287,10 +290,17 @@ registries = (
 def test_any_models_yaml_loads_or_names_the_key(
     tmp_path_factory: pytest.TempPathFactory, obj: object
 ) -> None:
+    root = Path("/nonexistent-root")
     try:
-        parse_registry(json.dumps(obj), Path("/nonexistent-root"))
+        registry = parse_registry(json.dumps(obj), root)
     except ConfigError:
-        pass
+        return
+    for name, model in registry.models.items():  # an adapter's checks are total too
+        if model.base is None:
+            assert isinstance(adapters.serving_config(root, registry, name).lora_adapters, dict)
+        else:
+            assert isinstance(adapters.adapter_problem(root, registry, name), str)
+    assert set(dedupe.fingerprints(registry, root, list(registry.models))) == set(registry.models)
 
 
 @pytest.fixture(scope="module")

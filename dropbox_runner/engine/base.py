@@ -41,8 +41,19 @@ class Engine(Protocol):
     capacity: int
 
     def submit(
-        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
-    ) -> None: ...
+        self,
+        req: Request,
+        prompts: list[list[int]] | None = None,
+        *,
+        tag: str = "",
+        priority: int = 0,
+        model: str | None = None,
+    ) -> None:
+        """`tag`: the task's, unique in the process; `model`: the engine's own model (None) or one of
+        the LoRA adapters it was started with."""
+
+    def refuses(self, model: str) -> str | None:
+        """Why this engine cannot answer for `model` (an adapter it cannot load), or None."""
 
     def step(self) -> list[Finished]: ...
 

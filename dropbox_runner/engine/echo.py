@@ -1,6 +1,7 @@
 """The echo engine: no model, a deterministic reply derived from the request, for tests and dry runs.
 
-The reply is "echo: " + the last user text, one token per word, cut at `max_tokens` and `stop`.
+The reply is "echo: " + the last user text, one token per word, cut at `max_tokens` and `stop`;
+a LoRA adapter's reply starts "echo[<adapter>]:" instead, so tests see which adapter answered.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ DEFAULT_MAX_TOKENS = 16
 EMBED_DIM = 8
 
 
-def echo_reply(text: str, body: dict[str, Any]) -> tuple[str, int, str]:
+def echo_reply(text: str, body: dict[str, Any], adapter: str | None = None) -> tuple[str, int, str]:
     """(reply, completion tokens, finish_reason) for a prompt text and a request body."""
-    words = ("echo: " + text).split()
+    words = (f"echo[{adapter}]: " if adapter else "echo: ").split() + text.split()
     limit = requested_max_tokens(body) or DEFAULT_MAX_TOKENS
     finish = "length" if len(words) > limit else "stop"
     reply = " ".join(words[:limit])
@@ -69,9 +70,16 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 class EchoEngine:
-    def __init__(self, model_name: str, engine_args: dict[str, Any], task: str = "generate") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        engine_args: dict[str, Any],
+        task: str = "generate",
+        adapters: dict[str, str] | None = None,
+    ) -> None:
         self.model_name = model_name
         self.task = task
+        self.adapters = dict(adapters or {})
         self.delay = float(engine_args.get("delay_ms", 0)) / 1000
         self.capacity = int(engine_args.get("max_in_flight", 256))
         # Test hooks that imitate engine faults: a request that kills the process (a CUDA fault, an
@@ -93,11 +101,24 @@ class EchoEngine:
     def in_flight(self) -> int:
         return len(self._due) + len(self._gated)
 
+    def refuses(self, model: str) -> str | None:
+        if model == self.model_name or model in self.adapters:
+            return None
+        return f"this process serves {self.model_name} and no adapter named {model}"
+
     def submit(
-        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+        self,
+        req: Request,
+        prompts: list[list[int]] | None = None,
+        *,
+        tag: str = "",
+        priority: int = 0,
+        model: str | None = None,
     ) -> None:
+        if model is not None and self.refuses(model):
+            raise RuntimeError(self.refuses(model))
         check_task(req, self.task, self.model_name)
-        finished = self._answer(req)
+        finished = self._answer(req, None if model == self.model_name else model)
         finished.tag = tag
         if self.gate_on and self.gate_on in _prompt_text(req):
             self._gated.append(finished)
@@ -106,7 +127,7 @@ class EchoEngine:
         delay = 60.0 if self.slow_on and self.slow_on in _prompt_text(req) else self.delay
         heapq.heappush(self._due, (time.monotonic() + delay, self._seq, finished))
 
-    def _answer(self, req: Request) -> Finished:
+    def _answer(self, req: Request, adapter: str | None) -> Finished:
         body = req.body
         if req.kind in ("score", "rerank"):
             return self._score(req)
@@ -127,10 +148,10 @@ class EchoEngine:
             text = prompt if isinstance(prompt, str) else " ".join(prompt)
             pt = len(text.split())
         self._maybe_crash(text)
-        reply, ct, finish = echo_reply(text, body)
+        reply, ct, finish = echo_reply(text, body, adapter)
         n = body.get("n") or 1
         choices = [{"index": i, "text": reply, "finish_reason": finish} for i in range(n)]
-        out = generation_body(req.kind, f"{req.index}", self.model_name, choices, pt, ct * n)
+        out = generation_body(req.kind, f"{req.index}", adapter or self.model_name, choices, pt, ct * n)
         return Finished(req.index, req.custom_id, 200, out, prompt_tokens=pt, completion_tokens=ct * n)
 
     def _score(self, req: Request) -> Finished:

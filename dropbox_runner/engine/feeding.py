@@ -122,6 +122,12 @@ class Worker:
     def _add(self, order: p.TaskOrder) -> None:
         if order.task_id in self.tasks:
             return  # sent again (the process was reloaded): it runs already
+        refused = self.engine.refuses(order.model)  # an adapter the engine cannot serve fails alone
+        if refused is not None:
+            if self.ahead is not None:
+                self.ahead.remove(order.task_id)
+            self.channel.send(p.TaskDone("failed", order.task_id, refused[:600]))
+            return
         task = TaskRun(order)
         self.interval = order.commit_interval_ms / 1000
         resumed = task.open(self.channel.send)
@@ -222,7 +228,8 @@ class Worker:
     def _submit(self, task: TaskRun, req: Request, ids: list[list[int]] | None) -> None:
         task.log.fed(req.index)
         try:
-            self.engine.submit(req, ids, tag=task.key, priority=task.share.priority)
+            # the task's model: the base or one of its adapters
+            self.engine.submit(req, ids, tag=task.key, priority=task.share.priority, model=task.order.model)
         except RequestRejected as exc:
             error = {"message": str(exc), "param": exc.param, "code": "invalid_request"}
             self._finished(task, Finished(req.index, req.custom_id, 400, error=error, tag=task.key))

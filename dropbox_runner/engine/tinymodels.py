@@ -122,6 +122,25 @@ def build_smollm2(dest: Path) -> Path:
     return out
 
 
+def random_lora(base: Path, folder: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter of the model in `base`, random enough to change greedy answers, for tests and
+    benchmarks (ENVIRONMENT.md's recipe: peft's init_lora_weights=False, then lora_B drawn from N(0, 0.5))."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
 def main(argv: list[str]) -> int:
     dest = Path(argv[0])
     dest.mkdir(parents=True, exist_ok=True)

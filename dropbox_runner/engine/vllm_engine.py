@@ -1,7 +1,8 @@
 """The vLLM engine: one LLM per model process, fed request by request through add_request/step.
 
 Maps each line's body to SamplingParams (or PoolingParams for embeddings) and answers with
-OpenAI bodies; a request vLLM refuses fails alone with a 400.
+OpenAI bodies; a request vLLM refuses fails alone with a 400. A LoRA adapter's requests carry its
+LoRARequest (the runner set enable_lora on this engine for them: adapters.serving_config).
 """
 
 from __future__ import annotations
@@ -98,13 +99,22 @@ class _Pending:
     req: Request
     parts: int
     prompt_tokens: int
-    tag: str = ""
+    model: str = ""  # the name in the body: the base's, or the adapter's
+    tag: str = ""  # the task's, unique in the process
     results: dict[int, Any] = field(default_factory=dict)
 
 
 class VllmEngine(ScoringMixin):
-    def __init__(self, model_name: str, path: str, task: str, engine_args: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        path: str,
+        task: str,
+        engine_args: dict[str, Any],
+        adapters: dict[str, str] | None = None,
+    ) -> None:
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
         self.model_name = model_name
         self.task = task
@@ -121,6 +131,28 @@ class VllmEngine(ScoringMixin):
         self._pending: dict[str, _Pending] = {}  # by "<task tag>:<line index>"
         # vLLM serves the lower value first where the build schedules by priority: ours is negated
         self.by_priority = getattr(config.scheduler_config, "policy", "fcfs") == "priority"
+        # vLLM names a LoRA by an int id > 0: the adapters' order by name, the same in every process.
+        self._loras = {
+            name: LoRARequest(name, i, folder)
+            for i, (name, folder) in enumerate(sorted((adapters or {}).items()), 1)
+        }
+        self._refused: dict[str, str] = {}
+        self._added: set[str] = set()
+
+    def refuses(self, model: str) -> str | None:
+        """Load an adapter the first time a task needs it: vLLM's reason if it cannot serve it."""
+        if model == self.model_name or model in self._added:
+            return None
+        if model not in self._loras:
+            return f"this process serves {self.model_name} and no adapter named {model}"
+        if model not in self._refused:
+            try:
+                self.engine.add_lora(self._loras[model])
+                self._added.add(model)
+                return None
+            except Exception as exc:  # vLLM's own reason (a module it does not support, a rank, ...)
+                self._refused[model] = f"vLLM cannot serve this adapter: {type(exc).__name__}: {exc}"
+        return self._refused[model]
 
     @property
     def in_flight(self) -> int:
@@ -128,16 +160,29 @@ class VllmEngine(ScoringMixin):
 
     # -- requests -> engine ---------------------------------------------------------------------
     def submit(
-        self, req: Request, prompts: list[list[int]] | None = None, *, tag: str = "", priority: int = 0
+        self,
+        req: Request,
+        prompts: list[list[int]] | None = None,
+        *,
+        tag: str = "",
+        priority: int = 0,
+        model: str | None = None,
     ) -> None:
-        """Add a request; `prompts` are its token ids when the feed-ahead already made them."""
+        """Add a request; `prompts` are its token ids when the feed-ahead already made them; `model`
+        the base (None) or one of the adapters; `tag` the task's."""
         from vllm.inputs import TokensPrompt
 
         check_task(req, self.task, self.model_name)
+        model = model or self.model_name
+        refused = self.refuses(model)
+        if refused is not None:
+            raise RuntimeError(refused)
+        lora = self._loras.get(model)
         key = f"{tag}:{req.index}"  # unique across the tasks the process holds
         if req.kind in SCORING_KINDS:
             inputs = self._scoring_inputs(req, prompts)
-            self._pending[key] = _Pending(req, len(inputs), sum(len(ids) for ids, _ in inputs), tag)
+            pt = sum(len(ids) for ids, _ in inputs)
+            self._pending[key] = _Pending(req, len(inputs), pt, model, tag)
             for part, (ids, params) in enumerate(inputs):
                 self.engine.add_request(f"{key}:{part}", TokensPrompt(prompt_token_ids=ids), params)
             return
@@ -156,7 +201,7 @@ class VllmEngine(ScoringMixin):
         else:
             params = [self._sampling_params(req, len(ids)) for ids in prompts]
         n = 1 if req.kind == "embedding" else (req.body.get("n") or 1)
-        pending = _Pending(req, len(prompts) * n, pt, tag)
+        pending = _Pending(req, len(prompts) * n, pt, model, tag)
         self._pending[key] = pending
         extra = {"priority": -priority} if self.by_priority else {}
         part = 0
@@ -166,7 +211,9 @@ class VllmEngine(ScoringMixin):
                     p = p.clone()
                     if p.seed is not None:
                         p.seed += i
-                self.engine.add_request(f"{key}:{part}", TokensPrompt(prompt_token_ids=ids), p, **extra)
+                self.engine.add_request(
+                    f"{key}:{part}", TokensPrompt(prompt_token_ids=ids), p, lora_request=lora, **extra
+                )
                 part += 1
 
     def _pooling_params(self):
@@ -243,7 +290,7 @@ class VllmEngine(ScoringMixin):
             return self._finish_scoring(p, outs)
         if req.kind == "embedding":
             vectors = [o.outputs.data.tolist() for o in outs]
-            body = embedding_body(self.model_name, vectors, p.prompt_tokens)
+            body = embedding_body(p.model, vectors, p.prompt_tokens)
             return Finished(req.index, req.custom_id, 200, body, prompt_tokens=p.prompt_tokens)
         choices = []
         completion_tokens = 0
@@ -261,9 +308,7 @@ class VllmEngine(ScoringMixin):
         rid = f"{os.getpid():x}{time.monotonic_ns():x}"
         n = req.body.get("n") or 1  # the n choices of a prompt share it: count its cache hits once
         cached = sum(o.num_cached_tokens or 0 for o in outs[::n])
-        body = generation_body(
-            req.kind, rid, self.model_name, choices, p.prompt_tokens, completion_tokens, cached
-        )
+        body = generation_body(req.kind, rid, p.model, choices, p.prompt_tokens, completion_tokens, cached)
         return Finished(
             req.index,
             req.custom_id,

@@ -128,11 +128,11 @@ def make_engine(spec: p.Start) -> Engine:
     if spec.engine == "echo":
         from dropbox_runner.engine.echo import EchoEngine
 
-        return EchoEngine(spec.model, spec.engine_args, spec.task)
+        return EchoEngine(spec.model, spec.engine_args, spec.task, spec.adapters)
     from dropbox_runner.engine.vllm_engine import VllmEngine
 
     build_if_missing(spec)
-    return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args)
+    return VllmEngine(spec.model, spec.path, spec.task, spec.engine_args, spec.adapters)
 
 
 def load_failure_reason(exc: BaseException) -> str:

@@ -197,7 +197,9 @@ class Claimer:
         if not reasons:
             reasons += self._summarize(spec, job_dir / "input.jsonl")
         spec.rejected = reasons
-        spec.fingerprints = {m: self.registry.models[m].fingerprint() for m in spec.models if not reasons}
+        spec.fingerprints = (
+            {} if reasons else dedupe.fingerprints(self.registry, self.layout.root, spec.models)
+        )
         spec.outbox = self._outbox_folder(outbox_stem(stem), job_id)
         _crash_point("after_outbox")
         if reasons:
