@@ -237,3 +237,33 @@ def test_an_adapter_made_after_its_base_started_restarts_the_base_for_it(lroot: 
     body = read_jsonl(lroot / "outbox/second/chat.jsonl")[0]["response"]["body"]
     assert body["choices"][0]["message"]["content"] == "echo[chat]: question number"
     assert d.output().count("loading base") == 2
+
+
+def test_an_adapters_task_runs_at_once_beside_its_bases_running_task(lroot: Path) -> None:
+    """Section 12 with 13: an adapter's job joins the base's running process instead of waiting for it."""
+    gate = lroot / "gate.open"
+    yaml = LORA_YAML.replace(
+        "engine_args: {delay_ms: 2, max_in_flight: 16}",
+        f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
+    )
+    (lroot / "models.yaml").write_text(yaml)
+    (lroot / "inbox/base").mkdir(exist_ok=True)
+    (lroot / "inbox/sql").mkdir(exist_ok=True)
+    write_jsonl(lroot / "inbox/base/long.jsonl", [chat_line(i) for i in range(50)] + [chat_line(50, "GATE")])
+    d = Daemon(lroot)
+    try:
+        wait_for(
+            lambda: (batch_json(lroot, "long") or {}).get("status") == "in_progress", what="base running"
+        )
+        write_jsonl(lroot / "inbox/sql/quick.jsonl", [chat_line(i) for i in range(20)])
+        wait_for(lambda: finished(lroot, "quick"), what="the adapter's job, while the base's runs")
+        assert not finished(lroot, "long"), "the base's task is still held by its gate"
+        gate.touch()
+        wait_for(lambda: finished(lroot, "long"), what="the base's job once released")
+    finally:
+        d.kill(signal.SIGTERM)
+    log = (lroot / "state/daemon.log").read_text()
+    assert log.count("loading base") == 1 and "swap:" not in log
+    out = read_jsonl(lroot / "outbox/quick/sql.jsonl")
+    assert {x["response"]["body"]["model"] for x in out} == {"sql"}
+    assert out[0]["response"]["body"]["choices"][0]["message"]["content"].startswith("echo[sql]:")
