@@ -97,12 +97,14 @@ class Notifier:
 def status_line(describe: dict, queue: Path) -> str:
     """STATUS= text: the loaded model, what runs, and the queue."""
     entries = sum(1 for name in os.listdir(queue) if not name.startswith("."))
-    queue_length = max(0, entries - (1 if describe.get("running") else 0))  # the running task keeps its entry
+    running = describe.get("running") or []  # the tasks the model process holds (section 12)
+    queue_length = max(0, entries - len(running))  # a running task keeps its queue entry
     model = describe.get("loaded_model") or (
         f"loading {describe['loading_model']}" if describe.get("loading_model") else "no model loaded"
     )
-    running = describe.get("running")
-    doing = f", running {running['job_id']}" if running else ""
+    jobs = ", ".join(r["job_id"] for r in running[:3]) + (", ..." if len(running) > 3 else "")
+    doing = f", running {jobs}" if len(running) == 1 else f", running {len(running)} tasks ({jobs})"
+    doing = doing if running else ""
     return f"{model}{doing}; {queue_length} task{'s' if queue_length != 1 else ''} queued"
 
 

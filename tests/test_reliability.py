@@ -229,7 +229,8 @@ def running(root: Path):
     core = core_for(root)
     spec = take(core, "paced/long.jsonl", [chat_line(i) for i in range(20000)], {"completion_window": "1h"})
     assert core._start_next()
-    wait_for(lambda: (core.execution.pump(0.2), core.execution.sent)[1], timeout=60, what="the task sent")
+    sent = lambda: any(r.sent for r in core.execution.running.values())  # noqa: E731
+    wait_for(lambda: (core.execution.pump(0.2), sent())[1], timeout=60, what="the task sent")
     yield core, spec
     if core.execution.proc is not None:
         core.execution.proc.end(5)
@@ -244,7 +245,7 @@ def test_an_expiry_just_after_a_users_cancel_leaves_it_cancelled(
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 7200)  # the window ran out meanwhile
     core._expire()
-    wait_for(lambda: (core.execution.pump(0.2), core.execution.task is None)[1], timeout=60, what="the end")
+    wait_for(lambda: (core.execution.pump(0.2), not core.execution.running)[1], timeout=60, what="the end")
     assert batch_json(root, "long")["status"] == "cancelled"
 
 

@@ -435,11 +435,13 @@ def test_one_feed_ahead_thread_serves_every_task_within_one_budget(tmp_path: Pat
         def __init__(self) -> None:
             self.threads: set[str] = set()
             self.busy = threading.Lock()
+            self.gate = threading.Event()  # nothing is prepared until every task is added
 
         def apply_chat_template(self, messages, **kw) -> str:
             return messages[-1]["content"]
 
         def encode(self, text: str, **kw) -> list[int]:
+            self.gate.wait(30)
             if not self.busy.acquire(blocking=False):
                 raise RuntimeError("Already borrowed")
             try:
@@ -460,6 +462,7 @@ def test_one_feed_ahead_thread_serves_every_task_within_one_budget(tmp_path: Pat
         )
         orders.append(order)
         ahead.add(order)
+    tok.gate.set()  # the budget is split three ways before the thread prepares a line
     wait_for(
         lambda: all(len(ahead.sources[o.task_id].cache) == 30 for o in orders),
         timeout=30,
