@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from dropbox_runner import scheduler, status, systemd, webhooks
 from dropbox_runner.config import Registry, model_problem
@@ -177,8 +178,8 @@ class Daemon:
             self.watcher.changed.wait(FAST_SCAN_SECONDS if busy else 1.0)
         elif execution.busy:
             self._share()
-            if execution.task is not None:
-                self._guarded(execution.task.job_id, execution.pump, 0.2)
+            if execution.task is not None:  # an error in one task's event fails that task's job
+                self._guarded(lambda: execution.event_job or execution.task.job_id, execution.pump, 0.2)
             else:  # preempting: the last tasks have left, the process ends
                 execution.pump(0.2)
         if execution.pause_reason:
@@ -188,13 +189,15 @@ class Daemon:
         self._snapshot()
         return True
 
-    def _guarded(self, job_id: str, operation, *args) -> None:
-        """The job boundary: an unexpected error fails this job alone and the loop goes on."""
+    def _guarded(self, job_id: str | Callable[[], str], operation, *args) -> None:
+        """The job boundary: an unexpected error fails this job alone and the loop goes on (`job_id`
+        may be a function, asked once the error is known: whose work it was)."""
         try:
             operation(*args)
         except Exception as exc:
             if is_environmental(exc):
                 raise
+            job_id = job_id() if callable(job_id) else job_id
             log.exception("unexpected error in job %s", job_id)
             self.execution.drop(job_id)
             self.jobs.failed_internal(job_id, f"{type(exc).__name__}: {exc}")
@@ -296,7 +299,11 @@ class Daemon:
         if not queued:
             return
         solo = bool(ex.solo & set(ex.running))  # a task suspected by a crash runs alone
-        queued = [e for e in queued if f"{e[1]}/{e[2]}" not in ex.solo]
+        queued = [
+            e
+            for e in queued
+            if self.registry.base_of(e[2]) != ex.proc.name or f"{e[1]}/{e[2]}" not in ex.solo
+        ]
         held = [
             scheduler.Held(r.task.queue_key, r.key, r.group, bool(r.leaving)) for r in ex.running.values()
         ]

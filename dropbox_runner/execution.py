@@ -45,6 +45,7 @@ class Execution(SlotFailures):
         self.pause_reason: str | None = None  # set when the disk failed: the daemon pauses
         self.preempting: str | None = None  # why the process is stopping for another model
         self.next_choice: Choice | None = None  # the task that preempted: it starts next
+        self.event_job: str | None = None  # whose event pump handles now: an error there is that job's
         self.back_since: dict[str, float] = {}  # queue key -> when it gave up its slot
         self.solo: set[str] = set()  # tasks suspected by a crash while sharing: they run alone
         self.shared_crash: dict[str, int] = {}  # tasks in flight at the last crash while sharing
@@ -219,6 +220,7 @@ class Execution(SlotFailures):
             self._pump_copies(timeout)
             return
         proc = self.proc
+        self.event_job = None
         if proc is None:
             return
         for ev in proc.events(timeout):
@@ -264,6 +266,7 @@ class Execution(SlotFailures):
             self._load_failed(proc.name, ev.reason)
             return
         run = self.running.get(getattr(ev, "task_id", ""))
+        self.event_job = run.task.job_id if run is not None else None
         if run is None:
             return
         if isinstance(ev, p.Resumed):
@@ -345,22 +348,22 @@ class Execution(SlotFailures):
 
     def cancel(self, spec: JobSpec, outcome: Status = Status.CANCELLED) -> None:
         """Cancel a job (or expire it): queued tasks end now, the running ones at their next step."""
-        run = next((r for r in self.running.values() if r.task.job_id == spec.id), None)  # one model each
-        if run is not None and run.cancel_outcome == Status.EXPIRED:
-            return  # already expiring
-        models = self.jobs.cancelled(spec, run.task if run else None, outcome)
+        # a job's base and adapter tasks may run at once (sections 12 and 13): each of them ends
+        runs = [r for r in self.running.values() if r.task.job_id == spec.id]
+        runs = [r for r in runs if r.cancel_outcome != Status.EXPIRED]  # not those already expiring
+        if not runs and any(r.task.job_id == spec.id for r in self.running.values()):
+            return
+        models = self.jobs.cancelled(spec, [r.task for r in runs], outcome)
         verb = "cancel" if outcome == Status.CANCELLED else "expire"
         log.info("%s %s: %s", verb, spec.id, ", ".join(models) or "no queued task")
-        if run is None:
-            return
-        if self.sharded is not None:
+        if runs and self.sharded is not None:
             self._end_copies()  # what the copies sent is committed
-            self.finish(run, outcome)
-        elif self.proc is not None and run.sent:
-            run.cancel_outcome, run.cancelling = outcome, True
-            self.proc.send(p.Cancel(run.key))
-        else:
-            self.finish(run, outcome)
+        for run in runs:
+            if self.sharded is None and self.proc is not None and run.sent:
+                run.cancel_outcome, run.cancelling = outcome, True
+                self.proc.send(p.Cancel(run.key))
+            else:
+                self.finish(run, outcome)
 
     def stop(self) -> None:
         """Warm stop: the running tasks commit and go back in line; the model process ends."""

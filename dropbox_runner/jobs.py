@@ -133,16 +133,19 @@ class Jobs:
         log.info("job %s (%s) is %s: outbox/%s/", spec.id, spec.name, status.value, spec.outbox)
 
     def cancelled(
-        self, spec: JobSpec, running: TaskRecord | None = None, outcome: Status = Status.CANCELLED
+        self, spec: JobSpec, running: list[TaskRecord] | None = None, outcome: Status = Status.CANCELLED
     ) -> list[str]:
-        """Cancel (or expire) every queued task of a job; returns their models. The running one is the
-        caller's: it is marked, so it ends with the first outcome asked, even after a crash."""
-        if running is not None and running.ending is None and not running.status.final:
-            running.ending = outcome
-            self.journal.save_task(running)
+        """Cancel (or expire) every queued task of a job; returns their models. The running ones (a
+        base and its adapters run at once) are the caller's: each is marked, so it ends with the first
+        outcome asked, even after a crash."""
+        for task in running or []:
+            if task.ending is None and not task.status.final:
+                task.ending = outcome
+                self.journal.save_task(task)
+        held = {task.model for task in running or []}
         ended = []
         for task in self.journal.tasks(spec):
-            if task.status == Status.QUEUED and not (running and running.model == task.model):
+            if task.status == Status.QUEUED and task.model not in held:
                 self._finalize(spec, task, outcome, None)
                 ended.append(task.model)
         if ended:

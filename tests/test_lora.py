@@ -267,3 +267,27 @@ def test_an_adapters_task_runs_at_once_beside_its_bases_running_task(lroot: Path
     out = read_jsonl(lroot / "outbox/quick/sql.jsonl")
     assert {x["response"]["body"]["model"] for x in out} == {"sql"}
     assert out[0]["response"]["body"]["choices"][0]["message"]["content"].startswith("echo[sql]:")
+
+
+def test_cancel_of_a_job_whose_base_and_adapter_tasks_run_at_once_ends_both(lroot: Path) -> None:
+    gate = lroot / "gate.open"
+    yaml = LORA_YAML.replace(
+        "engine_args: {delay_ms: 2, max_in_flight: 16}",
+        f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
+    )
+    (lroot / "models.yaml").write_text(yaml)
+    manifest(lroot, "j", ["base", "sql"], [chat_line(i) for i in range(5)] + [chat_line(5, "GATE")])
+    d = Daemon(lroot)
+    try:
+        both = lambda: len((json.loads((lroot / "state/status.json").read_text()) or {}).get("running") or [])  # noqa: E731
+        wait_for(lambda: (lroot / "state/status.json").exists() and both() == 2, what="both tasks running")
+        assert CliRunner().invoke(main, ["cancel", "j"]).exit_code == 0
+        wait_for(lambda: finished(lroot, "j"), what="the job cancelled")
+    finally:
+        d.kill(signal.SIGTERM)
+    batch = batch_json(lroot, "j")
+    assert batch["status"] == "cancelled"
+    assert {m: batch["models"][m]["status"] for m in ("base", "sql")} == {
+        "base": "cancelled",
+        "sql": "cancelled",
+    }

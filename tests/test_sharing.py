@@ -25,6 +25,7 @@ from conftest import (
     batch_json,
     chat_line,
     finished,
+    gated_job,
     read_jsonl,
     run_once,
     snapshot,
@@ -42,7 +43,7 @@ settings:
   preempt_after_seconds: {preempt}
   max_swap_delay_seconds: {swap}
 models:
-  held: {{engine: echo, engine_args: {{delay_ms: {delay}, max_in_flight: 8}}}}
+  held: {{engine: echo, engine_args: {{delay_ms: {delay}, max_in_flight: 8, gate_on: GATE, gate_file: {gate}}}}}
   other: {{engine: echo, engine_args: {{delay_ms: 5, max_in_flight: 8}}}}
   crashy: {{engine: echo, engine_args: {{crash_on: POISON, max_in_flight: 4, delay_ms: 5}}}}
 """
@@ -50,7 +51,7 @@ models:
 
 def configure(root: Path, slots: int = 8, preempt: str = "null", swap: float = 600, delay: int = 40) -> None:
     (root / "models.yaml").write_text(
-        SHARED_YAML.format(slots=slots, preempt=preempt, swap=swap, delay=delay)
+        SHARED_YAML.format(slots=slots, preempt=preempt, swap=swap, delay=delay, gate=root / "gate.open")
     )
     for m in ("held", "other", "crashy"):
         (root / "inbox" / m).mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,7 @@ def test_strict_priority_between_shared_tasks(root: Path, daemon) -> None:
 
 def test_cancel_of_one_sharing_task_leaves_the_others(root: Path, daemon) -> None:
     configure(root)
-    drop(root, "held", "a", 2000)
+    write_jsonl(root / "inbox/held/a.jsonl", gated_job(2000))  # cannot end before its cancel
     drop(root, "held", "b", 200)
     d = daemon()
     wait_for(lambda: len(running(root)) == 2, timeout=60, what="two tasks running")
