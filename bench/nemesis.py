@@ -1,0 +1,373 @@
+"""The nemesis: a bounded, seeded run that throws random faults at a running daemon with mixed jobs,
+then checks that every job is final, nothing is lost or duplicated and every outbox equals an
+undisturbed run. `make nemesis` (SEED=, MINUTES=); docs/nemesis.md says what it throws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nemesis_check import Verifier  # noqa: E402
+from nemesis_kit import (  # noqa: E402
+    HOSTILE_KINDS,
+    MARKER,
+    MODELS,
+    Api,
+    Job,
+    Poller,
+    Receiver,
+    daemon_cmd,
+    drop_file,
+    free_port,
+    hostile_drop,
+    hostile_name,
+    make_lines,
+    marked_processes,
+    models_yaml,
+    peak_rss_mb,
+    start_process,
+)
+
+FAULTS = {  # kind -> weight
+    "daemon_kill9": 3,
+    "daemon_restart": 1,
+    "model_kill9": 3,
+    "copy_kill9": 2,
+    "disk_full": 1,
+    "hostile_drop": 2,
+    "hostile_name": 1,
+    "webhook_flap": 2,
+}
+# Faults (or flap modes) whose fixes are pending on other branches: left out unless --all.
+PENDING = {
+    "hostile_name": "issue 23 item 1 (a 248-255 byte name stops the daemon at every start)",
+    "webhook_garbage": "issue 23 item 5 (a receiver that answers garbage blocks every webhook)",
+}
+OPEN_JOBS = 4  # jobs kept in flight, so the load does not depend on the machine's speed
+TMPFS_SIZE = 1 << 30
+OUTLIVE_SECONDS = 10.0  # a model process notices its daemon died "within a few seconds"
+
+
+class Nemesis:
+    def __init__(self, seed: int, seconds: float, work: Path, include_pending: bool, say=print) -> None:
+        self.rng = random.Random(seed)
+        self.seed, self.seconds, self.work, self.say = seed, seconds, work, say
+        self.skipped = {} if include_pending else dict(PENDING)
+        self.root, self.outside = work / "root", work / "outside"
+        self.faults: collections.Counter = collections.Counter()
+        self.failures: list[str] = []
+        self.jobs: list[Job] = []
+        self.rejects: list[str] = []  # outbox names that must end `failed`
+        self.symlinks: list[Path] = []
+        self.kills: list[tuple[str, float]] = []  # (daemon incarnation, when) to check for stragglers
+        self.copy_kills: collections.Counter = collections.Counter()  # per running task
+        self.model_kills: dict[tuple, list] = {}  # task -> [kills, committed at the last kill]
+        self.incarnation = 0
+        self.daemon: subprocess.Popen | None = None
+        self.peak_mb = 0.0
+        self.enospc_flag: Path | None = None
+        self.unexpected_exits = 0
+        self.tmpfs = False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.root.mkdir(parents=True)
+        self.outside.mkdir()
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(self.root)], capture_output=True
+        )
+        self.tmpfs = proc.returncode == 0
+        if not self.tmpfs:
+            self.enospc_flag = self.work / "enospc"
+            self.say(f"no tmpfs ({proc.stderr.decode().strip()}): disk full is injected at the staged writer")
+        self.receiver = Receiver()
+        (self.root / "models.yaml").write_text(models_yaml(self.receiver.url))
+        for d in ["outbox", "state", *(f"inbox/{m}" for m in MODELS)]:
+            (self.root / d).mkdir(parents=True)
+        self.port = free_port()
+        self.serve = start_process(
+            daemon_cmd(self.root, "serve", "--port", str(self.port)),
+            self.work / "serve.log",
+            {MARKER: "serve"},
+        )
+        self.api = Api(self.port)
+        deadline = time.monotonic() + 60
+        while self.api.call("GET", "/healthz")[0] != 200:
+            if time.monotonic() > deadline or self.serve.poll() is not None:
+                raise RuntimeError(f"`serve` did not answer: {(self.work / 'serve.log').read_text()[-500:]}")
+            time.sleep(0.2)
+        self.poller = Poller(self.api)
+        self.start_daemon()
+
+    def start_daemon(self) -> None:
+        self.incarnation += 1
+        env = {MARKER: str(self.incarnation)}
+        if self.enospc_flag:
+            env["DROPBOX_RUNNER_TEST_ENOSPC"] = str(self.enospc_flag)
+        self.daemon = start_process(daemon_cmd(self.root, "run"), self.work / "daemon.out", env)
+
+    def sample_memory(self) -> None:
+        if self.daemon and self.daemon.poll() is None:
+            self.peak_mb = max(self.peak_mb, peak_rss_mb(self.daemon.pid) or 0.0)
+
+    def stop_daemon(self, sig: int) -> None:
+        self.sample_memory()
+        self.daemon.send_signal(sig)
+        self.daemon.wait(timeout=120)
+        self.kills.append((str(self.incarnation), time.monotonic()))
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def new_job(self, hostile: bool = False) -> None:
+        tag = f"j{len(self.jobs):04d}"
+        kind = self.rng.choice(["folder", "folder", "manifest", "api"]) if not hostile else "folder"
+        if kind == "folder":
+            models = [self.rng.choice(list(MODELS))]
+        elif kind == "manifest":
+            models = self.rng.sample(list(MODELS), self.rng.randint(1, 3))
+        else:
+            models = self.rng.sample(["e1", "e2", "rep"], self.rng.randint(1, 2))
+        lines = make_lines(self.rng, tag, self.rng.randint(50, 1500), chat_only=kind == "api")
+        name = hostile_name(self.rng, tag) if hostile else f"{tag}.jsonl".encode()
+        job = Job(tag, kind, models, lines, name)
+        if kind == "api":
+            refused = self.api.submit(job)
+            if refused:
+                self.failures.append(f"the API refused {tag}: {refused}")
+                return
+        else:
+            drop_file(self.root / "inbox", job)
+        self.jobs.append(job)
+
+    def open_jobs(self) -> int:
+        return sum(1 for j in self.jobs if not self.verifier.is_final(j))
+
+    # -- faults --------------------------------------------------------------------------------------
+    def throw(self) -> None:
+        kinds = [k for k in FAULTS if k not in self.skipped]
+        kind = self.rng.choices(kinds, [FAULTS[k] for k in kinds])[0]
+        if getattr(self, kind)():
+            self.faults[kind] += 1
+
+    def daemon_kill9(self) -> bool:
+        if self.daemon.poll() is not None:
+            return False
+        self.stop_daemon(signal.SIGKILL)
+        time.sleep(self.rng.uniform(0, 2))
+        self.start_daemon()
+        return True
+
+    def daemon_restart(self) -> bool:
+        if self.daemon.poll() is not None:
+            return False
+        self.stop_daemon(signal.SIGTERM)
+        self.start_daemon()
+        return True
+
+    def running(self) -> tuple[dict, tuple | None]:
+        snap = self.verifier.snapshot()
+        run = snap.get("running") or {}
+        return snap, (run.get("job_id"), run.get("model")) if run else None
+
+    def model_kill9(self) -> bool:
+        snap, task = self.running()
+        pid = snap.get("model_pid")
+        if not pid or task is None or snap.get("copies") or not snap.get("loaded_model"):
+            return False
+        # Two kills over the same lines would make the daemon hunt a culprit among innocent lines,
+        # and six fail the task: kill a task's process at most twice, and only past the last kill.
+        kills, mark = self.model_kills.get(task, [0, -1])
+        committed = self.verifier.committed(task)
+        if kills >= 2 or committed <= mark:
+            return False
+        self.model_kills[task] = [kills + 1, self.verifier.fed(task) + 20]
+        return self.kill_pid(pid)
+
+    def copy_kill9(self) -> bool:
+        snap, task = self.running()
+        copies = [c for c in snap.get("copies") or [] if c.get("loaded") and c.get("shard")]
+        if not copies or task is None or self.copy_kills[task] >= 1:
+            return False
+        self.copy_kills[task] += 1
+        return self.kill_pid(self.rng.choice(copies)["pid"])
+
+    def kill_pid(self, pid: int) -> bool:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def disk_full(self) -> bool:
+        hold = self.rng.uniform(1, 5)
+        if self.enospc_flag:
+            self.enospc_flag.touch()
+            self.hold(hold)
+            self.enospc_flag.unlink()
+            return True
+        for _ in range(5):
+            st = os.statvfs(self.root)
+            used = (st.f_blocks - st.f_bfree) * st.f_frsize
+            if self.remount(used + 64 * 1024):
+                break
+        else:
+            return False
+        self.hold(hold)
+        if not self.remount(TMPFS_SIZE):
+            raise RuntimeError("could not give the tmpfs its space back")
+        return True
+
+    def remount(self, size: int) -> bool:
+        cmd = ["mount", "-o", f"remount,size={size}", str(self.root)]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+    def hold(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.sample_memory()
+            time.sleep(0.2)
+
+    def hostile_drop(self) -> bool:
+        kind = self.rng.choice(HOSTILE_KINDS)
+        tag = f"h{sum(self.faults[k] for k in ('hostile_drop',)):04d}"
+        name = hostile_drop(self.root / "inbox", self.outside, kind, tag)
+        if name is None:
+            self.symlinks.append(self.root / "inbox/e2" / f"{tag}-{kind}.jsonl")
+        else:
+            self.rejects.append(name)
+        return True
+
+    def hostile_name(self) -> bool:
+        self.new_job(hostile=True)
+        return True
+
+    def webhook_flap(self) -> bool:
+        modes = ["ok", "error", "down"] + ([] if "webhook_garbage" in self.skipped else ["garbage"])
+        self.receiver.set_mode(self.rng.choice(modes))
+        return True
+
+    # -- the run -------------------------------------------------------------------------------------
+    def watch(self) -> None:
+        """Stragglers of a dead daemon, a daemon that stopped by itself, memory."""
+        now = time.monotonic()
+        for incarnation, when in list(self.kills):
+            left = marked_processes(incarnation)
+            if not left:
+                self.kills.remove((incarnation, when))
+            elif now - when > OUTLIVE_SECONDS:
+                self.failures.append(f"processes {left} outlived daemon {incarnation} by {now - when:.0f}s")
+                for pid in left:
+                    self.kill_pid(pid)
+                self.kills.remove((incarnation, when))
+        if self.daemon.poll() is not None:
+            self.unexpected_exits += 1
+            tail = self.verifier.log_tail()
+            self.failures.append(f"the daemon exited by itself ({self.daemon.returncode}): {tail}")
+            self.kills.append((str(self.incarnation), now))
+            if self.unexpected_exits >= 3:
+                raise RuntimeError("the daemon stopped by itself three times; giving up")
+            self.start_daemon()
+        self.sample_memory()
+
+    def run(self) -> bool:
+        self.verifier = Verifier(self)
+        try:
+            self.setup()
+            deadline = time.monotonic() + self.seconds
+            next_fault = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                while self.open_jobs() < OPEN_JOBS:
+                    self.new_job()
+                if time.monotonic() >= next_fault:
+                    self.throw()
+                    next_fault = time.monotonic() + self.rng.uniform(0.5, 4)
+                self.watch()
+                time.sleep(0.2)
+            self.receiver.set_mode("ok")
+            self.verifier.drain()
+            self.stop_daemon(signal.SIGTERM)
+            self.verifier.no_stragglers()
+            self.verifier.verify()
+        except RuntimeError as exc:
+            self.failures.append(str(exc))
+        except Exception:  # the nemesis's own fault: still report what it saw
+            self.failures.append("the nemesis itself failed: " + traceback.format_exc())
+        finally:
+            self.cleanup()
+        self.report()
+        return not self.failures
+
+    def cleanup(self) -> None:
+        if getattr(self, "poller", None):
+            self.poller.stop()
+            self.failures.extend(f"the API answered {bad}" for bad in self.poller.bad[:5])
+        for proc in (self.daemon, getattr(self, "serve", None)):
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for pid in marked_processes(str(self.incarnation)) + marked_processes("serve"):
+            self.kill_pid(pid)
+
+    def report(self) -> None:
+        v = self.verifier
+        self.say(
+            f"nemesis seed {self.seed}, {self.seconds / 60:.1f} minutes, root on {'tmpfs' if self.tmpfs else 'disk'}"
+        )
+        for kind, why in self.skipped.items():
+            self.say(f"  skipped {kind}: fix pending, {why}")
+        self.say("  faults: " + ", ".join(f"{k} {self.faults[k]}" for k in FAULTS if k not in self.skipped))
+        self.say(
+            f"  jobs {len(self.jobs)} ({len(v.api_jobs())} through the API), lines {v.total_lines()}, "
+            f"hostile drops {len(self.rejects) + len(self.symlinks)}, daemon starts {self.incarnation}"
+        )
+        calls = self.poller.calls if getattr(self, "poller", None) else 0
+        self.say(
+            f"  webhooks: {v.webhook_summary}; API reads {calls}; daemon peak memory {self.peak_mb:.0f} MB"
+        )
+        for failure in self.failures:
+            self.say(f"  FAILURE: {failure}")
+        self.say(f"  verdict: {'PASS' if not self.failures else f'FAIL ({len(self.failures)} failures)'}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--all", action="store_true", help="also throw the faults whose fixes are pending")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    work = Path(tempfile.mkdtemp(prefix=f"nemesis-{seed}-"))
+    print(f"nemesis seed {seed}: work folder {work}", flush=True)
+    try:
+        ok = Nemesis(seed, args.minutes * 60, work, args.all, say=lambda s: print(s, flush=True)).run()
+    finally:
+        if args.keep:
+            shutil.copytree(work / "root", work / "root-copy", symlinks=True)
+        unmount(work / "root")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
