@@ -31,6 +31,7 @@ from nemesis_kit import (  # noqa: E402
     Receiver,
     daemon_cmd,
     drop_file,
+    fat_lines,
     free_port,
     hostile_drop,
     hostile_name,
@@ -50,11 +51,13 @@ FAULTS = {  # kind -> weight
     "hostile_drop": 2,
     "hostile_name": 1,
     "webhook_flap": 2,
+    "fat_ids": 1,
 }
 # Faults (or flap modes) whose fixes are pending on other branches: left out unless --all.
 PENDING = {
     "hostile_name": "issue 23 item 1 (a 248-255 byte name stops the daemon at every start)",
     "webhook_garbage": "issue 23 item 5 (a receiver that answers garbage blocks every webhook)",
+    "fat_ids": "issue 23 item 2 (the daemon's memory grows with a file of long duplicate ids on copies)",
 }
 OPEN_JOBS = 4  # jobs kept in flight, so the load does not depend on the machine's speed
 TMPFS_SIZE = 1 << 30
@@ -130,9 +133,9 @@ class Nemesis:
         self.kills.append((str(self.incarnation), time.monotonic()))
 
     # -- jobs ----------------------------------------------------------------------------------------
-    def new_job(self, hostile: bool = False) -> None:
+    def new_job(self, hostile: bool = False, fat: bool = False) -> None:
         tag = f"j{len(self.jobs):04d}"
-        kind = self.rng.choice(["folder", "folder", "manifest", "api"]) if not hostile else "folder"
+        kind = self.rng.choice(["folder", "folder", "manifest", "api"]) if not (hostile or fat) else "folder"
         if kind == "folder":
             models = [self.rng.choice(list(MODELS))]
         elif kind == "manifest":
@@ -140,6 +143,8 @@ class Nemesis:
         else:
             models = self.rng.sample(["e1", "e2", "rep"], self.rng.randint(1, 2))
         lines = make_lines(self.rng, tag, self.rng.randint(50, 1500), chat_only=kind == "api")
+        if fat:
+            models, lines = ["rep"], fat_lines(tag)
         name = hostile_name(self.rng, tag) if hostile else f"{tag}.jsonl".encode()
         job = Job(tag, kind, models, lines, name)
         if kind == "api":
@@ -251,6 +256,12 @@ class Nemesis:
 
     def hostile_name(self) -> bool:
         self.new_job(hostile=True)
+        return True
+
+    def fat_ids(self) -> bool:
+        if self.faults["fat_ids"] >= 2:  # each takes about 150 MB of the tmpfs
+            return False
+        self.new_job(fat=True)
         return True
 
     def webhook_flap(self) -> bool:

@@ -86,6 +86,12 @@ def make_lines(rng: random.Random, tag: str, count: int, chat_only: bool = False
     return lines
 
 
+def fat_lines(tag: str, count: int = 3000, id_bytes: int = 16384) -> list[str]:
+    """Lines sharing one long custom_id: all but the first fail in place as duplicates."""
+    line = {"custom_id": f"{tag}-" + "i" * id_bytes, "url": "/v1/completions", "body": {"prompt": "x"}}
+    return [json.dumps(line)] * count
+
+
 def hostile_name(rng: random.Random, tag: str) -> bytes:
     """A long name (up to 255 bytes) or one that is not UTF-8, with the tag kept readable."""
     if rng.random() < 0.6:  # 248-255 bytes: its sidecar's name would pass NAME_MAX
