@@ -85,7 +85,7 @@ class Verifier:
             if not batch or batch.get("status") not in FINAL:
                 continue
             self.seen.add(entry.name)
-            tag = self.tag_of(Path(entry.path))
+            tag = self.tag_of(Path(entry.path)) or self.tag_of_name(batch.get("input_file") or "")
             if tag:
                 self.folders[tag].append(entry.name)
             elif entry.name not in rejects:
@@ -100,6 +100,12 @@ class Verifier:
                     if m:
                         return m.group(1)
         return None
+
+    @staticmethod
+    def tag_of_name(name: str) -> str | None:
+        """A job that published no output file (it failed) is still known by its drop's name."""
+        m = TAG.match(name)
+        return m.group(1) if m else None
 
     def is_final(self, job: Any) -> bool:
         self.scan()
@@ -161,6 +167,9 @@ class Verifier:
                 fail(
                     f"lost: {job.tag} ({job.kind}, {','.join(job.models)}, name {job.name!r}) never finished"
                 )
+            elif len(where) == 1 and self.batch(where[0]).get("status") != "completed":
+                errors = (self.batch(where[0]).get("errors") or {}).get("data") or [{}]
+                fail(f"{job.tag} ended {self.batch(where[0]).get('status')}: {errors[0].get('message')}")
             elif len(where) > 1:
                 fail(f"duplicated: {job.tag} was published in {where}")
         for name in self.n.rejects:

@@ -17,7 +17,7 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from conftest import Daemon, chat_line, run_once, wait_for, write_jsonl
+from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 ITEM_1 = "issue 23 item 1 and section 14 (names the filesystem allows), being fixed on another branch"
 
@@ -75,3 +75,36 @@ def test_a_receiver_answering_garbage_does_not_stop_the_next_receivers_delivery(
     record = next(webhooks.folder(layout).glob("evt_*.json"))
     deliveries = fsutil.read_json(record)["deliveries"]
     assert deliveries[webhooks.hook_key(bad.url)]["attempts"] == 1, "the failed attempt is recorded"
+
+
+@pytest.mark.xfail(strict=False, reason="found by the nemesis (seed 202), not in issue 23: no fix yet")
+def test_a_disk_still_full_after_the_pause_does_not_fail_the_running_job(root: Path, tmp_path: Path) -> None:
+    # The daemon pauses 5 s on ENOSPC, then runs its start-up recovery again; an ENOSPC there is
+    # taken for an unexpected error, and the job fails with internal_error (in the nemesis run, a
+    # finished job whose publishing was interrupted: all 706 results lost to `failed`). Here the job
+    # cannot even be failed (the disk is full), so it is quarantined and never finishes.
+    full = tmp_path / "disk-full"
+    write_jsonl(root / "inbox/paced/job.jsonl", [chat_line(i) for i in range(3000)])
+    d = Daemon(root, env={fsutil.TEST_ENOSPC_ENV: str(full)})
+    log = root / "state/daemon.log"
+    try:
+        wait_for(lambda: "progress" in log.read_text() if log.exists() else False, what="progress")
+        full.touch()
+        wait_for(
+            lambda: log.read_text().count("paused for") >= 2 or "recovery at start failed" in log.read_text(),
+            what="the daemon's second look at the full disk",
+        )
+        full.unlink()
+        quarantine = root / "state/quarantine"
+        wait_for(
+            lambda: finished(root, "job") or (quarantine.exists() and any(quarantine.iterdir())),
+            timeout=120,
+            what="the job to finish (or be quarantined)",
+        )
+    finally:
+        d.kill(signal.SIGTERM)
+    assert not (quarantine.exists() and any(quarantine.iterdir())), "the job was quarantined"
+    assert batch_json(root, "job")["status"] == "completed", batch_json(root, "job")["errors"]
+    assert [x["custom_id"] for x in read_jsonl(root / "outbox/job/paced.jsonl")] == [
+        f"q-{i}" for i in range(3000)
+    ]
