@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,30 @@ def test_a_disk_still_full_after_the_pause_does_not_fail_the_running_job(root: P
     assert [x["custom_id"] for x in read_jsonl(root / "outbox/job/paced.jsonl")] == [
         f"q-{i}" for i in range(3000)
     ]
+
+
+def peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmHWM:"))
+
+
+@pytest.mark.xfail(strict=False, reason="issue 23 item 2, being fixed on another branch")
+def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Path) -> None:
+    # The nemesis's `fat_ids` (seed 303): 3,000 lines sharing one 16 KB custom_id on `replicas: 2`.
+    from nemesis_kit import fat_lines
+
+    models = root / "models.yaml"
+    models.write_text(models.read_text() + "  rep: {engine: echo, replicas: 2}\n")
+    (root / "inbox/rep").mkdir()
+    (root / "inbox/rep/fat.jsonl").write_text("\n".join(fat_lines("j0000")) + "\n")
+    d = Daemon(root)
+    peak = 0.0
+    deadline = time.monotonic() + 180
+    try:
+        while not finished(root, "fat") and d.alive() and time.monotonic() < deadline:
+            peak = max(peak, peak_mb(d.proc.pid))
+            time.sleep(0.1)
+        assert finished(root, "fat"), d.output()[-2000:]
+    finally:
+        d.kill(signal.SIGTERM)
+    assert peak < 150, f"the daemon's peak memory was {peak:.0f} MB"
