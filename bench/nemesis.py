@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +31,7 @@ from nemesis_kit import (  # noqa: E402
     Poller,
     Receiver,
     daemon_cmd,
+    describe,
     drop_file,
     fat_lines,
     free_port,
@@ -84,6 +86,7 @@ class Nemesis:
         self.copy_kills: collections.Counter = collections.Counter()  # per running task
         self.model_kills: dict[tuple, list] = {}  # task -> [kills, committed at the last kill]
         self.incarnation = 0
+        self.run_id = uuid.uuid4().hex[:12]  # in every marker: runs side by side never touch each other
         self.daemon: subprocess.Popen | None = None
         self.peak_mb = 0.0
         self.enospc_flag: Path | None = None
@@ -108,11 +111,7 @@ class Nemesis:
         for d in ["outbox", "state", *(f"inbox/{m}" for m in MODELS)]:
             (self.root / d).mkdir(parents=True)
         self.port = free_port()
-        self.serve = start_process(
-            daemon_cmd(self.root, "serve", "--port", str(self.port)),
-            self.work / "serve.log",
-            {MARKER: "serve"},
-        )
+        self.start_serve()
         self.api = Api(self.port)
         deadline = time.monotonic() + 60
         while self.api.call("GET", "/healthz")[0] != 200:
@@ -124,7 +123,7 @@ class Nemesis:
 
     def start_daemon(self) -> None:
         self.incarnation += 1
-        env = {MARKER: str(self.incarnation)}
+        env = {MARKER: self.marker(self.incarnation)}
         if self.enospc_flag:
             env["DROPBOX_RUNNER_TEST_ENOSPC"] = str(self.enospc_flag)
         self.daemon = start_process(daemon_cmd(self.root, "run"), self.work / "daemon.out", env)
@@ -137,7 +136,7 @@ class Nemesis:
         self.sample_memory()
         self.daemon.send_signal(sig)
         self.daemon.wait(timeout=120)
-        self.kills.append((str(self.incarnation), time.monotonic()))
+        self.kills.append((self.marker(self.incarnation), time.monotonic()))
 
     # -- jobs ----------------------------------------------------------------------------------------
     def new_job(self, hostile: bool = False, fat: bool = False) -> None:
@@ -215,7 +214,11 @@ class Nemesis:
         self.copy_kills[task] += 1
         return self.kill_pid(self.rng.choice(copies)["pid"])
 
-    def kill_pid(self, pid: int) -> bool:
+    def kill_pid(self, pid: int, marker: str | None = None) -> bool:
+        """SIGKILL `pid` if it is still one of the current daemon's (a pid read from an old snapshot
+        may since belong to any process on the machine)."""
+        if pid not in marked_processes(marker or self.marker(self.incarnation), [pid]):
+            return False
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -286,9 +289,12 @@ class Nemesis:
         return True
 
     # -- the run -------------------------------------------------------------------------------------
+    def marker(self, what: int | str) -> str:
+        return f"{self.run_id}-{what}"
+
     def start_serve(self) -> None:
         cmd = daemon_cmd(self.root, "serve", "--port", str(self.port))
-        self.serve = start_process(cmd, self.work / "serve.log", {MARKER: "serve"})
+        self.serve = start_process(cmd, self.work / "serve.log", {MARKER: self.marker("serve")})
 
     def watch(self) -> None:
         """Stragglers of a dead daemon, a daemon or server that stopped by itself, memory."""
@@ -301,15 +307,17 @@ class Nemesis:
             if not left:
                 self.kills.remove((incarnation, when))
             elif now - when > OUTLIVE_SECONDS:
-                self.failures.append(f"processes {left} outlived daemon {incarnation} by {now - when:.0f}s")
+                self.failures.append(
+                    f"processes {describe(left)} outlived daemon {incarnation} by {now - when:.0f}s"
+                )
                 for pid in left:
-                    self.kill_pid(pid)
+                    self.kill_pid(pid, incarnation)
                 self.kills.remove((incarnation, when))
         if self.daemon.poll() is not None:
             self.unexpected_exits += 1
             tail = self.verifier.log_tail()
             self.failures.append(f"the daemon exited by itself ({self.daemon.returncode}): {tail}")
-            self.kills.append((str(self.incarnation), now))
+            self.kills.append((self.marker(self.incarnation), now))
             if self.unexpected_exits >= 3:
                 raise RuntimeError("the daemon stopped by itself three times; giving up")
             self.start_daemon()
@@ -354,8 +362,9 @@ class Nemesis:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        for pid in marked_processes(str(self.incarnation)) + marked_processes("serve"):
-            self.kill_pid(pid)
+        for marker in (self.marker(self.incarnation), self.marker("serve")):
+            for pid in marked_processes(marker):
+                self.kill_pid(pid, marker)
 
     def report(self) -> None:
         v = self.verifier

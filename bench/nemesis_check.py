@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nemesis_kit import MARKER, daemon_cmd, marked_processes, models_yaml
+from nemesis_kit import MARKER, daemon_cmd, describe, marked_processes, models_yaml
 
 from dropbox_runner.results.log import read_fed_mark
 
@@ -137,11 +137,11 @@ class Verifier:
     def no_stragglers(self) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            left = [p for i in range(1, self.n.incarnation + 1) for p in marked_processes(str(i))]
+            left = [p for i in range(1, self.n.incarnation + 1) for p in marked_processes(self.n.marker(i))]
             if not left:
                 return
             time.sleep(0.2)
-        self.n.failures.append(f"processes {left} outlived the final daemon (stopped with SIGTERM)")
+        self.n.failures.append(f"processes {describe(left)} outlived the final daemon (stopped with SIGTERM)")
 
     # -- the verdict ---------------------------------------------------------------------------------
     def api_jobs(self) -> list:
@@ -207,7 +207,7 @@ class Verifier:
                 path = ref / "inbox" / model / f"{job.tag}-{model}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(job.data())
-        env = {**os.environ, MARKER: "reference"}
+        env = {**os.environ, MARKER: self.n.marker("reference")}
         proc = subprocess.run(
             daemon_cmd(ref, "run", "--once"), capture_output=True, text=True, timeout=1800, env=env
         )

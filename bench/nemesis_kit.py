@@ -309,11 +309,11 @@ class Receiver:
 MARKER = "DROPBOX_NEMESIS_DAEMON"
 
 
-def marked_processes(value: str) -> list[int]:
-    """Live processes whose environment carries MARKER=value (a daemon and all it started)."""
+def marked_processes(value: str, among: list[int] | None = None) -> list[int]:
+    """Live processes (of `among`, or all) whose environment has MARKER=value: a daemon and its own."""
     needle = f"{MARKER}={value}\0".encode()
     found = []
-    for entry in os.listdir("/proc"):
+    for entry in map(str, among) if among is not None else os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
@@ -326,6 +326,19 @@ def marked_processes(value: str) -> list[int]:
         if needle in env and not zombie:
             found.append(int(entry))
     return found
+
+
+def describe(pids: list[int]) -> str:
+    """pid: command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {cmdline[:120]}")
+        except OSError:
+            out.append(f"{pid}: gone")
+    return "; ".join(out)
 
 
 def peak_rss_mb(pid: int) -> float | None:
