@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint format bench docs browser
+.PHONY: install demo test test-fast lint format bench docs browser nemesis
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -60,3 +60,9 @@ docs: install
 
 bench: install
 	$(PY) bench/run.py
+
+# Random faults thrown at a running daemon for MINUTES (default 30), then the checks (docs/nemesis.md).
+# SEED= replays a run; ALL=1 also throws the faults whose fixes are pending.
+MINUTES ?= 30
+nemesis: install
+	$(PY) bench/nemesis.py --minutes $(MINUTES) $(if $(SEED),--seed $(SEED)) $(if $(ALL),--all)

@@ -88,7 +88,12 @@ class Daemon:
             write_json(self.layout.daemon_info, info)
             self._install_signals()
             self._check_models()
-            self._recover()
+            try:
+                self._recover()
+            except OSError as exc:  # a full disk at start: pause, and the loop recovers after it
+                if not is_environmental(exc):
+                    raise
+                self._pause(f"{exc.strerror or exc} ({exc.filename or 'state'})")
             poll = should_poll(self.settings.poll, self.layout.inbox)
             self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
             self.watcher.start()

@@ -34,8 +34,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A test hook, off by default: with $DROPBOX_RUNNER_TEST_ENOSPC set to a path, every staged write
+# fails with ENOSPC while that file exists (the nemesis's full disk where no tmpfs can be mounted).
+TEST_ENOSPC_ENV = "DROPBOX_RUNNER_TEST_ENOSPC"
+
+
+def _injected_disk_full() -> None:
+    flag = os.environ.get(TEST_ENOSPC_ENV)
+    if flag and os.path.exists(flag):
+        raise OSError(errno.ENOSPC, "No space left on device (injected by $" + TEST_ENOSPC_ENV + ")")
+
+
 def _open_new(folder: Path, name: str) -> tuple[Path, int]:
     """A fresh hidden staging file in `folder`; never follows or reuses an existing entry."""
+    _injected_disk_full()
     name = os.fsdecode(os.fsencode(name)[:200])  # a long target name still leaves room for the rest
     while True:
         tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

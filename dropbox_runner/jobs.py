@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dropbox_runner import catalog, dedupe, retention, webhooks
+from dropbox_runner.errors import is_environmental
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic, write_json
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import acquire_root
@@ -263,6 +264,8 @@ class Jobs:
             try:
                 self._recover_job(job_id, queued_keys)
             except Exception as exc:
+                if is_environmental(exc):  # a full disk fails no job: the daemon pauses, then recovers
+                    raise
                 self.failed_internal(job_id, f"recovery at start failed: {exc}")
         for key, job_id, model in self.journal.queued():
             if not (self.layout.jobs / job_id / f"{model}.task.json").exists():
