@@ -54,27 +54,33 @@ class Faults:
         self.start_daemon()
         return True
 
-    def running(self) -> tuple[dict, tuple | None]:
+    def running(self) -> tuple[dict, list[tuple]]:
+        """The snapshot and the (job id, model) of every task the model process holds (they share)."""
         snap = self.verifier.snapshot()
-        run = snap.get("running") or {}
-        return snap, (run.get("job_id"), run.get("model")) if run else None
+        return snap, [(r.get("job_id"), r.get("model")) for r in snap.get("running") or []]
 
     def model_kill9(self) -> bool:
-        snap, task = self.running()
+        snap, tasks = self.running()
         pid = snap.get("model_pid")
-        if not pid or task is None or snap.get("copies") or not snap.get("loaded_model"):
+        if not pid or not tasks or snap.get("copies") or not snap.get("loaded_model"):
             return False
         # Two kills over the same lines would make the daemon hunt a culprit among innocent lines,
-        # and six fail the task: kill a task's process at most twice, and only past the last kill.
-        kills, mark = self.model_kills.get(task, [0, -1])
-        committed = self.verifier.committed(task)
-        if kills >= 2 or committed <= mark:
-            return False
-        self.model_kills[task] = [kills + 1, self.verifier.fed(task) + 20]
+        # and six fail the task: kill a task's process at most twice, and only past the last kill,
+        # for every task the process holds.
+        for task in tasks:
+            kills, mark = self.model_kills.get(task, [0, -1])
+            if kills >= 2 or self.verifier.committed(task) <= mark:
+                return False
+        for task in tasks:
+            self.model_kills[task] = [
+                self.model_kills.get(task, [0, -1])[0] + 1,
+                self.verifier.fed(task) + 20,
+            ]
         return self.kill_pid(pid)
 
     def copy_kill9(self) -> bool:
-        snap, task = self.running()
+        snap, tasks = self.running()
+        task = tasks[0] if tasks else None  # copies run one task at a time
         copies = [c for c in snap.get("copies") or [] if c.get("loaded") and c.get("shard")]
         if not copies or task is None or self.copy_kills[task] >= 1:
             return False
