@@ -18,24 +18,25 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import orjson
 
-from dropbox_runner import crashes
+from dropbox_runner import crashes, shardplan
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, Settings
 from dropbox_runner.history import History
 from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import Layout
-from dropbox_runner.lines import iter_raw_lines
+from dropbox_runner.lines import iter_raw_lines, quote
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids
-from dropbox_runner.shardplan import CHECKPOINT
 from dropbox_runner.supervisor import ModelProcess
 
 log = logging.getLogger("dropbox_runner.daemon")
 
 MAX_SHARD_LINES = 1024
+DUPLICATES_COMMIT_BYTES = 4 << 20  # the daemon holds at most this much of the duplicates' errors
 MAX_COPY_DEATHS = 8  # deaths of copies on one task, beyond its poison lines, before it fails
 POISON_MESSAGE = "this request crashed a copy of the model process, alone; it was not run again"
 
@@ -86,25 +87,7 @@ class ShardedRun:
             log.warning("recovery of %s/%s: %s", spec.id, task.model, note)
         self.log.mark_started()
         self.answered = recovery.kept  # lines with a result, committed or not
-        self.checkpoints, duplicates = self._plan()
-        for index, line, custom_id, message in duplicates:  # fail in place, as with one copy
-            if not self.log.done[index]:
-                ids = request_ids(spec.id, task.model, index)
-                self.log.append(
-                    index,
-                    False,
-                    0,
-                    0,
-                    error_line(
-                        custom_id,
-                        400,
-                        f"line {line}: {message}",
-                        ids,
-                        param="custom_id",
-                        code="invalid_request",
-                    ),
-                )
-                self.answered += 1
+        self.checkpoints = self._plan()
         self.queue: deque[Shard] = deque(self._shards(config.replicas))
         self.deaths = 0
         self.failed: str | None = None  # why the task cannot go on
@@ -135,20 +118,42 @@ class ShardedRun:
                 start = i if free else None
         return shards
 
-    def _plan(self) -> tuple[list[list[int]], list[list]]:
-        """Checkpoints ([index, offset, line] every shardplan.CHECKPOINT lines) and repeated ids."""
-        done = subprocess.run(
-            [sys.executable, "-m", "dropbox_runner.shardplan", self.order.input],
-            capture_output=True,
-            check=True,
-            cwd=self.layout.root,
-        )
-        plan = orjson.loads(done.stdout)
-        return plan["checkpoints"], plan["duplicates"]
+    def _plan(self) -> list[list[int]]:
+        """Checkpoints ([index, offset, line] every shardplan.CHECKPOINT lines), read as the child
+        prints them; a line that repeats an id fails in place as it comes, as with one copy."""
+        checkpoints, cmd = [], [sys.executable, "-m", "dropbox_runner.shardplan", self.order.input]
+        pending = 0  # bytes of duplicates' error lines not yet committed: bounded, however many
+        with (
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=self.layout.root) as child,
+            open(self.order.input, "rb") as f,
+        ):
+            for entry in child.stdout:
+                kind, index, offset, line = orjson.loads(entry)
+                if kind == "c":
+                    checkpoints.append([index, offset, line])
+                elif not self.log.done[index]:
+                    pending += self._fail_duplicate(f, index, offset, line)
+                    if pending >= DUPLICATES_COMMIT_BYTES:
+                        self.commit()
+                        pending = 0
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, cmd)
+        return checkpoints
+
+    def _fail_duplicate(self, f: BinaryIO, index: int, offset: int, line: int) -> int:
+        """Fail line `index` (at `offset`) for repeating an earlier custom_id; the bytes appended."""
+        f.seek(offset)
+        custom_id = shardplan.custom_id(next(iter_raw_lines(f, offset, index, line - 1)).data)
+        ids = request_ids(self.spec.id, self.task.model, index)
+        message = f"line {line}: duplicate custom_id {quote(custom_id)}"
+        payload = error_line(custom_id, 400, message, ids, param="custom_id", code="invalid_request")
+        self.log.append(index, False, 0, 0, payload)
+        self.answered += 1
+        return len(payload)
 
     def _start_of(self, index: int) -> list[int]:
         """Where a copy starts reading for a shard that begins at line `index`: the checkpoint before."""
-        checkpoint = self.checkpoints[min(index // CHECKPOINT, len(self.checkpoints) - 1)]
+        checkpoint = self.checkpoints[min(index // shardplan.CHECKPOINT, len(self.checkpoints) - 1)]
         return [checkpoint[1], checkpoint[2], checkpoint[0]]
 
     def _start_copy(self, index: int) -> Copy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,53 @@ def test_a_dead_copys_shard_resumes_after_what_it_sent() -> None:
     run.log, run.queue = SimpleNamespace(done=done), deque()
     run._give_back(Shard(0, 100))
     assert [(s.start, s.end, s.crashes) for s in run.queue] == [(60, 100, 1)]
+
+
+def _peak_mb(pid: int) -> float:
+    """The highest resident size a process reached (VmHWM), in MB."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0.0
+    return next(int(x.split()[1]) for x in text.splitlines() if x.startswith("VmHWM:")) / 1024
+
+
+def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path) -> None:
+    """Issue 23 item 2: 3,000 lines sharing one 16 KB custom_id on two copies, the daemon stays small."""
+    models = "  rep: {engine: echo, replicas: 2}\n  one: {engine: echo}\n"
+    (root / "models.yaml").write_text((root / "models.yaml").read_text() + models)
+    fat_lines = [{**chat_line(i), "custom_id": "x" * 16384} for i in range(3000)]
+    write_jsonl(root / "inbox/rep/fat.jsonl", fat_lines)
+    d = Daemon(root)
+    peak = 0.0
+    try:
+        deadline = time.monotonic() + 180
+        while not finished(root, "fat"):
+            assert time.monotonic() < deadline, "timed out waiting for the fat job"
+            peak = max(peak, _peak_mb(d.proc.pid))
+            time.sleep(0.1)
+        peak = max(peak, _peak_mb(d.proc.pid))
+        write_jsonl(root / "inbox/one/fatone.jsonl", fat_lines)
+        wait_for(lambda: finished(root, "fatone"), timeout=180, what="the one-copy fat job")
+    finally:
+        d.kill(signal.SIGTERM)
+    assert peak < 150, f"the daemon peaked at {peak:.0f} MB"
+
+    def summary(path: Path) -> list[tuple]:
+        out = []
+        for x in read_jsonl(path):
+            error = x["error"] or ((x["response"] or {}).get("body") or {}).get("error") or {}
+            out.append(
+                (
+                    x["custom_id"],
+                    (x["response"] or {}).get("status_code"),
+                    error.get("code"),
+                    error.get("message"),
+                )
+            )
+        return out
+
+    got = summary(root / "outbox/fat/rep.jsonl")
+    assert got == summary(root / "outbox/fatone/one.jsonl")
+    assert len(got) == 3000 and got[0][1:3] == (200, None)
+    assert got[2][1:] == (400, "invalid_request", f'line 3: duplicate custom_id "{"x" * 196}...')
