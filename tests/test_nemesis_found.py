@@ -1,7 +1,4 @@
-"""Faults the nemesis (bench/nemesis.py) found, each kept as a plain test.
-
-One is still marked xfail: issue 23 item 2 (the daemon's memory with long duplicate ids on copies).
-"""
+"""Faults the nemesis (bench/nemesis.py) found, each kept as a plain test."""
 
 from __future__ import annotations
 
@@ -11,15 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
-
-ITEM_1 = "issue 23 item 1 and section 14 (names the filesystem allows), being fixed on another branch"
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -119,7 +112,6 @@ def peak_mb(pid: int) -> float:
         return next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmHWM:"))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23 item 2, being fixed on another branch")
 def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Path) -> None:
     # The nemesis's `fat_ids` (seed 303): 3,000 lines sharing one 16 KB custom_id on `replicas: 2`.
     from nemesis_kit import fat_lines
