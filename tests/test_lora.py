@@ -239,14 +239,20 @@ def test_an_adapter_made_after_its_base_started_restarts_the_base_for_it(lroot: 
     assert d.output().count("loading base") == 2
 
 
-def test_an_adapters_task_runs_at_once_beside_its_bases_running_task(lroot: Path) -> None:
-    """Section 12 with 13: an adapter's job joins the base's running process instead of waiting for it."""
-    gate = lroot / "gate.open"
+def gate_the_base(root: Path) -> Path:
+    """The base's lines that say GATE wait for the returned file (conftest's gate, on this root's base)."""
+    gate = root / "gate.open"
     yaml = LORA_YAML.replace(
         "engine_args: {delay_ms: 2, max_in_flight: 16}",
         f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
     )
-    (lroot / "models.yaml").write_text(yaml)
+    (root / "models.yaml").write_text(yaml)
+    return gate
+
+
+def test_an_adapters_task_runs_at_once_beside_its_bases_running_task(lroot: Path) -> None:
+    """Section 12 with 13: an adapter's job joins the base's running process instead of waiting for it."""
+    gate = gate_the_base(lroot)
     (lroot / "inbox/base").mkdir(exist_ok=True)
     (lroot / "inbox/sql").mkdir(exist_ok=True)
     write_jsonl(lroot / "inbox/base/long.jsonl", [chat_line(i) for i in range(50)] + [chat_line(50, "GATE")])
@@ -270,12 +276,7 @@ def test_an_adapters_task_runs_at_once_beside_its_bases_running_task(lroot: Path
 
 
 def test_cancel_of_a_job_whose_base_and_adapter_tasks_run_at_once_ends_both(lroot: Path) -> None:
-    gate = lroot / "gate.open"
-    yaml = LORA_YAML.replace(
-        "engine_args: {delay_ms: 2, max_in_flight: 16}",
-        f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
-    )
-    (lroot / "models.yaml").write_text(yaml)
+    gate_the_base(lroot)  # the job cannot end before its cancel
     manifest(lroot, "j", ["base", "sql"], [chat_line(i) for i in range(5)] + [chat_line(5, "GATE")])
     d = Daemon(lroot)
     try:
