@@ -84,5 +84,6 @@ def test_each_adapters_greedy_text_equals_vllms_own_lora_chat_and_a_refused_one_
     for name in folders:
         assert text[name] == expected[name], name
         differ = sum(a != b for a, b in zip(text[name], text["tiny-llama"], strict=True))
-        assert differ > len(QUESTIONS) * 0.8, f"{name} differs from the base on {differ} lines only"
+        # "most lines" (issue 24): a random rank-8 adapter changed 25 to 32 of these 32 answers here
+        assert differ > len(QUESTIONS) / 2, f"{name} differs from the base on {differ} lines only"
     assert text["a1"] != text["a2"]
