@@ -292,6 +292,19 @@ def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_li
                     what="the chart grows",
                 )
                 assert page.locator("#chart rect.load").count() >= 1, "the loads are marked"
+                ticks = [
+                    float(v)
+                    for v in page.eval_on_selector_all("#chart text.tick", "e => e.map(t => t.dataset.value)")
+                ]
+                step = ticks[1] - ticks[0]
+                mantissa = step / 10 ** __import__("math").floor(__import__("math").log10(step))
+                assert ticks[0] == 0 and round(mantissa, 6) in (1, 2, 5), ticks  # 0, 1k, 2k: round ticks
+                assert all(abs(t - i * step) < 1e-6 * step for i, t in enumerate(ticks)), ticks
+                wait_for(
+                    lambda: page.locator("#chart polyline.task").count() >= 1,
+                    timeout=30,
+                    what="a line for the running task",
+                )
                 queue = page.locator("#queue tr").all_inner_texts()
                 assert any("behind" in row for row in queue)
                 page.screenshot(path=str(ARTIFACTS / "status-page-overview.png"), full_page=True)
