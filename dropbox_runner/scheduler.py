@@ -54,6 +54,11 @@ def pick(
     return Choice(*head, reason=f"no queued work for {loaded}")
 
 
+def model_of(held: Held) -> str:
+    """The model of a held task, from its id (`<job id>/<model>`)."""
+    return held.task_id.rsplit("/", 1)[-1]
+
+
 def rank(key: str) -> int:
     """The priority part of a queue key: lower is served first."""
     return int(key.split("-", 1)[0])
@@ -125,6 +130,12 @@ def admission(
     running_in = Counter(h.group for h in held if not h.leaving)
     mine.sort(key=lambda e: (rank(e[0]), running_in[groups.get(e[0], "")] > 0))
     best = mine[0]
+    adapter = base_of(best[2]) != best[2]
+    if any((base_of(model_of(h)) != model_of(h)) != adapter for h in held):
+        # The base's own lines never share the engine with its adapters' lines: vLLM's CPU build gave
+        # base requests an adapter's weights when both were in one step (docs/lora.md). The task
+        # waits for the running ones to end and then runs in the same process, without a reload.
+        return Admission(reason=f"{best[1]}/{best[2]} waits: base and adapters take turns")
     if len(held) < max_shared:
         n = len(held) + 1
         return Admission(

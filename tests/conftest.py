@@ -63,13 +63,17 @@ def daemon_cmd(root: Path, *args: str) -> list[str]:
 def run_once(
     root: Path, *args: str, timeout: float = 120, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        daemon_cmd(root, "--once", *args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    try:
+        proc = subprocess.run(
+            daemon_cmd(root, "--once", *args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
+    except subprocess.TimeoutExpired as exc:  # say what the daemon was doing, not only that it ran long
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        raise AssertionError(f"run --once still running after {timeout}s; it said:\n{said[-4000:]}") from None
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -66,7 +66,7 @@ def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_p
     assert kills == 25, "the job ended before 25 kills"
     assert not finished(root, "job")
     (root / "models.yaml").write_text(fast_yaml)  # the rest at the shipped pace: the same answers
-    run_once(root)
+    run_once(root, timeout=300)
     got = normalized(root / "outbox/job/slow.jsonl")
     assert got == expected
     ids = [x["custom_id"] for x in got]

@@ -28,7 +28,7 @@ base, adapters, questions, args = json.loads(sys.argv[1])
 llm = LLM(model=base, enable_lora=True, max_loras=2, max_lora_rank=8, **args)
 params = SamplingParams(temperature=0, max_tokens=16)
 chats = [[{"role": "user", "content": q}] for q in questions]
-out = {}
+out = {"base": [o.outputs[0].text for o in llm.chat(chats, params, use_tqdm=False)]}
 for i, (name, folder) in enumerate(sorted(adapters.items()), 1):
     got = llm.chat(chats, params, lora_request=LoRARequest(name, i, folder), use_tqdm=False)
     out[name] = [o.outputs[0].text for o in got]
@@ -81,9 +81,11 @@ def test_each_adapters_greedy_text_equals_vllms_own_lora_chat_and_a_refused_one_
     assert ref.returncode == 0, ref.stderr[-3000:]
     found = next(line for line in ref.stdout.splitlines() if line.startswith("REFERENCE"))
     expected = json.loads(found[len("REFERENCE") :])
+    # The base's own lines are the base's, not an adapter's (they never share an engine step with
+    # the adapters': vLLM's CPU build gave them an adapter's weights when they did; docs/lora.md).
+    assert text["tiny-llama"] == expected["base"]
     for name in folders:
         assert text[name] == expected[name], name
         differ = sum(a != b for a, b in zip(text[name], text["tiny-llama"], strict=True))
-        # "most lines" (issue 24): a random rank-8 adapter changed 25 to 32 of these 32 answers here
         assert differ > len(QUESTIONS) / 2, f"{name} differs from the base on {differ} lines only"
     assert text["a1"] != text["a2"]
