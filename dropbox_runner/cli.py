@@ -16,10 +16,10 @@ from typing import Any
 import click
 import orjson
 
-from dropbox_runner import catalog
 from dropbox_runner.errors import JobNotFound, RunnerError
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout, resolve_root
+from dropbox_runner.queue import catalog
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also: `submit --wait --timeout` ran out
@@ -198,7 +198,7 @@ def service(layout: Layout, user: str | None) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Show every finished job, not only the recent ones.")
 def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all: bool) -> None:
     """Every job with its models, progress, tokens/s and ETA; with NAME|ID, one job in detail."""
-    from dropbox_runner import status as st
+    from dropbox_runner.status import view as st
 
     def render() -> str:
         if ref:
@@ -344,8 +344,8 @@ def wait_for_jobs(layout: Layout, followed: list, timeout: float | None) -> int:
 
 
 def _job_operation(layout: Layout, ref: str, op: str) -> None:
-    from dropbox_runner.jobs import operate
-    from dropbox_runner.journal import Journal
+    from dropbox_runner.jobs.operations import operate
+    from dropbox_runner.queue.journal import Journal
 
     journal = Journal(layout)
     spec = journal.find(ref)
@@ -380,8 +380,9 @@ def retry(layout: Layout, ref: str) -> None:
 @click.option("--check", is_flag=True, help="Verify each entry without loading it.")
 def models(layout: Layout, check: bool) -> None:
     """List the models of models.yaml."""
-    from dropbox_runner.config import model_problem, resolve_model_path
-    from dropbox_runner.memory import weight_bytes
+    from dropbox_runner.config import resolve_model_path
+    from dropbox_runner.slot.loadable import model_problem
+    from dropbox_runner.slot.memory import weight_bytes
 
     registry = load_registry(layout.root)
     failed = 0
@@ -411,7 +412,7 @@ def models(layout: Layout, check: bool) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(layout: Layout, file: Path) -> None:
     """Check a JSONL file offline: one line per problem; exit 1 if any."""
-    from dropbox_runner.lines import summarize
+    from dropbox_runner.lines.parse import summarize
 
     summary = summarize(file, keep_errors=None, whole=True)
     for e in summary.errors:

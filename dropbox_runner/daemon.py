@@ -15,21 +15,25 @@ import sys
 import time
 from collections.abc import Callable
 
-from dropbox_runner import scheduler, status, systemd, webhooks
-from dropbox_runner.config import Registry, model_problem
+from dropbox_runner import systemd
+from dropbox_runner.config import Registry
 from dropbox_runner.errors import RunnerError, is_environmental
-from dropbox_runner.execution import Execution
 from dropbox_runner.fsutil import read_json_or_none, write_json
-from dropbox_runner.history import History
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import Watcher, should_poll
-from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import Journal
+from dropbox_runner.jobs.operations import Jobs
+from dropbox_runner.jobs.retention import retention_due
 from dropbox_runner.layout import Layout, acquire_root
-from dropbox_runner.lifecycle import Status
-from dropbox_runner.retention import retention_due
-from dropbox_runner.slottask import group_of
+from dropbox_runner.queue import scheduler
+from dropbox_runner.queue.journal import Journal
+from dropbox_runner.queue.lifecycle import Status
+from dropbox_runner.results import webhooks
+from dropbox_runner.slot.execution import Execution
+from dropbox_runner.slot.loadable import model_problem
+from dropbox_runner.slot.task import group_of
+from dropbox_runner.status import view as status
+from dropbox_runner.status.history import History
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -136,8 +140,8 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self.execution.stop()
-        if "dropbox_runner.raycopies" in sys.modules:  # imported only if a model used Ray
-            sys.modules["dropbox_runner.raycopies"].stop()
+        if "dropbox_runner.slot.copies.ray" in sys.modules:  # imported only if a model used Ray
+            sys.modules["dropbox_runner.slot.copies.ray"].stop()
         self.history.tick(force=True)
         if self.watcher:
             self.watcher.stop()

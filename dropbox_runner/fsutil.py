@@ -12,6 +12,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from hashlib import blake2b
 from pathlib import Path
 from typing import IO, Any
 
@@ -168,3 +169,22 @@ def files_equal(a: Path, b: Path) -> bool:
                 return False
             if not ca:
                 return True
+
+
+def folder_digest(folder: Path) -> str:
+    """A digest of every file under the folder: names and bytes (missing folder: a digest of nothing)."""
+    h = blake2b(digest_size=12)
+    try:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+    except (OSError, ValueError):  # missing, unreadable, a NUL byte in the name
+        files = []
+    for path in files:
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"<unreadable>")
+        h.update(b"\0")
+    return h.hexdigest()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from test_api import Server, client, wait_batch
 
-from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import Journal
+from dropbox_runner.jobs.operations import Jobs
+from dropbox_runner.jobs.retention import retention_due
 from dropbox_runner.layout import Layout
-from dropbox_runner.retention import retention_due
+from dropbox_runner.queue.journal import Journal
 
 from conftest import Daemon, batch_json, chat_line, read_jsonl, run_once, write_jsonl
 

@@ -236,10 +236,10 @@ def make_finished_jobs(root: Path, n: int) -> None:
     from dropbox_runner.config import load_registry
     from dropbox_runner.intake.claim import Claimer
     from dropbox_runner.intake.scanner import Drop
-    from dropbox_runner.jobs import Jobs
-    from dropbox_runner.journal import Journal
+    from dropbox_runner.jobs.operations import Jobs
     from dropbox_runner.layout import Layout
-    from dropbox_runner.lifecycle import Status
+    from dropbox_runner.queue.journal import Journal
+    from dropbox_runner.queue.lifecycle import Status
     from dropbox_runner.results.log import ResultLog
 
     journal = Journal(Layout(root))

@@ -22,9 +22,9 @@ from dropbox_runner.daemon import scan_due
 from dropbox_runner.fsutil import staged
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
-from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import Journal
+from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.layout import Layout, acquire_root
+from dropbox_runner.queue.journal import Journal
 
 from conftest import (
     Daemon,
@@ -365,7 +365,7 @@ def test_a_status_lock_probe_does_not_make_a_starting_daemon_refuse(root: Path) 
 
 
 def test_status_reads_a_job_that_is_archived_while_it_reads(root: Path) -> None:
-    from dropbox_runner import catalog
+    from dropbox_runner.queue import catalog
 
     write_jsonl(root / "inbox/echo/moving.jsonl", [chat_line(0)])
     run_once(root)

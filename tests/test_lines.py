@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dropbox_runner.lines import IdSet, LineError, RawLine, Request, iter_raw_lines, parse_line
+from dropbox_runner.lines.parse import IdSet, LineError, RawLine, Request, iter_raw_lines, parse_line
 
 
 def parse(obj: object, defaults: tuple = ()) -> Request | LineError:
@@ -105,7 +105,7 @@ def test_duplicate_custom_id_fails_the_later_line() -> None:
 
 
 def test_overlong_line_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dropbox_runner.lines as rq
+    import dropbox_runner.lines.parse as rq
 
     monkeypatch.setattr(rq, "MAX_LINE_BYTES", 1000)
     data = b"x" * 5000 + b"\n" + json.dumps(chat()).encode() + b"\n"

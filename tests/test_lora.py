@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dropbox_runner import adapters
 from dropbox_runner.cli import main
 from dropbox_runner.config import parse_registry
 from dropbox_runner.errors import ConfigError
+from dropbox_runner.queue.scheduler import pick
 from dropbox_runner.results.log import read_fed_mark
-from dropbox_runner.scheduler import pick
+from dropbox_runner.slot import adapters, loadable
 
 from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 from lora_kit import fake_adapter
@@ -192,7 +192,7 @@ models:
         tmp_path,
     )
     problems = {
-        name: adapters.adapter_problem(tmp_path, reg, name) for name in reg.models if reg.models[name].base
+        name: loadable.adapter_problem(tmp_path, reg, name) for name in reg.models if reg.models[name].base
     }
     assert problems["ok"] is None
     assert "rank 600" in problems["big"]
@@ -283,7 +283,7 @@ def test_adapters_share_the_bases_process_at_once_and_the_base_takes_its_turn(lr
 
 
 def test_base_and_adapter_tasks_take_turns_in_admission() -> None:
-    from dropbox_runner.scheduler import Held, admission
+    from dropbox_runner.queue.scheduler import Held, admission
 
     base_of = {"sql": "base", "chat": "base"}.get
     queued = [("0-2000000000-j2-base", "j2", "base"), ("0-3000000000-j3-chat", "j3", "chat")]

@@ -48,9 +48,9 @@ def test_a_receiver_answering_garbage_does_not_stop_the_next_receivers_delivery(
     # OSError, so it escapes the delivery loop before the attempt is recorded.
     from nemesis_kit import WEBHOOK_SECRET, Receiver
 
-    from dropbox_runner import webhooks
     from dropbox_runner.config import Webhook
     from dropbox_runner.layout import Layout
+    from dropbox_runner.results import webhooks
 
     layout = Layout(tmp_path)
     layout.state.mkdir()

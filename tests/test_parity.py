@@ -334,8 +334,8 @@ def test_status_json_carries_a_bounded_history_of_points_loads_and_swaps(root: P
 
 
 def test_history_stays_bounded_over_ten_thousand_points(tmp_path: Path) -> None:
-    from dropbox_runner.history import MAX_POINTS, History
     from dropbox_runner.layout import Layout
+    from dropbox_runner.status.history import MAX_POINTS, History
 
     layout = Layout(tmp_path)
     layout.state.mkdir()

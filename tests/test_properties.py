@@ -14,11 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dropbox_runner import adapters, dedupe
 from dropbox_runner.config import parse_registry
 from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.errors import ConfigError
-from dropbox_runner.fieldrules import HONOURED, INFORMATIONAL, VLLM_EXTRAS
 from dropbox_runner.intake.manifest import (
     RUNNER_KEYS,
     Manifest,
@@ -26,8 +24,11 @@ from dropbox_runner.intake.manifest import (
     metadata_problem,
     parse_manifest,
 )
-from dropbox_runner.lines import IdSet, LineError, RawLine, Request, parse_line
-from dropbox_runner.scoringrules import RERANK_PAIR, SCORE_PAIRS, SCORING_FIELDS, SCORING_KINDS
+from dropbox_runner.lines.fields import HONOURED, INFORMATIONAL, VLLM_EXTRAS
+from dropbox_runner.lines.parse import IdSet, LineError, RawLine, Request, parse_line
+from dropbox_runner.lines.scoring import RERANK_PAIR, SCORE_PAIRS, SCORING_FIELDS, SCORING_KINDS
+from dropbox_runner.results import dedupe
+from dropbox_runner.slot import adapters, loadable
 
 EXAMPLES = settings(
     max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -299,7 +300,7 @@ def test_any_models_yaml_loads_or_names_the_key(
         if model.base is None:
             assert isinstance(adapters.serving_config(root, registry, name).lora_adapters, dict)
         else:
-            assert isinstance(adapters.adapter_problem(root, registry, name), str)
+            assert isinstance(loadable.adapter_problem(root, registry, name), str)
     assert set(dedupe.fingerprints(registry, root, list(registry.models))) == set(registry.models)
 
 

@@ -142,7 +142,7 @@ def test_an_empty_poll_is_no_sign_of_life_so_a_hung_copy_is_found(monkeypatch: p
     """Issue 23 item 6: a hung actor still answers polls, with nothing; the stall check must see it."""
     from types import SimpleNamespace
 
-    from dropbox_runner import raycopies
+    from dropbox_runner.slot.copies import ray as raycopies
 
     copy = object.__new__(raycopies.RayCopy)
     copy.name, copy.loaded, copy._dead, copy._poll = "rr", True, None, "ref"

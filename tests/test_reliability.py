@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 from test_api import free_port
 
-from dropbox_runner import webhooks
 from dropbox_runner.config import load_registry
 from dropbox_runner.daemon import Daemon as Core
 from dropbox_runner.intake.scanner import Drop
-from dropbox_runner.jobs import request
-from dropbox_runner.journal import JobSpec, Journal
+from dropbox_runner.jobs.operations import request
 from dropbox_runner.layout import Layout
-from dropbox_runner.results import batchfile
+from dropbox_runner.queue.journal import JobSpec, Journal
+from dropbox_runner.results import batchfile, webhooks
 
 from conftest import batch_json, chat_line, run_once, wait_for, write_jsonl
 

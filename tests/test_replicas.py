@@ -12,7 +12,7 @@ import pytest
 
 from dropbox_runner.config import load_registry
 from dropbox_runner.errors import ConfigError
-from dropbox_runner.supervisor import group_members
+from dropbox_runner.slot.supervisor import group_members
 
 from conftest import (
     Daemon,
@@ -150,7 +150,7 @@ def test_a_dead_copys_shard_resumes_after_what_it_sent() -> None:
     from collections import deque
     from types import SimpleNamespace
 
-    from dropbox_runner.shards import Shard, ShardedRun
+    from dropbox_runner.slot.copies.shards import Shard, ShardedRun
 
     run = object.__new__(ShardedRun)
     done = bytearray(100)

@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from dropbox_runner.journal import queue_key
-from dropbox_runner.scheduler import pick
+from dropbox_runner.queue.journal import queue_key
+from dropbox_runner.queue.scheduler import pick
 
 from conftest import (
     Daemon,

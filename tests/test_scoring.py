@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dropbox_runner.lines import IdSet, LineError, RawLine, Request, parse_line
+from dropbox_runner.lines.parse import IdSet, LineError, RawLine, Request, parse_line
 
 from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from dropbox_runner.engine.fairness import Fairness, Share
-from dropbox_runner.journal import queue_key
-from dropbox_runner.scheduler import Held, admission
+from dropbox_runner.queue.journal import queue_key
+from dropbox_runner.queue.scheduler import Held, admission
 
 from conftest import (
     Daemon,
@@ -194,7 +194,7 @@ def test_metrics_name_at_most_50_groups_and_fold_the_rest_into_other() -> None:
 def test_history_keeps_a_series_per_running_task(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from dropbox_runner.history import History
+    from dropbox_runner.status.history import History
 
     clock = iter(range(0, 1000, 10))
     history = History(SimpleNamespace(state=tmp_path), clock=lambda: next(clock), every=10)
@@ -484,7 +484,7 @@ def test_events_split_over_many_reads_come_out_whole_and_in_order() -> None:
     import threading
 
     from dropbox_runner import protocol as p
-    from dropbox_runner.supervisor import ModelProcess
+    from dropbox_runner.slot.supervisor import ModelProcess
 
     big = p.Results([[i, True, 1, 2, 0, "x" * 200] for i in range(5000)], "j/m")  # about 1.2 MB
     small = p.Progress(1, 0, 2, None, None, "j/m")

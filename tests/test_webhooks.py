@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from test_parity import SECRET, Receiver
 
-from dropbox_runner import webhooks
 from dropbox_runner.config import Webhook
 from dropbox_runner.layout import Layout
+from dropbox_runner.results import webhooks
 
 from conftest import wait_for
 
@@ -97,7 +97,7 @@ def started():
 
 def test_a_receiver_that_answers_garbage_does_not_stop_a_healthy_one(root: Path, started, caplog) -> None:
     garbage, healthy = RawReceiver(b"HELLO, I AM NOT HTTP\r\n\r\n"), Receiver()
-    caplog.set_level(logging.INFO, logger="dropbox_runner.webhooks")
+    caplog.set_level(logging.INFO, logger="dropbox_runner.results.webhooks")
     try:
         path = announce_one(root)
         started(root, [Webhook(url=garbage.url, secret=SECRET), Webhook(url=healthy.url, secret=SECRET)])
@@ -182,7 +182,7 @@ def test_two_entries_with_one_url_each_get_the_event_signed_with_their_own_secre
 def test_failure_lines_name_the_receiver_without_its_query_or_path(root: Path, started, caplog) -> None:
     down = Receiver()
     down.up = False
-    caplog.set_level(logging.INFO, logger="dropbox_runner.webhooks")
+    caplog.set_level(logging.INFO, logger="dropbox_runner.results.webhooks")
     try:
         path = announce_one(root)
         url = down.url.replace("/hook", "/hook/T0KEN-IN-PATH?token=S3CRET-IN-QUERY")
@@ -246,7 +246,7 @@ def test_backoff_is_measured_on_a_monotonic_clock(root: Path, started, monkeypat
 def test_a_receiver_down_past_the_retry_window_is_given_up_with_a_line_in_the_log(root: Path, caplog) -> None:
     down = Receiver()
     down.up = False
-    caplog.set_level(logging.INFO, logger="dropbox_runner.webhooks")
+    caplog.set_level(logging.INFO, logger="dropbox_runner.results.webhooks")
     path = announce_one(root)
     sender = webhooks.Sender(Layout(root), [Webhook(url=down.url, secret=SECRET)], 1 / 3600, interval=0.05)
     sender.start()  # one hour-second of backoff: the first failure's 2 s wait exhausts it

@@ -10,9 +10,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-from dropbox_runner import status
-from dropbox_runner.history import read_history
 from dropbox_runner.layout import Layout
+from dropbox_runner.status import view as status
+from dropbox_runner.status.history import read_history
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

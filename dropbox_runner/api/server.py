@@ -15,17 +15,17 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from dropbox_runner import catalog
-from dropbox_runner import status as status_view
 from dropbox_runner.api import uploads
 from dropbox_runner.api.edge import Edge
 from dropbox_runner.api.edge import is_loopback as is_loopback  # `serve` asks it of its address
 from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
-from dropbox_runner.fieldrules import quote
 from dropbox_runner.intake.manifest import expires_after_seconds, metadata_problem, window_seconds
 from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.layout import Layout
+from dropbox_runner.lines.fields import quote
+from dropbox_runner.queue import catalog
+from dropbox_runner.status import view as status_view
 
 API_KEY_ENV = "DROPBOX_RUNNER_API_KEY"
 ENDPOINTS = (
@@ -298,8 +298,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel_batch(batch_id: str) -> dict[str, Any]:
-        from dropbox_runner.jobs import operate
-        from dropbox_runner.journal import Journal
+        from dropbox_runner.jobs.operations import operate
+        from dropbox_runner.queue.journal import Journal
 
         record = get_record(batch_id)
         journal = Journal(layout)
@@ -356,8 +356,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
     @app.post("/api/jobs/{ref}/{op}")
     def job_operation(ref: str, op: str) -> dict[str, Any]:
         from dropbox_runner.errors import RunnerError
-        from dropbox_runner.jobs import operate
-        from dropbox_runner.journal import Journal
+        from dropbox_runner.jobs.operations import operate
+        from dropbox_runner.queue.journal import Journal
 
         if op not in ("cancel", "retry"):
             raise ApiError(404, "the operations are cancel and retry", code="not_found")

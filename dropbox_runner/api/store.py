@@ -15,7 +15,7 @@ import orjson
 
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, staged, write_json
 from dropbox_runner.layout import Layout
-from dropbox_runner.lines import iter_raw_lines
+from dropbox_runner.lines.parse import iter_raw_lines
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 

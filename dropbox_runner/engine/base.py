@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dropbox_runner.lines import Request
-from dropbox_runner.openai_responses import response_body
-from dropbox_runner.scoringrules import SCORING_KINDS, score_pair
+from dropbox_runner.lines.parse import Request
+from dropbox_runner.lines.responses import response_body
+from dropbox_runner.lines.scoring import SCORING_KINDS, score_pair
 
 
 @dataclass(slots=True)

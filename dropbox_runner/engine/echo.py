@@ -27,7 +27,7 @@ from dropbox_runner.engine.base import (
     score_pairs,
     scoring_body,
 )
-from dropbox_runner.lines import Request
+from dropbox_runner.lines.parse import Request
 
 DEFAULT_MAX_TOKENS = 16
 EMBED_DIM = 8

@@ -19,7 +19,7 @@ from typing import Any
 
 from dropbox_runner import protocol as p
 from dropbox_runner.engine.base import RequestRejected
-from dropbox_runner.lines import IdSet, Request, iter_raw_lines, parse_line
+from dropbox_runner.lines.parse import IdSet, Request, iter_raw_lines, parse_line
 
 log = logging.getLogger("dropbox_runner.worker")
 

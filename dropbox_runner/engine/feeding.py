@@ -20,7 +20,7 @@ from dropbox_runner.engine.base import Engine, Finished, RequestRejected
 from dropbox_runner.engine.fairness import Fairness
 from dropbox_runner.engine.feedahead import FeedAhead, window_order
 from dropbox_runner.engine.taskrun import TaskRun
-from dropbox_runner.lines import Request
+from dropbox_runner.lines.parse import Request
 
 log = logging.getLogger("dropbox_runner.worker")
 

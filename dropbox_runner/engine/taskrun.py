@@ -10,7 +10,7 @@ from dropbox_runner import protocol as p
 from dropbox_runner.engine.base import Finished
 from dropbox_runner.engine.fairness import Share
 from dropbox_runner.engine.shardsink import ShardSink
-from dropbox_runner.lines import IdSet, LineError, Request, iter_raw_lines, parse_line
+from dropbox_runner.lines.parse import IdSet, LineError, Request, iter_raw_lines, parse_line
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids, success_line
 

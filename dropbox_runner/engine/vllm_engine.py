@@ -23,9 +23,9 @@ from dropbox_runner.engine.base import (
     score_inputs,
 )
 from dropbox_runner.engine.vllm_scoring import ScoringMixin
-from dropbox_runner.fieldrules import HONOURED, VLLM_EXTRAS
-from dropbox_runner.lines import Request
-from dropbox_runner.scoringrules import SCORING_KINDS
+from dropbox_runner.lines.fields import HONOURED, VLLM_EXTRAS
+from dropbox_runner.lines.parse import Request
+from dropbox_runner.lines.scoring import SCORING_KINDS
 
 
 def _engine_in_this_process() -> None:

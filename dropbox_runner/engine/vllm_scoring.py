@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from dropbox_runner.engine.base import Finished, RequestRejected, score_inputs, score_pairs, scoring_body
-from dropbox_runner.lines import Request
-from dropbox_runner.scoringrules import score_pair
+from dropbox_runner.lines.parse import Request
+from dropbox_runner.lines.scoring import score_pair
 
 
 class ScoringMixin:

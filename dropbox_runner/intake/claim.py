@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import dedupe
 from dropbox_runner.config import Registry
 from dropbox_runner.errors import fault_point, is_environmental
 from dropbox_runner.fsutil import (
@@ -27,10 +26,11 @@ from dropbox_runner.fsutil import (
 from dropbox_runner.intake.manifest import Manifest, read_manifest, window_seconds
 from dropbox_runner.intake.names import beside, from_record, outbox_stem, shown, to_record
 from dropbox_runner.intake.scanner import Drop
-from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import JobSpec, new_job_id
-from dropbox_runner.lines import summarize
-from dropbox_runner.retention import note_output_expiry
+from dropbox_runner.jobs.operations import Jobs
+from dropbox_runner.jobs.retention import note_output_expiry
+from dropbox_runner.lines.parse import summarize
+from dropbox_runner.queue.journal import JobSpec, new_job_id
+from dropbox_runner.results import dedupe
 
 log = logging.getLogger("dropbox_runner.intake")
 

@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dropbox_runner import plainyaml
-from dropbox_runner.fieldrules import check_defaults, quote
 from dropbox_runner.fsutil import read_regular
+from dropbox_runner.lines.fields import check_defaults, quote
 
 MAX_MANIFEST_BYTES = 1 << 20
 PRIORITY_LIMIT = 100_000

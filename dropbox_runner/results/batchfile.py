@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 from dropbox_runner.fsutil import write_json
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
-from dropbox_runner.lifecycle import Status, job_status
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.queue.lifecycle import Status, job_status
 from dropbox_runner.results.log import Marker, read_marker
-from dropbox_runner.status import model_row
+from dropbox_runner.status.view import model_row
 
 
 def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from dropbox_runner.fsutil import staged
-from dropbox_runner.journal import JobSpec, Journal
+from dropbox_runner.queue.journal import JobSpec, Journal
 
 
 def answer_of(line: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import orjson
 
 from dropbox_runner.errors import fault_point
 from dropbox_runner.fsutil import fsync_dir, staged
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
-from dropbox_runner.lifecycle import Status
-from dropbox_runner.lines import iter_raw_lines
+from dropbox_runner.lines.parse import iter_raw_lines
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.results.log import committed_records, decode_record
 from dropbox_runner.results.records import failure_line, request_ids
 

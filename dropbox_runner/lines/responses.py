@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dropbox_runner.fieldrules import check_number, quote
+from dropbox_runner.lines.fields import check_number, quote
 
 # What a Responses body may hold here: honoured, or informational.
 HONOURED = frozenset({"input", "instructions", "max_output_tokens", "temperature", "top_p", "text"})

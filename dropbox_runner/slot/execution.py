@@ -13,20 +13,21 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import adapters
 from dropbox_runner import protocol as p
-from dropbox_runner.config import EngineKind, ModelConfig, Registry, model_problem, resolve_model_path
-from dropbox_runner.history import History
-from dropbox_runner.jobs import Jobs
-from dropbox_runner.journal import JobSpec
-from dropbox_runner.lifecycle import Status
-from dropbox_runner.memory import fit_problem
+from dropbox_runner.config import EngineKind, ModelConfig, Registry, resolve_model_path
+from dropbox_runner.jobs.operations import Jobs
+from dropbox_runner.queue.journal import JobSpec
+from dropbox_runner.queue.lifecycle import Status
+from dropbox_runner.queue.scheduler import Choice
 from dropbox_runner.results.log import read_marker
-from dropbox_runner.scheduler import Choice
-from dropbox_runner.shards import ShardedRun
-from dropbox_runner.slotfailures import SlotFailures
-from dropbox_runner.slottask import SlotTask, group_of
-from dropbox_runner.supervisor import ModelProcess, group_rss_bytes
+from dropbox_runner.slot import adapters
+from dropbox_runner.slot.copies.shards import ShardedRun
+from dropbox_runner.slot.failures import SlotFailures
+from dropbox_runner.slot.loadable import adapter_problem, model_problem
+from dropbox_runner.slot.memory import fit_problem
+from dropbox_runner.slot.supervisor import ModelProcess, group_rss_bytes
+from dropbox_runner.slot.task import SlotTask, group_of
+from dropbox_runner.status.history import History
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -91,7 +92,7 @@ class Execution(SlotFailures):
         log.info("next: %s (%s) on %s: %s%s", spec.name, spec.id, task.model, choice.reason, shared)
         serving = self.registry.base_of(task.model)  # an adapter runs in its base's process
         if serving != task.model:
-            problem = adapters.adapter_problem(self.layout.root, self.registry, task.model)
+            problem = adapter_problem(self.layout.root, self.registry, task.model)
             if problem:
                 self._fail_model(task.model, f"the adapter {task.model} cannot run here: {problem}")
                 return

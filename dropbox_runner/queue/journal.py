@@ -15,11 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from dropbox_runner import catalog
 from dropbox_runner.errors import JobNotFound
 from dropbox_runner.fsutil import fsync_dir, read_json, write_json
 from dropbox_runner.layout import Layout
-from dropbox_runner.lifecycle import Status, transition
+from dropbox_runner.queue import catalog
+from dropbox_runner.queue.lifecycle import Status, transition
 
 PRIORITY_SPAN = 500_000
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 
-from dropbox_runner import crashes
 from dropbox_runner.config import EngineKind
-from dropbox_runner.lifecycle import Status
-from dropbox_runner.memory import is_memory_failure
+from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.results.log import first_missing, read_fed_mark
-from dropbox_runner.slottask import SlotTask
-from dropbox_runner.supervisor import ModelProcess
+from dropbox_runner.slot import crashes
+from dropbox_runner.slot.memory import is_memory_failure
+from dropbox_runner.slot.supervisor import ModelProcess
+from dropbox_runner.slot.task import SlotTask
 
 log = logging.getLogger("dropbox_runner.daemon")
 

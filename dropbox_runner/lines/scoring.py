@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dropbox_runner.fieldrules import INFORMATIONAL, INT64, QUOTE_CHARS, check_number, quote
+from dropbox_runner.lines.fields import INFORMATIONAL, INT64, QUOTE_CHARS, check_number, quote
 
 SCORING_KINDS = frozenset({"score", "rerank"})
 # The pairs of inputs a score body may name, as vLLM's ScoreRequest takes them; a rerank body's.

@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import shutil
 
-from dropbox_runner import catalog, dedupe
 from dropbox_runner.api import store as api_store  # plain files only: no web framework
 from dropbox_runner.errors import is_environmental
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic
-from dropbox_runner.journal import Journal
 from dropbox_runner.layout import Layout
+from dropbox_runner.queue import catalog
+from dropbox_runner.queue.journal import Journal
+from dropbox_runner.results import dedupe
 from dropbox_runner.results.batchfile import batch_document
 
-log = logging.getLogger("dropbox_runner.retention")
+log = logging.getLogger("dropbox_runner.jobs.retention")
 
 
 def prune(journal: Journal, keep_days: float | None, now: float) -> list[str]:

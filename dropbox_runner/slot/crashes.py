@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dropbox_runner.journal import TaskRecord
+from dropbox_runner.queue.journal import TaskRecord
 
 MAX_CRASHES_WITHOUT_CULPRIT = 5
 MEMORY_RETRY_FACTOR = 0.7

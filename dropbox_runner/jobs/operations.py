@@ -13,18 +13,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dropbox_runner import catalog, dedupe, retention, webhooks
 from dropbox_runner.errors import is_environmental
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic, write_json
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.jobs import retention
 from dropbox_runner.layout import acquire_root
-from dropbox_runner.lifecycle import FINAL, Status, job_status
+from dropbox_runner.queue import catalog
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.queue.lifecycle import FINAL, Status, job_status
+from dropbox_runner.results import dedupe, webhooks
 from dropbox_runner.results.batchfile import batch_document, write_batch_json, write_document
 from dropbox_runner.results.compare import publish_compare
 from dropbox_runner.results.log import read_marker, rewrite_without_failures
 from dropbox_runner.results.publish import publish_task
 
-log = logging.getLogger("dropbox_runner.jobs")
+log = logging.getLogger("dropbox_runner.jobs.operations")
 
 INTERNAL_ERROR = "internal_error"
 

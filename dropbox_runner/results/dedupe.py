@@ -13,12 +13,11 @@ from pathlib import Path
 
 import orjson
 
-from dropbox_runner.adapters import adapter_folder, folder_digest
 from dropbox_runner.config import Registry
-from dropbox_runner.fsutil import copy_atomic, read_json_or_none, write_json
-from dropbox_runner.journal import JobSpec, Journal
+from dropbox_runner.fsutil import copy_atomic, folder_digest, read_json_or_none, write_json
+from dropbox_runner.queue.journal import JobSpec, Journal
 
-log = logging.getLogger("dropbox_runner.dedupe")
+log = logging.getLogger("dropbox_runner.results.dedupe")
 
 
 def fingerprints(registry: Registry, root: Path, models: list[str]) -> dict[str, str]:
@@ -32,7 +31,7 @@ def fingerprints(registry: Registry, root: Path, models: list[str]) -> dict[str,
             out[name] = model.fingerprint()
             continue
         parts = [base.fingerprint() if base else None, model.fingerprint()]
-        parts.append(folder_digest(adapter_folder(root, model)))
+        parts.append(folder_digest(model.adapter_folder(root)))
         out[name] = blake2b(orjson.dumps(parts), digest_size=12).hexdigest()
     return out
 

@@ -13,10 +13,10 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from dropbox_runner.fieldrules import HONOURED, SAMPLING_FOR, VLLM_EXTRAS, check_body, quote
 from dropbox_runner.fsutil import open_regular
-from dropbox_runner.openai_responses import to_chat
-from dropbox_runner.scoringrules import SCORING_KINDS, check_scoring
+from dropbox_runner.lines.fields import HONOURED, SAMPLING_FOR, VLLM_EXTRAS, check_body, quote
+from dropbox_runner.lines.responses import to_chat
+from dropbox_runner.lines.scoring import SCORING_KINDS, check_scoring
 
 URLS = {
     "/v1/chat/completions": "chat",

@@ -31,7 +31,7 @@ import orjson
 from dropbox_runner.fsutil import read_json_or_none, write_json
 from dropbox_runner.layout import Layout
 
-log = logging.getLogger("dropbox_runner.webhooks")
+log = logging.getLogger("dropbox_runner.results.webhooks")
 
 EVENT_TYPES = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
 MAX_BACKOFF_SECONDS = 3600.0

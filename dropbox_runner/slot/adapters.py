@@ -7,26 +7,15 @@ serves it. Nothing here imports vLLM or peft; the folder is read as files.
 
 from __future__ import annotations
 
-from hashlib import blake2b
 from pathlib import Path
 
 import orjson
 
-from dropbox_runner.config import EngineKind, ModelConfig, Registry, Task, model_problem
+from dropbox_runner.config import EngineKind, ModelConfig, Registry, Task
 
 # vLLM's accepted max_lora_rank values (MaxLoRARanks in vllm/config/lora.py, vLLM 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def adapter_folder(root: Path, model: ModelConfig) -> Path:
-    """The adapter's folder: a path relative to the root, or absolute (`~` expanded)."""
-    path = Path(model.adapter or "")
-    try:
-        path = path.expanduser()
-    except RuntimeError:  # an unknown ~user: the folder check then says it does not exist
-        pass
-    return root / path
 
 
 def adapter_rank(folder: Path) -> int | str:
@@ -49,16 +38,6 @@ def adapter_rank(folder: Path) -> int | str:
     return max(ranks)
 
 
-def adapter_problem(root: Path, registry: Registry, name: str) -> str | None:
-    """Why this adapter cannot run here (its base, its folder, its rank), or None."""
-    problem = own_problem(root, registry, name)
-    if problem is not None:
-        return problem
-    base = registry.models[name].base
-    problem = model_problem(root, base, registry.models[base])
-    return f"its base {base} cannot run here: {problem}" if problem else None
-
-
 def own_problem(root: Path, registry: Registry, name: str) -> str | None:
     """What is wrong with the adapter itself, its base's entry aside from whether that loads here."""
     model = registry.models[name]
@@ -73,7 +52,7 @@ def own_problem(root: Path, registry: Registry, name: str) -> str | None:
         return (
             f"its base {model.base!r} runs as several copies or on Ray; adapters are served by one local copy"
         )
-    folder = adapter_folder(root, model)
+    folder = model.adapter_folder(root)
     try:
         if not folder.is_dir():
             return f"the adapter folder {folder} does not exist"
@@ -99,7 +78,7 @@ def serving_config(root: Path, registry: Registry, base: str) -> ModelConfig:
     enable_lora, max_loras and max_lora_rank for them (what the base's engine_args say wins)."""
     config = registry.models[base].model_copy(deep=True)
     served = {
-        name: str(adapter_folder(root, registry.models[name]).resolve())
+        name: str(registry.models[name].adapter_folder(root).resolve())
         for name in registry.adapters_of(base)
         if own_problem(root, registry, name) is None  # the base's own problems stop its load anyway
     }
@@ -129,22 +108,3 @@ def effective_config(registry: Registry, name: str) -> ModelConfig:
         },
         deep=True,
     )
-
-
-def folder_digest(folder: Path) -> str:
-    """A digest of every file under the folder: names and bytes (missing folder: a digest of nothing)."""
-    h = blake2b(digest_size=12)
-    try:
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-    except (OSError, ValueError):  # missing, unreadable, a NUL byte in the name
-        files = []
-    for path in files:
-        h.update(str(path.relative_to(folder)).encode() + b"\0")
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-        except OSError:
-            h.update(b"<unreadable>")
-        h.update(b"\0")
-    return h.hexdigest()

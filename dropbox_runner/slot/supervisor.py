@@ -19,7 +19,7 @@ from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, is_embedded_path, resolve_model_path
 from dropbox_runner.layout import Layout
 
-log = logging.getLogger("dropbox_runner.supervisor")
+log = logging.getLogger("dropbox_runner.slot.supervisor")
 
 
 def start_message(layout: Layout, name: str, config: ModelConfig, event_fd: int) -> p.Start:

@@ -22,16 +22,17 @@ from typing import BinaryIO
 
 import orjson
 
-from dropbox_runner import crashes, shardplan
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig, Settings
-from dropbox_runner.history import History
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.layout import Layout
-from dropbox_runner.lines import iter_raw_lines, quote
+from dropbox_runner.lines.parse import iter_raw_lines, quote
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.results.log import ResultLog
 from dropbox_runner.results.records import error_line, failure_line, request_ids
-from dropbox_runner.supervisor import ModelProcess
+from dropbox_runner.slot import crashes
+from dropbox_runner.slot.copies import plan as shardplan
+from dropbox_runner.slot.supervisor import ModelProcess
+from dropbox_runner.status.history import History
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -77,7 +78,9 @@ class ShardedRun:
         if config.executor == "ray":
             if settings.ray_address == "local":  # a private instance: loopback only (read at import)
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            from dropbox_runner import raycopies  # Ray is imported only when a model asks for it
+            from dropbox_runner.slot.copies import (
+                ray as raycopies,  # Ray is imported only when a model asks for it
+            )
 
             raycopies.ensure_ray(settings.ray_address)
             self.ray = raycopies
@@ -121,7 +124,7 @@ class ShardedRun:
     def _plan(self) -> list[list[int]]:
         """Checkpoints ([index, offset, line] every shardplan.CHECKPOINT lines), read as the child
         prints them; a line that repeats an id fails in place as it comes, as with one copy."""
-        checkpoints, cmd = [], [sys.executable, "-m", "dropbox_runner.shardplan", self.order.input]
+        checkpoints, cmd = [], [sys.executable, "-m", "dropbox_runner.slot.copies.plan", self.order.input]
         pending = 0  # bytes of duplicates' error lines not yet committed: bounded, however many
         with (
             subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=self.layout.root) as child,

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 
 from dropbox_runner import protocol as p
-from dropbox_runner.journal import JobSpec, Journal, TaskRecord
-from dropbox_runner.lifecycle import Status
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
+from dropbox_runner.queue.lifecycle import Status
 
 RATE_WINDOW_SECONDS = 60.0
 BATCH_JSON_SECONDS = 2.0

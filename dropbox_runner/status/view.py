@@ -11,11 +11,11 @@ import os
 import time
 from typing import Any
 
-from dropbox_runner import catalog
 from dropbox_runner.fsutil import read_json_or_none, write_json
-from dropbox_runner.history import read_history, recent_rates
 from dropbox_runner.layout import Layout
-from dropbox_runner.lifecycle import Status, job_status
+from dropbox_runner.queue import catalog
+from dropbox_runner.queue.lifecycle import Status, job_status
+from dropbox_runner.status.history import read_history, recent_rates
 
 RECENT_FINISHED = 20
 

@@ -2,7 +2,7 @@
 stays flat whatever the file's size: where every CHECKPOINT-th line starts (so a copy reads only its
 shard) and which lines repeat an earlier custom_id (they fail in place, as with one copy).
 
-`python -m dropbox_runner.shardplan INPUT` prints the plan as it goes, one JSON array a line:
+`python -m dropbox_runner.slot.copies.plan INPUT` prints the plan as it goes, one JSON array a line:
 `["c", index, offset, line]` for a checkpoint, `["d", index, offset, line]` for a repeated id. A
 duplicate is named by where it is, not by its id (an id can be long and repeated thousands of times),
 so the daemon reads the plan line by line and each duplicate's id from the input when it fails it.
@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import orjson
 
-from dropbox_runner.lines import IdSet, iter_raw_lines
+from dropbox_runner.lines.parse import IdSet, iter_raw_lines
 
 CHECKPOINT = 64
 

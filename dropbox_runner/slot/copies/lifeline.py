@@ -2,7 +2,7 @@
 group of its own, ended whole, agents included, as soon as the daemon is gone (its stdin closes,
 even after `kill -9`). Prints the head's address once it is up.
 
-`python -m dropbox_runner.raylifeline` (started by `raycopies.ensure_ray`).
+`python -m dropbox_runner.slot.copies.lifeline` (started by `raycopies.ensure_ray`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayError
 from dropbox_runner import protocol as p
 from dropbox_runner.config import ModelConfig
 from dropbox_runner.layout import Layout
-from dropbox_runner.supervisor import start_message, trouble
+from dropbox_runner.slot.supervisor import start_message, trouble
 
 log = logging.getLogger("dropbox_runner.daemon")
 
@@ -64,7 +64,7 @@ def _start_private_ray() -> str:
     # Loopback only and owned by this daemon: no token (Ray would keep one in ~/.ray, outside the root).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     _lifeline = subprocess.Popen(
-        [sys.executable, "-m", "dropbox_runner.raylifeline"],
+        [sys.executable, "-m", "dropbox_runner.slot.copies.lifeline"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,
