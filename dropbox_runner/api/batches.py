@@ -18,19 +18,12 @@ from dropbox_runner.intake.submit import submit_file
 from dropbox_runner.jobs.api_records import new_id
 from dropbox_runner.jobs.operations import operate
 from dropbox_runner.lines.fields import quote
-from dropbox_runner.lines.parse import iter_raw_lines
+from dropbox_runner.lines.parse import URLS, iter_raw_lines
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.journal import Journal
 
 router = APIRouter()
-ENDPOINTS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/score",
-    "/v1/rerank",
-)
+ENDPOINTS = tuple(u for u in URLS if u.startswith("/v1/"))  # OpenAI's spelling of the URLs lines take
 
 
 @router.post("/v1/batches")

@@ -32,11 +32,15 @@ def safe_filename(name: str | None) -> str:
     return SAFE_NAME.sub("_", base).lstrip(".")[:200] or "upload.jsonl"
 
 
+def batches_folder(layout: Layout) -> Path:
+    return layout.state / "api" / "batches"
+
+
 class ApiRecords:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.files = layout.state / "api" / "files"
-        self.batches = layout.state / "api" / "batches"
+        self.batches = batches_folder(layout)
         self.files.mkdir(parents=True, exist_ok=True)
         self.batches.mkdir(parents=True, exist_ok=True)
 
@@ -121,8 +125,9 @@ def retire(layout: Layout, metadata: dict[str, Any], final: dict[str, Any]) -> N
     """Retention removes a job: its API batches keep its final batch.json (outputs gone), and the
     uploaded input goes once no batch still running needs it."""
     ids = metadata.get("api_batches")
-    batches = layout.state / "api" / "batches"
-    if not isinstance(ids, str) or not batches.is_dir():
+    if (
+        not isinstance(ids, str) or not batches_folder(layout).is_dir()
+    ):  # not an API job, or a root never served
         return
     records = ApiRecords(layout)
     inputs = set()
