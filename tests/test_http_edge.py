@@ -239,7 +239,7 @@ def test_an_upload_is_staged_under_the_root_never_the_system_temp_folder(serve, 
 def test_first_models_caps_every_read_at_the_daemon_s_line_limit(tmp_path: Path, monkeypatch) -> None:
     import tracemalloc
 
-    from dropbox_runner.api.store import first_models
+    from dropbox_runner.api.batches import first_models
     from dropbox_runner.lines import parse as lines
 
     monkeypatch.setattr(lines, "MAX_LINE_BYTES", 1024 * 1024)  # the cap, made small for the test

@@ -1,7 +1,8 @@
 """The HTTP edge, before any route: which `Host` the server answers, which `Origin` may change state,
 and the API key (a bearer header, or the page's cookie set once from `/?key=`).
 
-Pure ASGI, so an upload's body streams through untouched. docs/http-edge.md has the decisions.
+Pure ASGI, so an upload's body streams through untouched; its refusals are in the API's one error
+envelope. docs/http-edge.md has the decisions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from urllib.parse import urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
+
+from dropbox_runner.api.envelope import envelope
 
 KEY_COOKIE = "dropbox_runner_key"  # set by opening /?key=<key>, so the page's own requests carry it
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -38,11 +41,6 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     if not name or parts.username is not None or parts.password is not None or parts.path or parts.query:
         return None
     return name.rstrip("."), port
-
-
-def error(status: int, message: str, code: str) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
 
 
 def same_key(given: str, key: str) -> bool:
@@ -81,16 +79,18 @@ class Edge:
     def refusal(self, request: Request) -> JSONResponse | None:
         host = request.headers.get("host", "")
         if not self.serves(host, request.scope.get("server")):
-            return error(
+            return envelope(
                 400,
                 f"this server does not answer for Host {host[:100]!r}; add the name to settings.allowed_hosts",
-                "host_not_allowed",
+                code="host_not_allowed",
             )
         origin = request.headers.get("origin")
         if request.method not in SAFE_METHODS and origin is not None and not same_origin(origin, host):
-            return error(403, f"a {request.method} from origin {origin[:100]!r} is refused", "cross_origin")
+            return envelope(
+                403, f"a {request.method} from origin {origin[:100]!r} is refused", code="cross_origin"
+            )
         if self.api_key and request.scope["path"] != "/healthz" and not self.authorized(request):
-            return error(401, "missing or wrong API key", "invalid_api_key")
+            return envelope(401, "missing or wrong API key", code="invalid_api_key")
         return None
 
     def serves(self, host: str, server: tuple[str, int] | None) -> bool:

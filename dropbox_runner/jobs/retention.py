@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import shutil
 
-from dropbox_runner.api import store as api_store  # plain files only: no web framework
 from dropbox_runner.errors import is_environmental
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, write_atomic
+from dropbox_runner.jobs import api_records
 from dropbox_runner.layout import Layout
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.journal import Journal
@@ -65,7 +65,7 @@ def _remove(journal: Journal, job_id: str) -> str | None:
     layout = journal.layout
     spec = journal.spec(job_id)
     final = batch_document(journal, spec, [] if spec.rejected else journal.tasks(spec))
-    api_store.retire(layout, spec.metadata, final)
+    api_records.retire(layout, spec.metadata, final)
     dedupe.forget(journal, spec)
     outbox = layout.outbox / spec.outbox
     owner = read_json_or_none(outbox / "batch.json") if not outbox.is_symlink() else None

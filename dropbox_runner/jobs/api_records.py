@@ -1,6 +1,8 @@
-"""What the HTTP API keeps of its own under `state/api/`: uploaded files and batch records.
+"""The records the HTTP API keeps of the jobs it made, under `state/api/`: uploaded input files and
+batch records (an API batch's model and the drop it became). Plain files, no web framework.
 
-Client file names never become paths: files are stored by id; batches map to drops by name.
+Retention retires them with their job; the API (above) reads and writes them. Client file names
+never become paths: files are stored by id; batches map to drops by name.
 """
 
 from __future__ import annotations
@@ -8,14 +10,12 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from dropbox_runner.fsutil import fsync_dir, read_json_or_none, staged, write_json
 from dropbox_runner.layout import Layout
-from dropbox_runner.lines.parse import iter_raw_lines
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -32,16 +32,22 @@ def safe_filename(name: str | None) -> str:
     return SAFE_NAME.sub("_", base).lstrip(".")[:200] or "upload.jsonl"
 
 
-class Store:
+def batches_folder(layout: Layout) -> Path:
+    return layout.state / "api" / "batches"
+
+
+class ApiRecords:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.files = layout.state / "api" / "files"
-        self.batches = layout.state / "api" / "batches"
+        self.batches = batches_folder(layout)
         self.files.mkdir(parents=True, exist_ok=True)
         self.batches.mkdir(parents=True, exist_ok=True)
 
     # -- uploaded files ------------------------------------------------------------------------------
-    def save_upload(self, chunks, filename: str | None, purpose: str, limit: int) -> dict[str, Any]:
+    def save_upload(
+        self, chunks: Iterable[bytes], filename: str | None, purpose: str, limit: int
+    ) -> dict[str, Any]:
         """Stream an upload to disk; raises ValueError('too large') past `limit` bytes."""
         file_id = new_id("file")
         size = 0
@@ -107,46 +113,32 @@ class Store:
             else None
         )
 
+    def output(self, record: dict[str, Any], batch: dict[str, Any] | None, suffix: str) -> Path | None:
+        """The batch's model's `.jsonl` or `.errors.jsonl` in its job's outbox folder (`batch` is
+        the job's batch.json), if it is there: not before the model's run ends, nor after retention."""
+        folder = (batch or {}).get("output_folder")
+        path = self.layout.outbox / folder / f"{record['model']}{suffix}" if folder else None
+        return path if path is not None and path.exists() else None
+
 
 def retire(layout: Layout, metadata: dict[str, Any], final: dict[str, Any]) -> None:
     """Retention removes a job: its API batches keep its final batch.json (outputs gone), and the
     uploaded input goes once no batch still running needs it."""
     ids = metadata.get("api_batches")
-    batches = layout.state / "api" / "batches"
-    if not isinstance(ids, str) or not batches.is_dir():
+    if (
+        not isinstance(ids, str) or not batches_folder(layout).is_dir()
+    ):  # not an API job, or a root never served
         return
-    store = Store(layout)
+    records = ApiRecords(layout)
     inputs = set()
     for batch_id in ids.split(","):
-        record = store.batch(batch_id)
+        record = records.batch(batch_id)
         if not isinstance(record, dict):
             continue
         record["final"] = {**final, "output_folder": None}
-        store.save_batch(record)
+        records.save_batch(record)
         inputs.add(record.get("input_file_id"))
-    still_needed = {r.get("input_file_id") for r in store.list_batches() if "final" not in r}
+    still_needed = {r.get("input_file_id") for r in records.list_batches() if "final" not in r}
     for file_id in inputs - still_needed:
         if isinstance(file_id, str):
-            store.delete_file(file_id)
-
-
-def first_models(path: Path) -> set[str]:
-    """The `body.model` values of a file's lines (streaming, each read capped at the daemon's
-    MAX_LINE_BYTES; lines that are longer or do not parse are skipped)."""
-    models: set[str] = set()
-    with open(path, "rb") as f:
-        for raw in iter_raw_lines(f):
-            if raw.data is None:
-                continue
-            try:
-                obj = orjson.loads(raw.data)
-            except orjson.JSONDecodeError:
-                continue
-            model = (
-                obj.get("body", {}).get("model")
-                if isinstance(obj, dict) and isinstance(obj.get("body"), dict)
-                else None
-            )
-            if isinstance(model, str):
-                models.add(model)
-    return models
+            records.delete_file(file_id)
