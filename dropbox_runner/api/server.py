@@ -22,7 +22,7 @@ from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.intake.manifest import expires_after_seconds, metadata_problem, window_seconds
 from dropbox_runner.intake.submit import submit_file
-from dropbox_runner.layout import Layout
+from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.lines.fields import quote
 from dropbox_runner.queue import catalog
 from dropbox_runner.status import view as status_view
@@ -328,7 +328,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "daemon_running": status_view.daemon_running(layout)}
+        return {"status": "ok", "daemon_running": daemon_running(layout)}
 
     @app.get("/metrics")
     def metrics() -> Response:

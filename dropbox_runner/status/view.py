@@ -6,13 +6,12 @@ the records as plain JSON (no pydantic), so the command answers in a fraction of
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from typing import Any
 
 from dropbox_runner.fsutil import read_json_or_none, write_json
-from dropbox_runner.layout import Layout
+from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.lifecycle import Status, job_status
 from dropbox_runner.status.history import read_history, recent_rates
@@ -21,24 +20,6 @@ RECENT_FINISHED = 20
 
 
 LAST_WORDS_BYTES = 16 * 1024  # the end of daemon.log read for its last line
-
-
-def daemon_running(layout: Layout) -> bool:
-    """Whether a daemon holds the root's lock. A shared lock is asked for: it works on a read-only
-    descriptor everywhere (NFS emulates flock with fcntl locks, and refuses an exclusive one on a
-    read-only descriptor with EBADF), and it fails while the daemon holds its exclusive lock."""
-    try:
-        fd = os.open(layout.lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def last_line(path: os.PathLike[str], limit: int = LAST_WORDS_BYTES) -> str | None:
