@@ -13,7 +13,7 @@ from typing import Any
 from dropbox_runner.fsutil import read_json_or_none, write_json
 from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.queue import catalog
-from dropbox_runner.queue.lifecycle import Status, job_status
+from dropbox_runner.queue.counts import shown_job_status, task_counts
 from dropbox_runner.status.history import read_history, recent_rates
 
 RECENT_FINISHED = 20
@@ -50,47 +50,26 @@ def model_row(
     live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A task's row; `live` is the daemon's word on it while it runs (group, share, recent ETA)."""
-    m = marker or {}
-    count, failed = m.get("count", 0), m.get("failed", 0)
-    started, updated = m.get("started_at"), m.get("updated_at")
-    final = Status(task["status"]).final
-    end = task.get("completed_at") if final else (updated or now)
-    elapsed = (end or now) - started if started else 0.0
-    tps = m.get("completion_tokens", 0) / elapsed if elapsed > 0 else 0.0
-    rate = count / elapsed if elapsed > 0 else 0.0
-    remaining = spec["total"] - count
-    eta = remaining / rate if rate > 0 and not final else None
-    if live is not None:  # from the rate over the last minute: time spent waiting does not count
-        eta = live.get("eta_seconds")
-    elif task["status"] == "queued":
-        eta = None  # waiting, or preempted: no rate to go by
+    counts = task_counts(spec["total"], task["status"], task.get("completed_at"), marker, now)
+    # while it runs, the ETA is the daemon's, from the rate over the last minute: waiting does not count
+    eta = live.get("eta_seconds") if live is not None else counts["eta_seconds"]
     return {
         "model": task["model"],
         "status": task["status"],
-        "done": count,
-        "succeeded": count - failed,
+        "done": counts["done"],
+        "succeeded": counts["succeeded"],
         "total": spec["total"],
-        "failed": failed + (remaining if final else 0),
-        "tokens_per_second": round(tps, 1),
+        "failed": counts["failed"],
+        "tokens_per_second": counts["tokens_per_second"],
         "eta_seconds": round(eta, 1) if eta is not None else None,
-        "checkpoint_age_seconds": round(now - updated, 1) if updated else None,
-        "usage": {
-            "prompt_tokens": m.get("prompt_tokens", 0),
-            "completion_tokens": m.get("completion_tokens", 0),
-            "cached_tokens": m.get("cached_tokens", 0),
-        },
+        "checkpoint_age_seconds": counts["checkpoint_age_seconds"],
+        "usage": counts["usage"],
         "load_seconds": task.get("load_seconds"),
         "error": task.get("error"),
         "group": (live or {}).get("group") or task.get("group"),
         "share": (live or {}).get("share"),
         "preemptions": task.get("preemptions", 0),
     }
-
-
-def _shown(task: dict[str, Any]) -> Status:
-    """A preempted task waits in the queue, and its job stays in progress (CONTRACT section 12)."""
-    status = Status(task["status"])
-    return Status.IN_PROGRESS if status == Status.QUEUED and task.get("preemptions") else status
 
 
 def job_view(
@@ -106,7 +85,9 @@ def job_view(
         model_row(spec, t, job.markers.get(t["model"]), now, live.get((job_id, t["model"])))
         for t in job.tasks
     ]
-    status = Status.FAILED if spec["rejected"] else job_status([_shown(t) for t in job.tasks])
+    status = shown_job_status(
+        bool(spec["rejected"]), [(t["status"], t.get("preemptions")) for t in job.tasks]
+    )
     return {
         "id": spec["id"],
         "name": spec["name"],
