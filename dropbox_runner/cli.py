@@ -198,22 +198,21 @@ def service(layout: Layout, user: str | None) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Show every finished job, not only the recent ones.")
 def status(layout: Layout, ref: str | None, as_json: bool, watch: bool, show_all: bool) -> None:
     """Every job with its models, progress, tokens/s and ETA; with NAME|ID, one job in detail."""
-    from dropbox_runner.status import view as st
+    from dropbox_runner.status import view
+    from dropbox_runner.status.render import render_detail, render_table
 
     def render() -> str:
         if ref:
             job_id = catalog.find_job(layout, ref)
-            job = st.job_view(layout, job_id, time.time()) if job_id else None
+            job = view.job_view(layout, job_id, time.time()) if job_id else None
             if job is None:
                 raise JobNotFound(f"no job is named {ref!r}; `dropbox-runner status` lists them.")
-            return (
-                orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else st.render_detail(job)
-            )
-        doc = st.collect(layout, show_all=show_all, with_history=as_json)
+            return orjson.dumps(job, option=orjson.OPT_INDENT_2).decode() if as_json else render_detail(job)
+        doc = view.collect(layout, show_all=show_all, with_history=as_json)
         return (
             orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
             if as_json
-            else st.render_table(doc, bars=watch)
+            else render_table(doc, bars=watch)
         )
 
     if not watch:
