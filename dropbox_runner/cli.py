@@ -126,7 +126,8 @@ def run(
     port: int,
 ) -> None:
     """Run the daemon: take drops, run them model by model, publish results."""
-    from dropbox_runner.daemon import Daemon, setup_logging
+    from dropbox_runner.daemon.loop import Daemon
+    from dropbox_runner.daemon.snapshot import setup_logging
 
     registry = load_registry(layout.root)
     if poll:
@@ -180,7 +181,7 @@ def serve(layout: Layout, host: str, port: int) -> None:
 @click.option("--user", default=None, help="Run the daemon as this user (User= in the unit).")
 def service(layout: Layout, user: str | None) -> None:
     """Print a systemd unit (Type=notify, with a watchdog) that runs the daemon for this root."""
-    from dropbox_runner.systemd import unit_text, watchdog_seconds
+    from dropbox_runner.daemon.systemd import unit_text, watchdog_seconds
 
     if not layout.models_yaml.exists():
         raise RunnerError(f"{layout.models_yaml} does not exist; run `dropbox-runner init` first.")

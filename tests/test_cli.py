@@ -144,7 +144,7 @@ def test_cancel_a_queued_job_without_daemon(root: Path) -> None:
     write_jsonl(root / "inbox/echo/q.jsonl", [chat_line(i) for i in range(3)])
     # take the drop, but do not run it: claim it through the daemon's own code
     from dropbox_runner.config import load_registry
-    from dropbox_runner.daemon import Daemon as Core
+    from dropbox_runner.daemon.loop import Daemon as Core
     from dropbox_runner.intake.scanner import Drop
     from dropbox_runner.layout import Layout
 

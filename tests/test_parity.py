@@ -234,7 +234,7 @@ def test_a_cancelled_job_announces_batch_cancelled(root: Path) -> None:
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
     from dropbox_runner.config import load_registry
-    from dropbox_runner.daemon import Daemon as Core
+    from dropbox_runner.daemon.loop import Daemon as Core
     from dropbox_runner.intake.scanner import Drop
     from dropbox_runner.layout import Layout
 

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from dropbox_runner.fsutil import read_json_or_none, write_json
+from dropbox_runner.fsutil import read_json_or_none
 from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.counts import shown_job_status, task_counts
@@ -229,12 +229,3 @@ def queue_view(layout: Layout, now: float) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def write_snapshot(layout: Layout, live: dict[str, Any]) -> None:
-    """state/status.json: the daemon's own state (model loaded, task running, swaps) for `status`."""
-    info = read_json_or_none(layout.daemon_info) or {}
-    queue = len(os.listdir(layout.queue)) if layout.queue.exists() else 0
-    write_json(
-        layout.snapshot, {**info, "updated_at": time.time(), "queue_length": queue, **live}, durable=False
-    )
