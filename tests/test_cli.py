@@ -188,7 +188,7 @@ def test_retry_reruns_only_failed_lines(root: Path) -> None:
 
 
 def test_cli_reference_is_current() -> None:
-    from dropbox_runner.clidoc import render
+    from dropbox_runner.cli.doc import render
 
     doc = Path(__file__).resolve().parents[1] / "docs/cli.md"
     assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"
