@@ -1,7 +1,9 @@
-"""What `dropbox-runner status` shows, read from state/ alone: jobs, models, progress, the daemon.
+"""What `dropbox-runner status`, the page and /metrics show, read from state/ alone: jobs, models,
+progress, the queue, the daemon (its text is status.render's).
 
-Works whether or not the daemon runs; counts and rates come from the committed markers. It reads
-the records as plain JSON (no pydantic), so the command answers in a fraction of a second.
+Works whether or not the daemon runs; counts and rates come from the committed markers (queue.counts
+does the arithmetic). It reads the records as plain JSON (no pydantic), so the command answers in a
+fraction of a second.
 """
 
 from __future__ import annotations
