@@ -56,7 +56,7 @@ format: install
 	$(BIN)/ruff format .
 
 docs: install
-	$(PY) -m dropbox_runner.clidoc > docs/cli.md
+	$(PY) -m dropbox_runner.cli.doc > docs/cli.md
 
 bench: install
 	$(PY) bench/run.py

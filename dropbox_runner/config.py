@@ -178,6 +178,13 @@ class Registry(BaseModel):
     def adapters_of(self, base: str) -> list[str]:
         return [name for name, m in self.models.items() if m.base == base]
 
+    def request_timeout_seconds(self, name: str) -> float | None:
+        """A model's request_timeout_seconds, else its base's (for an adapter), else `settings:`'s."""
+        for entry in (self.models.get(name), self.models.get(self.base_of(name))):
+            if entry is not None and entry.request_timeout_seconds is not None:
+                return entry.request_timeout_seconds
+        return self.settings.request_timeout_seconds
+
 
 def resolve_model_path(root: Path, model: ModelConfig) -> str | None:
     """The folder (or hub id) the engine loads: package: paths, root-relative folders, hub ids."""

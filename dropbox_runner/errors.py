@@ -1,6 +1,7 @@
 """Domain exceptions raised by the core and turned into one-sentence CLI errors.
 
-Core code raises these; only `cli.py` converts them to click errors and exit codes.
+Core code raises these; only the `cli` package (`cli.base.root_option`) turns them into one sentence
+and an exit code.
 """
 
 import errno

@@ -1,10 +1,12 @@
-"""The root folder, where everything lives under it, and the lock that makes one daemon per root.
+"""The root folder, where everything lives under it, and the lock that makes one daemon per root
+(taken by `acquire_root`, probed by `daemon_running`).
 
 Every other module asks `Layout` for paths; nothing builds paths from a drop's name itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -123,7 +125,7 @@ class Layout:
             return self.archive / job_id
 
 
-LOCK_ATTEMPTS = 5  # `status` probes the lock for an instant: a starting daemon tries a few times
+LOCK_ATTEMPTS = 5  # `daemon_running` probes the lock for an instant: a starting daemon tries a few times
 
 
 def acquire_root(layout: Layout) -> FileLock:
@@ -145,3 +147,22 @@ def acquire_root(layout: Layout) -> FileLock:
         f"another daemon (pid {info.get('pid', '?')} on {info.get('host', '?')}) is running on "
         f"{layout.root}; stop it first."
     )
+
+
+def daemon_running(layout: Layout) -> bool:
+    """Whether a daemon holds the root's lock (the one `acquire_root` takes). A shared lock is asked
+    for: it works on a read-only descriptor everywhere (NFS emulates flock with fcntl locks, and
+    refuses an exclusive one on a read-only descriptor with EBADF), and it fails while the daemon
+    holds its exclusive lock."""
+    try:
+        fd = os.open(layout.lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -4,7 +4,6 @@ imports it. In-process (Starlette's TestClient): no server, no daemon."""
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -14,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-import dropbox_runner
 from dropbox_runner.api.server import create_app
 from dropbox_runner.config import load_registry
 from dropbox_runner.layout import Layout
@@ -134,19 +132,3 @@ def test_every_error_the_api_returns_is_the_envelope(
     assert r.status_code < 500, (method, path, r.text)
     if r.status_code >= 400:
         error_of(r)
-
-
-def test_nothing_below_the_api_imports_it() -> None:
-    """The api package is above the rest (the CLI alone starts it): retention updates the API's
-    records through jobs/api_records, not through the api package."""
-    package = Path(dropbox_runner.__file__).parent
-    importers = []
-    for path in package.rglob("*.py"):
-        if path.parent.name == "api" or path.name == "cli.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            if any(n == "dropbox_runner.api" or n.startswith("dropbox_runner.api.") for n in names):
-                importers.append(str(path.relative_to(package)))
-    assert importers == []

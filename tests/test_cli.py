@@ -144,7 +144,7 @@ def test_cancel_a_queued_job_without_daemon(root: Path) -> None:
     write_jsonl(root / "inbox/echo/q.jsonl", [chat_line(i) for i in range(3)])
     # take the drop, but do not run it: claim it through the daemon's own code
     from dropbox_runner.config import load_registry
-    from dropbox_runner.daemon import Daemon as Core
+    from dropbox_runner.daemon.loop import Daemon as Core
     from dropbox_runner.intake.scanner import Drop
     from dropbox_runner.layout import Layout
 
@@ -188,7 +188,7 @@ def test_retry_reruns_only_failed_lines(root: Path) -> None:
 
 
 def test_cli_reference_is_current() -> None:
-    from dropbox_runner.clidoc import render
+    from dropbox_runner.cli.doc import render
 
     doc = Path(__file__).resolve().parents[1] / "docs/cli.md"
     assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from dropbox_runner.config import load_registry
-from dropbox_runner.daemon import scan_due
 from dropbox_runner.fsutil import staged
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
+from dropbox_runner.intake.watcher import scan_due
 from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.queue.journal import Journal

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import Server
 
-from dropbox_runner.layout import Layout
+from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.status import view as status
 
 from conftest import chat_line, wait_for
@@ -286,7 +286,7 @@ def test_the_lock_probe_works_where_flock_refuses_an_exclusive_lock_on_a_read_on
             raise OSError(errno.EBADF, "Bad file descriptor")
         real(fd, operation)
 
-    monkeypatch.setattr(status.fcntl, "flock", nfs_flock)
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
     layout = Layout(root)
     layout.lock.write_text("")
     assert status.daemon_state(layout)["running"] is False
@@ -296,7 +296,7 @@ def test_the_lock_probe_works_where_flock_refuses_an_exclusive_lock_on_a_read_on
         assert status.daemon_state(layout)["running"] is True
     finally:
         os.close(holder)
-    assert status.daemon_running(layout) is False
+    assert daemon_running(layout) is False
 
 
 def test_api_status_sends_only_the_history_points_a_page_has_not_seen(serve, root: Path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dropbox_runner.config import load_registry
-from dropbox_runner.daemon import Daemon as Core
+from dropbox_runner.daemon.loop import Daemon as Core
 from dropbox_runner.intake.names import MAX_STEM_BYTES, NAME_MAX, outbox_stem
 from dropbox_runner.intake.scanner import is_ignored_name
 from dropbox_runner.intake.watcher import Watcher

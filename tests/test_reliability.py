@@ -20,7 +20,7 @@ import pytest
 from test_api import free_port
 
 from dropbox_runner.config import load_registry
-from dropbox_runner.daemon import Daemon as Core
+from dropbox_runner.daemon.loop import Daemon as Core
 from dropbox_runner.intake.scanner import Drop
 from dropbox_runner.jobs.operations import request
 from dropbox_runner.layout import Layout

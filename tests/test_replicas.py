@@ -133,7 +133,7 @@ def test_the_daemon_imports_no_engine_and_no_ray_until_a_model_asks(rroot: Path)
         "import sys\n"
         "from pathlib import Path\n"
         "from dropbox_runner.config import load_registry\n"
-        "from dropbox_runner.daemon import Daemon\n"
+        "from dropbox_runner.daemon.loop import Daemon\n"
         "from dropbox_runner.layout import Layout\n"
         f"Daemon(Layout(Path({str(rroot)!r})), load_registry(Path({str(rroot)!r})), once=True).run()\n"
         "heavy = [m for m in ('ray', 'vllm', 'torch', 'transformers') if m in sys.modules]\n"

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from dropbox_runner.cli import main
-from dropbox_runner.systemd import WORST_BLOCK_SECONDS, watchdog_seconds
+from dropbox_runner.daemon.systemd import WORST_BLOCK_SECONDS, watchdog_seconds
 
 from conftest import Daemon, chat_line, write_jsonl
 
@@ -145,7 +145,7 @@ def test_the_daemon_speaks_the_notify_protocol_and_stops_pinging_when_its_loop_h
 def test_a_socket_path_works_and_a_watchdog_meant_for_another_pid_is_ignored() -> None:
     import tempfile
 
-    from dropbox_runner.systemd import Notifier
+    from dropbox_runner.daemon.systemd import Notifier
 
     folder = tempfile.mkdtemp(prefix="drn-", dir="/tmp")  # short: a socket path is at most 107 bytes
     try:

@@ -14,6 +14,7 @@ from dropbox_runner.api.context import Context, Ctx
 from dropbox_runner.api.envelope import ApiError
 from dropbox_runner.errors import RunnerError
 from dropbox_runner.jobs.operations import operate
+from dropbox_runner.layout import daemon_running
 from dropbox_runner.lines.fields import quote
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.journal import Journal
@@ -31,7 +32,7 @@ def page() -> str:
 
 @router.get("/healthz")
 def health(ctx: Ctx) -> dict[str, Any]:
-    return {"status": "ok", "daemon_running": status_view.daemon_running(ctx.layout)}
+    return {"status": "ok", "daemon_running": daemon_running(ctx.layout)}
 
 
 @router.get("/metrics")

@@ -17,6 +17,7 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger("dropbox_runner.intake")
 
+FAST_SCAN_SECONDS = 0.25  # while a candidate settles or waits for its manifest
 NETWORK_FS_PREFIXES = ("nfs", "cifs", "smb", "fuse", "9p", "sshfs", "afs", "ceph", "glusterfs", "lustre")
 
 
@@ -38,6 +39,11 @@ def filesystem_type(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str:
         if inside and len(mount_point) >= len(best):
             best, best_type = mount_point, right.split()[0]
     return best_type
+
+
+def scan_due(changed: bool, busy_intake: bool, since_last: float, rescan_seconds: float) -> bool:
+    """Scan the inbox when the watcher saw a change, while candidates settle, or every rescan_seconds."""
+    return changed or (busy_intake and since_last >= FAST_SCAN_SECONDS) or since_last >= rescan_seconds
 
 
 def should_poll(setting: str | bool, path: Path) -> bool:

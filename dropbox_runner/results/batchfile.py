@@ -9,25 +9,25 @@ import time
 from typing import Any
 
 from dropbox_runner.fsutil import write_json
+from dropbox_runner.queue.counts import shown_job_status, task_counts
 from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
-from dropbox_runner.queue.lifecycle import Status, job_status
+from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.results.log import Marker, read_marker
-from dropbox_runner.status.view import model_row
 
 
 def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[str, Any]:
-    """One model of batch.json; counts and rates as `status` computes them."""
-    row = model_row(
-        spec.model_dump(), task.model_dump(mode="json"), marker.model_dump() if marker else None, time.time()
+    """One model of batch.json; counts and rates as `status` shows them (queue.counts)."""
+    counts = task_counts(
+        spec.total, task.status, task.completed_at, marker.model_dump() if marker else None, time.time()
     )
-    usage = row["usage"]
+    usage = counts["usage"]
     return {
         "status": task.status.value,
-        "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
+        "request_counts": {"total": spec.total, "completed": counts["succeeded"], "failed": counts["failed"]},
         "output_file": f"{task.model}.jsonl",
         "error_file": f"{task.model}.errors.jsonl",
         "usage": usage_block(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"]),
-        "tokens_per_second": row["tokens_per_second"],
+        "tokens_per_second": counts["tokens_per_second"],
         "load_seconds": task.load_seconds,
         "started_at": _int(marker.started_at if marker else None),
         "completed_at": _int(task.completed_at),
@@ -65,13 +65,7 @@ def _int(t: float | None) -> int | None:
 def batch_document(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -> dict[str, Any]:
     """The OpenAI-style batch object of a job."""
     models = {t.model: model_entry(spec, t, read_marker(journal.log_path(spec.id, t.model))) for t in tasks}
-    status = (
-        Status.FAILED
-        if spec.rejected
-        else job_status(
-            [Status.IN_PROGRESS if t.preemptions and t.status == Status.QUEUED else t.status for t in tasks]
-        )
-    )
+    status = shown_job_status(bool(spec.rejected), [(t.status, t.preemptions) for t in tasks])
     counts = {"total": 0, "completed": 0, "failed": 0}
     for entry in models.values():
         for k in counts:

@@ -94,7 +94,8 @@ def serving_config(root: Path, registry: Registry, base: str) -> ModelConfig:
 
 def effective_config(registry: Registry, name: str) -> ModelConfig:
     """What decides an adapter's requests: its base's entry with the adapter's defaults applied over
-    the base's, and its own request_timeout_seconds (else the base's)."""
+    the base's, and the request_timeout_seconds the registry gives it (its own, else the base's, else
+    settings')."""
     model = registry.models[name]
     if model.base is None or model.base not in registry.models:
         return model
@@ -102,7 +103,7 @@ def effective_config(registry: Registry, name: str) -> ModelConfig:
     return base.model_copy(
         update={
             "defaults": {**base.defaults, **model.defaults},
-            "request_timeout_seconds": model.request_timeout_seconds or base.request_timeout_seconds,
+            "request_timeout_seconds": registry.request_timeout_seconds(name),
             "base": model.base,
             "adapter": model.adapter,
         },

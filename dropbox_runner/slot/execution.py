@@ -172,7 +172,6 @@ class Execution(SlotFailures):
     def _order(self, run: SlotTask) -> p.TaskOrder:
         task, spec = run.task, run.spec
         model = adapters.effective_config(self.registry, task.model)
-        timeout = model.request_timeout_seconds or self.settings.request_timeout_seconds
         return p.TaskOrder(
             job_id=spec.id,
             model=task.model,
@@ -181,7 +180,7 @@ class Execution(SlotFailures):
             total=spec.total,
             defaults=[spec.defaults, model.defaults],
             commit_interval_ms=self.settings.commit_interval_ms,
-            request_timeout_seconds=timeout,
+            request_timeout_seconds=self.registry.request_timeout_seconds(task.model),
             poison=task.poison,
             isolate_until=task.isolate_until,
             task_id=run.key,

@@ -1,1 +1,2 @@
-"""What `status`, the page and `/metrics` show: views over the state files, and the history series."""
+"""What `status`, the page and `/metrics` show: views over the state files (view), their text
+(render), and the history series (history)."""

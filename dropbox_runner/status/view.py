@@ -1,44 +1,27 @@
-"""What `dropbox-runner status` shows, read from state/ alone: jobs, models, progress, the daemon.
+"""What `dropbox-runner status`, the page and /metrics show, read from state/ alone: jobs, models,
+progress, the queue, the daemon (its text is status.render's).
 
-Works whether or not the daemon runs; counts and rates come from the committed markers. It reads
-the records as plain JSON (no pydantic), so the command answers in a fraction of a second.
+Works whether or not the daemon runs; counts and rates come from the committed markers (queue.counts
+does the arithmetic). It reads the records as plain JSON (no pydantic), so the command answers in a
+fraction of a second.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from typing import Any
 
-from dropbox_runner.fsutil import read_json_or_none, write_json
-from dropbox_runner.layout import Layout
+from dropbox_runner.fsutil import read_json_or_none
+from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.queue import catalog
-from dropbox_runner.queue.lifecycle import Status, job_status
+from dropbox_runner.queue.counts import shown_job_status, task_counts
 from dropbox_runner.status.history import read_history, recent_rates
 
 RECENT_FINISHED = 20
 
 
 LAST_WORDS_BYTES = 16 * 1024  # the end of daemon.log read for its last line
-
-
-def daemon_running(layout: Layout) -> bool:
-    """Whether a daemon holds the root's lock. A shared lock is asked for: it works on a read-only
-    descriptor everywhere (NFS emulates flock with fcntl locks, and refuses an exclusive one on a
-    read-only descriptor with EBADF), and it fails while the daemon holds its exclusive lock."""
-    try:
-        fd = os.open(layout.lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def last_line(path: os.PathLike[str], limit: int = LAST_WORDS_BYTES) -> str | None:
@@ -69,47 +52,26 @@ def model_row(
     live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A task's row; `live` is the daemon's word on it while it runs (group, share, recent ETA)."""
-    m = marker or {}
-    count, failed = m.get("count", 0), m.get("failed", 0)
-    started, updated = m.get("started_at"), m.get("updated_at")
-    final = Status(task["status"]).final
-    end = task.get("completed_at") if final else (updated or now)
-    elapsed = (end or now) - started if started else 0.0
-    tps = m.get("completion_tokens", 0) / elapsed if elapsed > 0 else 0.0
-    rate = count / elapsed if elapsed > 0 else 0.0
-    remaining = spec["total"] - count
-    eta = remaining / rate if rate > 0 and not final else None
-    if live is not None:  # from the rate over the last minute: time spent waiting does not count
-        eta = live.get("eta_seconds")
-    elif task["status"] == "queued":
-        eta = None  # waiting, or preempted: no rate to go by
+    counts = task_counts(spec["total"], task["status"], task.get("completed_at"), marker, now)
+    # while it runs, the ETA is the daemon's, from the rate over the last minute: waiting does not count
+    eta = live.get("eta_seconds") if live is not None else counts["eta_seconds"]
     return {
         "model": task["model"],
         "status": task["status"],
-        "done": count,
-        "succeeded": count - failed,
+        "done": counts["done"],
+        "succeeded": counts["succeeded"],
         "total": spec["total"],
-        "failed": failed + (remaining if final else 0),
-        "tokens_per_second": round(tps, 1),
+        "failed": counts["failed"],
+        "tokens_per_second": counts["tokens_per_second"],
         "eta_seconds": round(eta, 1) if eta is not None else None,
-        "checkpoint_age_seconds": round(now - updated, 1) if updated else None,
-        "usage": {
-            "prompt_tokens": m.get("prompt_tokens", 0),
-            "completion_tokens": m.get("completion_tokens", 0),
-            "cached_tokens": m.get("cached_tokens", 0),
-        },
+        "checkpoint_age_seconds": counts["checkpoint_age_seconds"],
+        "usage": counts["usage"],
         "load_seconds": task.get("load_seconds"),
         "error": task.get("error"),
         "group": (live or {}).get("group") or task.get("group"),
         "share": (live or {}).get("share"),
         "preemptions": task.get("preemptions", 0),
     }
-
-
-def _shown(task: dict[str, Any]) -> Status:
-    """A preempted task waits in the queue, and its job stays in progress (CONTRACT section 12)."""
-    status = Status(task["status"])
-    return Status.IN_PROGRESS if status == Status.QUEUED and task.get("preemptions") else status
 
 
 def job_view(
@@ -125,7 +87,9 @@ def job_view(
         model_row(spec, t, job.markers.get(t["model"]), now, live.get((job_id, t["model"])))
         for t in job.tasks
     ]
-    status = Status.FAILED if spec["rejected"] else job_status([_shown(t) for t in job.tasks])
+    status = shown_job_status(
+        bool(spec["rejected"]), [(t["status"], t.get("preemptions")) for t in job.tasks]
+    )
     return {
         "id": spec["id"],
         "name": spec["name"],
@@ -267,110 +231,3 @@ def queue_view(layout: Layout, now: float) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def write_snapshot(layout: Layout, live: dict[str, Any]) -> None:
-    """state/status.json: the daemon's own state (model loaded, task running, swaps) for `status`."""
-    info = read_json_or_none(layout.daemon_info) or {}
-    queue = len(os.listdir(layout.queue)) if layout.queue.exists() else 0
-    write_json(
-        layout.snapshot, {**info, "updated_at": time.time(), "queue_length": queue, **live}, durable=False
-    )
-
-
-def _fmt_eta(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _fmt_age(s: float | None) -> str:
-    return "-" if s is None else f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m"
-
-
-def bar(done: int, total: int, width: int = 20) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def daemon_line(state: dict[str, Any]) -> str:
-    snap = state["snapshot"]
-    if not state["running"]:
-        words = f" Its last words: {state['last_words']}" if state["last_words"] else ""
-        return f"The daemon is not running.{words}"
-    parts = [f"daemon pid {snap.get('pid')} on {snap.get('host')}"]
-    if snap.get("loaded_model"):
-        parts.append(
-            f"model {snap['loaded_model']} loaded in {snap.get('load_seconds') or 0:.1f}s, "
-            f"{snap.get('model_rss_mb') or 0:.0f} MB resident"
-        )
-    elif snap.get("loading_model"):
-        parts.append(f"loading {snap['loading_model']}")
-    parts.append(f"watching the inbox ({snap.get('watch_mode')})")
-    rates = state.get("recent_tokens_per_second") or {}
-    if snap.get("loaded_model") in rates:
-        parts.append(f"{rates[snap['loaded_model']]:.0f} tok/s over the last minute")
-    return "; ".join(parts) + "."
-
-
-def render_table(doc: dict[str, Any], bars: bool = False) -> str:
-    lines = [daemon_line({**doc["daemon"], "recent_tokens_per_second": doc.get("recent_tokens_per_second")})]
-    for name, problem in (doc["daemon"]["snapshot"].get("model_problems") or {}).items():
-        lines.append(f"model {name} cannot run here: {problem}")
-    if not doc["jobs"] and not doc.get("quarantined"):
-        lines.append("No jobs yet: drop a .jsonl file into inbox/<model>/.")
-        return "\n".join(lines)
-    header = f"{'JOB':<28} {'MODEL':<16} {'STATUS':<12} {'DONE/TOTAL':>13} {'FAILED':>7} {'TOK/S':>9} {'ETA':>7} {'CKPT':>6}"
-    lines.append(header)
-    for job in doc["jobs"]:
-        if job["rejected"]:
-            lines.append(f"{job['name'][:28]:<28} {'-':<16} {'failed':<12} rejected: {job['rejected'][0]}")
-            continue
-        for i, m in enumerate(job["models"]):
-            name = job["name"][:28] if i == 0 else ""
-            done = f"{m['done']}/{m['total']}"
-            line = (
-                f"{name:<28} {m['model'][:16]:<16} {m['status']:<12} {done:>13} {m['failed']:>7} "
-                f"{m['tokens_per_second']:>9.1f} {_fmt_eta(m['eta_seconds']):>7} "
-                f"{_fmt_age(m['checkpoint_age_seconds']):>6}"
-            )
-            if bars:
-                line += " " + bar(m["done"], m["total"])
-            lines.append(line)
-    if doc["hidden_finished"]:
-        lines.append(f"... {doc['hidden_finished']} older finished jobs (--all shows them)")
-    if doc.get("webhooks_undelivered"):
-        lines.append(f"{doc['webhooks_undelivered']} webhook events not yet delivered (state/webhooks/)")
-    for q in doc.get("quarantined", []):
-        lines.append(f"quarantined {q['folder']}: {q['reason'][:200]}")
-    return "\n".join(lines)
-
-
-def render_detail(job: dict[str, Any]) -> str:
-    lines = [f"{job['name']} ({job['id']}): {job['status']}", f"  results: {job['outbox']}"]
-    if job["dedupe_of"]:
-        lines.append(f"  same input as {job['dedupe_of']}: its results were republished")
-    for reason in job["rejected"]:
-        lines.append(f"  rejected: {reason}")
-    for m in job["models"]:
-        lines.append(
-            f"  {m['model']}: {m['status']}, {m['done']}/{m['total']} done, {m['failed']} failed, "
-            f"{m['tokens_per_second']} tok/s, ETA {_fmt_eta(m['eta_seconds'])}, "
-            f"load {m['load_seconds'] if m['load_seconds'] is not None else '-'}s"
-        )
-        lines.append(f"    output: {job['outbox']}{m['model']}.jsonl")
-        if m["failed"]:
-            lines.append(f"    errors: {job['outbox']}{m['model']}.errors.jsonl")
-        if m.get("group") is not None:
-            share = f"{m['share']:.0%}" if m.get("share") is not None else "-"
-            lines.append(
-                f"    group {m['group']}, {share} of the model's completion tokens over the last minute"
-            )
-        if m.get("preemptions"):
-            lines.append(f"    gave up its slot {m['preemptions']} times (preempted)")
-        if m["error"]:
-            lines.append(f"    error: {m['error']}")
-    for e in job["line_errors"]:
-        lines.append(f"  line {e['line']}: {e['message']}")
-    return "\n".join(lines)

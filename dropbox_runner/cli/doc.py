@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from dropbox_runner.cli import main
+from dropbox_runner.cli.commands import main
 
 
 def render() -> str:

@@ -7,7 +7,6 @@ It only supervises: models run in a child process and it stays alive when that p
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -15,13 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from dropbox_runner import systemd
 from dropbox_runner.config import Registry
+from dropbox_runner.daemon import systemd
+from dropbox_runner.daemon.snapshot import Snapshots
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.fsutil import read_json_or_none, write_json
 from dropbox_runner.intake.claim import Claimer
 from dropbox_runner.intake.scanner import Scanner
-from dropbox_runner.intake.watcher import Watcher, should_poll
+from dropbox_runner.intake.watcher import FAST_SCAN_SECONDS, Watcher, scan_due, should_poll
 from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.jobs.retention import retention_due
 from dropbox_runner.layout import Layout, acquire_root
@@ -32,33 +32,12 @@ from dropbox_runner.results import webhooks
 from dropbox_runner.slot.execution import Execution
 from dropbox_runner.slot.loadable import model_problem
 from dropbox_runner.slot.task import group_of
-from dropbox_runner.status import view as status
 from dropbox_runner.status.history import History
 
 log = logging.getLogger("dropbox_runner.daemon")
 
 IO_RETRY_SECONDS = 5.0
-FAST_SCAN_SECONDS = 0.25  # while a candidate settles or waits for its manifest
 PRUNE_SECONDS = 60.0
-
-
-def setup_logging(layout: Layout, level: int = logging.INFO) -> None:
-    root = logging.getLogger("dropbox_runner")
-    root.setLevel(level)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    stream = logging.StreamHandler()
-    stream.setFormatter(fmt)
-    filelog = logging.handlers.RotatingFileHandler(layout.log, maxBytes=10 << 20, backupCount=3)
-    filelog.setFormatter(fmt)
-    root.addHandler(stream)
-    root.addHandler(filelog)
-
-
-def scan_due(changed: bool, busy_intake: bool, since_last: float, rescan_seconds: float) -> bool:
-    """Scan the inbox when the watcher saw a change, while candidates settle, or every rescan_seconds."""
-    return changed or (busy_intake and since_last >= FAST_SCAN_SECONDS) or since_last >= rescan_seconds
 
 
 class Daemon:
@@ -75,12 +54,11 @@ class Daemon:
         self.stopping = False
         self.signals = 0
         self.last_scan = float("-inf")
-        self.last_snapshot = 0.0
         self.last_expiry_check = self.last_prune = float("-inf")  # monotonic: a wall-clock jump moves neither
-        self.snapshot_model_state: tuple[int, bool] | None = None
         self.paused_until = 0.0
         self.model_problems: dict[str, str] = {}
         self.notifier = systemd.Notifier()
+        self.snapshots = Snapshots(layout, self.notifier)
         self.groups: dict[str, str] = {}  # job id -> fair-share group (a spec never changes)
 
     # -- start and stop -----------------------------------------------------------------------------
@@ -353,18 +331,13 @@ class Daemon:
         return self.groups[job_id]
 
     def _snapshot(self, force: bool = False, stopped: bool = False) -> None:
-        """About once a second, and at once when the model process starts, loads or ends."""
-        now = time.monotonic()
         proc = self.execution.proc
-        model_state = (proc.pid, proc.loaded) if proc is not None else None
-        if not force and model_state == self.snapshot_model_state and now - self.last_snapshot < 1.0:
+        if not self.snapshots.due((proc.pid, proc.loaded) if proc is not None else None, force):
             return
-        self.last_snapshot, self.snapshot_model_state = now, model_state
         live = {
             "stopped_at": time.time() if stopped else None,
             "watch_mode": self.watcher.mode if self.watcher else None,
             "model_problems": self.model_problems,
             **self.execution.describe(),
         }
-        status.write_snapshot(self.layout, live)
-        self.notifier.status(lambda: systemd.status_line(live, self.layout.queue))
+        self.snapshots.write(live)

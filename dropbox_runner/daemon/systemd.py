@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger("dropbox_runner.systemd")
+log = logging.getLogger("dropbox_runner.daemon.systemd")
 
 # The longest the daemon's loop is known to block (ending a model: about 25 s, issue 25); systemd
 # ends a service that pings less often than WatchdogSec, and we ping from the loop, so WatchdogSec
