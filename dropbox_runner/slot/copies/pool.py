@@ -280,7 +280,8 @@ class Copies:
                 {
                     "pid": c.proc.pid,
                     "loaded": c.proc.loaded,
-                    "shards": [[t.key, s.start, s.end] for t, s in c.held.values()],
+                    "shard": next(([s.start, s.end] for _, s in c.held.values()), None),
+                    "shards": [[t.key, s.start, s.end] for t, s in c.held.values()],  # of every task
                 }
                 for c in self.copies
             ],
