@@ -19,6 +19,7 @@ from test_replicas import answers
 from conftest import (
     Daemon,
     batch_json,
+    chat_line,
     completed,
     finished,
     gated_job,
@@ -185,3 +186,33 @@ def test_a_copy_killed_while_serving_two_tasks_loses_and_repeats_nothing(croot: 
         counts = batch_json(croot, name)["request_counts"]
         assert counts == {"total": n, "completed": n, "failed": 0} and before[name] <= n
     assert copy_loads(croot, "cgslow") == 3  # two copies, and the one started again after the kill
+
+
+def test_a_shard_is_leased_only_once_its_lines_are_planned_and_at_most_a_window(tmp_path: Path) -> None:
+    """The plan is read by a thread: the loop takes it a part at a time, and a shard goes out only
+    once its duplicates are failed (a copy never answers a line the daemon must fail)."""
+    import time
+
+    from dropbox_runner import protocol as p
+    from dropbox_runner.slot.copies.shards import ShardedTask
+
+    lines = [chat_line(i) for i in range(300)]
+    lines[250] = chat_line(3)  # repeats line 3's id
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    order = p.TaskOrder("j", "m", str(tmp_path / "in.jsonl"), str(tmp_path / "m.log"), 300, [{}], 50)
+    task = ShardedTask(order, str(tmp_path), replicas=2)
+    try:
+        assert task.next_shard(None, alone=False) is None  # nothing planned yet: the loop did not wait
+        deadline = time.monotonic() + 60
+        while task.take_plan():
+            assert time.monotonic() < deadline, "the plan did not end"
+            time.sleep(0.01)
+        assert task.log.done[250] and task.answered == 1  # failed in place, as one copy would
+        first = task.next_shard(8, alone=False)
+        assert (first.start, first.end) == (0, 8)  # while tasks share: one window at most
+        rest = [task.next_shard(None, alone=False) for _ in range(12)]
+        assert [(s.start, s.end) for s in rest if s] == [(8, 38)] + [
+            (s, min(s + 38, 250)) for s in range(38, 250, 38)
+        ] + [(251, 289), (289, 300)]
+    finally:
+        task.close()
