@@ -216,3 +216,23 @@ def test_a_shard_is_leased_only_once_its_lines_are_planned_and_at_most_a_window(
         ] + [(251, 289), (289, 300)]
     finally:
         task.close()
+
+
+def test_copies_are_preempted_like_one_process_and_resume_losing_nothing(croot: Path, daemon) -> None:
+    yaml = croot / "models.yaml"
+    settings = "settings:\n  preempt_after_seconds: 0\n  stop_timeout_seconds: 2\n"
+    yaml.write_text(yaml.read_text().replace("settings:\n", settings, 1))
+    write_jsonl(croot / "inbox/cg/big.jsonl", gated_job(600))
+    d = daemon()
+    wait_for(lambda: completed(croot, "big", "cg") > 50, timeout=60, what="big running on the copies")
+    (croot / "inbox/echo/urgent.manifest.json").write_text('{"priority": 5}')
+    write_jsonl(croot / "inbox/echo/urgent.jsonl", [chat_line(i) for i in range(50)])
+    wait_for(lambda: finished(croot, "urgent"), timeout=60, what="the urgent job")
+    assert batch_json(croot, "big")["status"] == "in_progress"  # preempted, back in line
+    open_gate(croot)
+    wait_for(lambda: finished(croot, "big"), timeout=120, what="big, resumed on the copies")
+    d.kill(signal.SIGTERM)
+    assert "preempts batch_" in daemon_log(croot)
+    assert contents(croot, "big", "cg") == expected(600)
+    assert batch_json(croot, "big")["request_counts"]["completed"] == 600
+    assert daemon_log(croot).count("loading 2 copies of cg") == 2  # ended for the urgent job, then again

@@ -263,7 +263,6 @@ class Copies:
         self.stopping = self.ended = True
         for copy in self.copies:
             copy.proc.end(timeout)
-        self.copies = []
         for task in self.tasks.values():
             try:
                 task.close()
