@@ -20,11 +20,10 @@ from dropbox_runner.queue.journal import JobSpec
 from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.queue.scheduler import Choice
 from dropbox_runner.results.log import read_marker
-from dropbox_runner.slot.copies.pool import Copies
 from dropbox_runner.slot.failures import SlotFailures
+from dropbox_runner.slot.handle import ModelHandle
 from dropbox_runner.slot.loadable import adapter_problem
 from dropbox_runner.slot.loading import CannotLoad, open_model
-from dropbox_runner.slot.supervisor import ModelProcess
 from dropbox_runner.slot.task import SlotTask, group_of
 from dropbox_runner.status.history import History
 
@@ -35,7 +34,7 @@ class Execution(SlotFailures):
     def __init__(self, jobs: Jobs, registry: Registry, history: History) -> None:
         self.jobs, self.journal, self.layout, self.history = jobs, jobs.journal, jobs.layout, history
         self.registry, self.settings = registry, registry.settings
-        self.proc: ModelProcess | Copies | None = None  # the loaded model: one process or its copies
+        self.proc: ModelHandle | None = None  # the loaded model: one process or its copies
         self.running: dict[str, SlotTask] = {}  # by task id: the tasks the model process holds
         self.answers_for: set[str] = set()  # the running process's model and the adapters it was started with
         self.memory_retry: dict[str, float] = {}

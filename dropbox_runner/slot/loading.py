@@ -12,6 +12,7 @@ from dropbox_runner.config import EngineKind, ModelConfig, Registry, resolve_mod
 from dropbox_runner.layout import Layout
 from dropbox_runner.slot import adapters
 from dropbox_runner.slot.copies.pool import Copies
+from dropbox_runner.slot.handle import ModelHandle
 from dropbox_runner.slot.loadable import model_problem
 from dropbox_runner.slot.memory import fit_problem
 from dropbox_runner.slot.supervisor import ModelProcess
@@ -25,7 +26,7 @@ class CannotLoad(Exception):
 
 def open_model(
     layout: Layout, registry: Registry, model: str, memory_retry: dict[str, float]
-) -> tuple[ModelProcess | Copies, ModelConfig]:
+) -> tuple[ModelHandle, ModelConfig]:
     """Start loading `model` (with the smaller gpu_memory_utilization of a memory retry, if any)."""
     config = adapters.serving_config(layout.root, registry, model)
     problem = model_problem(layout.root, model, config)

@@ -2,7 +2,7 @@
 model, they serve every task of it the slot admits, and end when the model is switched or the daemon
 stops. A new task does not reload them.
 
-To the slot, `Copies` is a model process like `supervisor.ModelProcess`: it takes `Run`, `Cancel` and
+To the slot, `Copies` is a model process like `supervisor.ModelProcess` (`slot.handle.ModelHandle`): it takes `Run`, `Cancel` and
 `Stop` commands and gives the same events (Loaded, Resumed, Progress, TaskDone), so the slot's code
 does not branch on copies. Inside, each task is a `shards.ShardedTask`; each copy holds up to
 LEASE_AHEAD shards of each task at once (a shard is at most one window while tasks share), and its
@@ -81,10 +81,6 @@ class Copies:
     @property
     def load_seconds(self) -> float | None:
         return next((c.proc.load_seconds for c in self.copies if c.proc.loaded), None)
-
-    @property
-    def capacity(self) -> int:
-        return sum(c.capacity for c in self.copies)
 
     def alive(self) -> bool:
         return not self.ended
