@@ -236,3 +236,49 @@ def test_copies_are_preempted_like_one_process_and_resume_losing_nothing(croot: 
     assert contents(croot, "big", "cg") == expected(600)
     assert batch_json(croot, "big")["request_counts"]["completed"] == 600
     assert daemon_log(croot).count("loading 2 copies of cg") == 2  # ended for the urgent job, then again
+
+
+def test_the_feed_ahead_of_a_copy_reads_its_shard_from_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Shards are a window while tasks share, so a copy gets many: each is read from the checkpoint
+    before it, not from the input's first line."""
+    from dropbox_runner import protocol as p
+    from dropbox_runner.engine import feedahead
+    from dropbox_runner.lines.parse import iter_raw_lines
+
+    read: list[int] = []
+
+    def counted(*args):
+        for raw in iter_raw_lines(*args):
+            read.append(raw.index)
+            yield raw
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, **kw) -> str:
+            return messages[-1]["content"]
+
+        def encode(self, text: str, **kw) -> list[int]:
+            return [len(w) for w in text.split()]
+
+    monkeypatch.setattr(feedahead, "iter_raw_lines", counted)
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(1000)])
+    offset = sum(len(x) + 1 for x in path.read_bytes().split(b"\n")[:896])  # line 896's checkpoint
+    order = p.TaskOrder(
+        "j",
+        "m",
+        str(path),
+        "",
+        1000,
+        [],
+        50,
+        shard=[900, 916],
+        shard_at=[offset, 897, 896],
+        task_id="j/m@900",
+    )
+    ahead = feedahead.FeedAhead(Tokenizer())
+    try:
+        ahead.add(order)
+        wait_for(lambda: ahead.sources["j/m@900"].done, timeout=30, what="the shard prepared")
+        assert sorted(ahead.sources["j/m@900"].cache) == list(range(900, 916))
+        assert min(read) == 896 and len(read) <= 21  # from the checkpoint to just past the shard
+    finally:
+        ahead.stop()
