@@ -100,10 +100,9 @@ class Copies:
             log.info(
                 "%s on %d copies: %d results already committed", task.key, len(self.copies), task.answered
             )
-        elif isinstance(command, p.Cancel):
-            self._leave(command.task_id, "cancelled", p.Cancel)
-        elif isinstance(command, p.Stop) and command.task_id:
-            self._leave(command.task_id, "interrupted", p.Stop)
+        elif isinstance(command, p.Cancel | p.Stop) and command.task_id in self.tasks:
+            task = self.tasks[command.task_id]  # its shards are withdrawn by `_maybe_end`
+            task.leaving = task.leaving or ("cancelled" if isinstance(command, p.Cancel) else "interrupted")
         elif isinstance(command, p.Stop):  # every task commits and goes; the copies end after
             self.stopping = True
             for task in self.tasks.values():
@@ -112,19 +111,13 @@ class Copies:
                 copy.proc.send(p.Stop(grace_seconds=command.grace_seconds))
         return True
 
-    def _leave(self, key: str, outcome: str, command: type[p.Cancel] | type[p.Stop]) -> None:
-        task = self.tasks.get(key)
-        if task is None or task.leaving:
-            return
-        task.leaving = outcome
-        self._withdraw(task, command)
-
-    def _withdraw(self, task: ShardedTask, command: type[p.Cancel] | type[p.Stop]) -> None:
+    def _withdraw(self, task: ShardedTask) -> None:
         """Tell every copy holding a shard of the task to end it (it sends what it has, then TaskDone)."""
+        task.withdrawn = True
         for copy in self.copies:
             for shard_id, (t, _) in copy.held.items():
                 if t is task:
-                    copy.proc.send(command(shard_id))
+                    copy.proc.send(p.Stop(shard_id))
 
     # -- the loop ----------------------------------------------------------------------------------
     def events(self, timeout: float) -> list[p.Message]:
@@ -182,7 +175,8 @@ class Copies:
         copy.proc.end(1.0)
         held, copy.held = copy.held, {}
         shards = ", ".join(f"{t.key} {s.start}-{s.end}" for t, s in held.values()) or "none"
-        log.error("copy %d of %s %s (shards: %s)", copy.index, self.name, why, shards)
+        say = log.info if self.stopping else log.error  # while stopping, copies end as told
+        say("copy %d of %s %s (shards: %s)", copy.index, self.name, why, shards)
         for task, shard in held.values():
             task.copy_died(shard)
         if not copy.proc.loaded and not self.stopping:
@@ -243,9 +237,11 @@ class Copies:
         """A task ends once every line has a result, or once it leaves and no copy holds its shards."""
         if task.complete and task.leaving in (None, "interrupted"):
             task.leaving = "completed"
-            self._withdraw(task, p.Stop)  # shards still out hold nothing it needs
+            self._withdraw(task)  # shards still out hold nothing it needs
             for copy in self.copies:
                 copy.held = {k: v for k, v in copy.held.items() if v[0] is not task}
+        if task.leaving and not task.withdrawn and not self.stopping:
+            self._withdraw(task)  # cancelled, evicted or given up: what the copies sent is kept
         if not task.leaving or any(copy.count(task) for copy in self.copies):
             return
         del self.tasks[task.key]

@@ -62,9 +62,8 @@ class ShardedTask:
         self.queue: deque[Shard] = deque()  # shards given back or cut off, leased before new ones
         self.poison = order.poison  # the task record's own list: a line found poison stays with it
         self.deaths = 0
-        self.leaving: str | None = (
-            None  # cancelled | interrupted | crashed | failed: ends once no shard is out
-        )
+        self.leaving: str | None = None  # why it ends (a TaskDone outcome), once no shard is out
+        self.withdrawn = False  # the copies holding its shards were told to end them
         self.error: str | None = None
         self.checkpoints: list[list[int]] = []
         self.planned_to = 0  # every line before it is planned: its duplicates failed
