@@ -158,7 +158,9 @@ class IoError(Message):
 class TaskDone(Message):
     """The task ended: completed, cancelled, or interrupted (the daemon is stopping)."""
 
-    outcome: str  # completed | cancelled | interrupted | failed (the engine refused the task's adapter)
+    # completed | cancelled | interrupted | failed (the engine refused the task's adapter) | crashed
+    # (copies of its model died too often with its shards: said only by `copies.pool` to the slot)
+    outcome: str
     task_id: str = ""
     error: str | None = None  # why it failed
 

@@ -153,3 +153,35 @@ def test_an_empty_poll_is_no_sign_of_life_so_a_hung_copy_is_found(monkeypatch: p
     settings = SimpleNamespace(load_timeout_seconds=1800, stall_timeout_seconds=300)
     assert copy.silent_for() > 300
     assert "hung" in copy.trouble(settings, busy=True)
+
+
+def test_two_tasks_share_the_ray_copies_with_one_load_per_copy(cluster, root: Path) -> None:
+    """Issue 22 item 4: Ray copies belong to the slot; a second task joins them without a reload."""
+    from test_copies_shared import expected, served_together
+
+    from conftest import gated_job, open_gate
+
+    c, _ = cluster
+    ray_models(root, c.address)
+    gate = f"gate_on: GATE, gate_file: {root / 'gate.open'}"
+    entry = f"{{engine: echo, replicas: 2, executor: ray, engine_args: {{delay_ms: 5, max_in_flight: 8, {gate}}}}}"
+    (root / "models.yaml").write_text((root / "models.yaml").read_text() + f"  rg: {entry}\n")
+    (root / "inbox/rg").mkdir()
+    write_jsonl(root / "inbox/rg/a.jsonl", gated_job(300))
+    write_jsonl(root / "inbox/rg/b.jsonl", gated_job(200))
+    d = Daemon(root)
+    try:
+        ids = wait_for(
+            lambda: all(batch_json(root, n) for n in "ab") and [batch_json(root, n)["id"] for n in "ab"],
+            timeout=120,
+        )
+        wait_for(lambda: served_together(root, ids), timeout=120, what="both tasks on the Ray copies")
+        open_gate(root)
+        wait_for(lambda: finished(root, "a") and finished(root, "b"), timeout=120, what="both jobs")
+    finally:
+        d.kill(signal.SIGTERM)
+    log = (root / "state/daemon.log").read_text()
+    assert log.count("loaded copy") == 2 and log.count("loading 2 copies of rg (ray)") == 1
+    for name, n in (("a", 300), ("b", 200)):
+        got = [(a[0], a[1]) for a in answers(root / f"outbox/{name}/rg.jsonl")]
+        assert got == expected(n)

@@ -150,13 +150,13 @@ def test_a_dead_copys_shard_resumes_after_what_it_sent() -> None:
     from collections import deque
     from types import SimpleNamespace
 
-    from dropbox_runner.slot.copies.shards import Shard, ShardedRun
+    from dropbox_runner.slot.copies.shards import Shard, ShardedTask
 
-    run = object.__new__(ShardedRun)
+    run = object.__new__(ShardedTask)
     done = bytearray(100)
     done[:60] = b"\x01" * 60  # the copy sent lines 0-59, then died
     run.log, run.queue = SimpleNamespace(done=done), deque()
-    run._give_back(Shard(0, 100))
+    run.give_back(Shard(0, 100))
     assert [(s.start, s.end, s.crashes) for s in run.queue] == [(60, 100, 1)]
 
 

@@ -279,7 +279,7 @@ class Daemon:
     def _share(self) -> None:
         """While a model process runs: admit, take a slot back, or preempt (CONTRACT section 12)."""
         ex = self.execution
-        if not ex.running or ex.preempting or ex.proc is None or ex.sharded is not None:
+        if not ex.running or ex.preempting or ex.proc is None:
             return
         held_keys = ex.running_keys()
         queued = [e for e in self.journal.queued() if e[0] not in held_keys]

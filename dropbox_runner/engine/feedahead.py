@@ -113,7 +113,12 @@ class FeedAhead:
         order = src.order
         if src.lines is None:
             src.file = open(Path(order.input), "rb")  # noqa: SIM115 (closed when the source is done)
-            src.lines = iter_raw_lines(src.file)
+            if order.shard_at is not None:  # a copy's shard: read from the checkpoint before it
+                offset, line, index = order.shard_at
+                src.file.seek(offset)
+                src.lines = iter_raw_lines(src.file, offset, index, line - 1)
+            else:
+                src.lines = iter_raw_lines(src.file)
         start, end = order.shard or (0, float("inf"))
         defaults = tuple(order.defaults)
         for _ in range(CHUNK):

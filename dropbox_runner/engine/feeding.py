@@ -62,20 +62,6 @@ class Worker:
         finally:
             self._stop.set()
 
-    def run_alone(self, order: p.TaskOrder) -> str:
-        """One task, then return its outcome (a Ray copy's shard)."""
-        self.lifeline.commands.put(p.Run(order))
-        outcome = "interrupted"
-        while self._commands(block=False) and (self.tasks or not self.lifeline.commands.empty()):
-            self._fill()
-            if self.engine.in_flight:
-                self._collect()
-            for task in [t for t in self.tasks.values() if t.finished]:
-                outcome = task.outcome
-                self._end(task, task.outcome)
-        self._stop.set()
-        return outcome
-
     def _commands(self, block: bool = True) -> bool:
         """Carry out the commands that arrived; False once the process is to stop."""
         idle = block and not self.tasks and not self.engine.in_flight

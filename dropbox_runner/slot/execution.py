@@ -1,8 +1,9 @@
-"""The model slot: at most one model process, the tasks it runs together, and what its events mean.
+"""The model slot: at most one loaded model, the tasks it runs together, and what its events mean.
 
-Starts and swaps model processes, hands them tasks (several at once: section 12), takes a task's
-slot back for a higher priority or another group, preempts for another model, turns events into
-job operations, and applies the crash policy when the process dies or hangs. The daemon drives it.
+Starts and swaps the model's handle (one process, or its copies: `loading`), hands it tasks
+(several at once: section 12), takes a task's slot back for a higher priority or another group,
+preempts for another model, turns events into job operations, and applies the crash policy when
+the process dies or hangs. The daemon drives it.
 """
 
 from __future__ import annotations
@@ -10,22 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from dropbox_runner import protocol as p
-from dropbox_runner.config import EngineKind, ModelConfig, Registry, resolve_model_path
+from dropbox_runner.config import Registry
 from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.queue.journal import JobSpec
 from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.queue.scheduler import Choice
 from dropbox_runner.results.log import read_marker
-from dropbox_runner.slot import adapters
-from dropbox_runner.slot.copies.shards import ShardedRun
 from dropbox_runner.slot.failures import SlotFailures
-from dropbox_runner.slot.loadable import adapter_problem, model_problem
-from dropbox_runner.slot.memory import fit_problem
-from dropbox_runner.slot.supervisor import ModelProcess, group_rss_bytes
+from dropbox_runner.slot.handle import ModelHandle
+from dropbox_runner.slot.loadable import adapter_problem
+from dropbox_runner.slot.loading import CannotLoad, open_model
 from dropbox_runner.slot.task import SlotTask, group_of
 from dropbox_runner.status.history import History
 
@@ -36,10 +34,9 @@ class Execution(SlotFailures):
     def __init__(self, jobs: Jobs, registry: Registry, history: History) -> None:
         self.jobs, self.journal, self.layout, self.history = jobs, jobs.journal, jobs.layout, history
         self.registry, self.settings = registry, registry.settings
-        self.proc: ModelProcess | None = None
+        self.proc: ModelHandle | None = None  # the loaded model: one process or its copies
         self.running: dict[str, SlotTask] = {}  # by task id: the tasks the model process holds
         self.answers_for: set[str] = set()  # the running process's model and the adapters it was started with
-        self.sharded: ShardedRun | None = None  # the running task's copies, when it has several
         self.memory_retry: dict[str, float] = {}
         self.load_deaths: dict[str, int] = {}  # model processes killed while loading, per model
         self.swaps: deque[dict[str, Any]] = deque(maxlen=20)
@@ -96,10 +93,6 @@ class Execution(SlotFailures):
             if problem:
                 self._fail_model(task.model, f"the adapter {task.model} cannot run here: {problem}")
                 return
-        config = self.registry.models[serving]
-        if config.replicas > 1 or config.executor == "ray":
-            self._start_copies(run, config)
-            return
         if self.proc is not None and (
             self.proc.name != serving or not self.proc.alive() or task.model not in self.answers_for
         ):  # an adapter made after its base started needs the base started again
@@ -107,26 +100,18 @@ class Execution(SlotFailures):
         if self.proc is None:
             self._load(serving)
         if self.proc is not None and run.key in self.running and not run.sent:
-            run.sent = self.proc.send(p.Run(self._order(run)))  # while it loads too: lines get prepared
+            run.sent = self.proc.send(p.Run(run.order(self.journal, self.registry)))  # while it loads too
 
     def _load(self, model: str) -> None:
-        config = adapters.serving_config(self.layout.root, self.registry, model)
-        problem = model_problem(self.layout.root, model, config)
-        if config.engine == EngineKind.VLLM and problem is None:
-            folder = resolve_model_path(self.layout.root, config)
-            problem = fit_problem(model, Path(folder), config.engine_args) if folder else None
-        if problem:
-            self._fail_model(model, f"the model {model} cannot run here: {problem}")
+        try:
+            self.proc, config = open_model(self.layout, self.registry, model, self.memory_retry)
+        except CannotLoad as exc:
+            self._fail_model(model, str(exc))
             return
-        if model in self.memory_retry:
-            config = config.model_copy(deep=True)
-            config.engine_args["gpu_memory_utilization"] = self.memory_retry[model]
-        log.info("loading %s", model)
-        self.proc = ModelProcess(self.layout, model, config)
         self.answers_for = {model, *config.lora_adapters}
         for run in self.running.values():  # tasks of a process that was reloaded (memory retry)
             if self.registry.base_of(run.task.model) == model and not run.sent:
-                run.sent = self.proc.send(p.Run(self._order(run)))
+                run.sent = self.proc.send(p.Run(run.order(self.journal, self.registry)))
 
     def end_model(self, why: str) -> None:
         proc, self.proc = self.proc, None
@@ -137,56 +122,6 @@ class Execution(SlotFailures):
         log.info("swap: ended %s (pid %d) in %.2fs because %s", proc.name, proc.pid, seconds, why)
         self.swaps.append({"model": proc.name, "unload_seconds": round(seconds, 3), "at": time.time()})
         self.history.swapped(proc.name, started, seconds)
-
-    def _start_copies(self, run: SlotTask, config: ModelConfig) -> None:
-        """Several copies of the model on this task: the daemon leases them shards (see shards.py)."""
-        model = run.task.model
-        self.end_model(f"{model} runs on {config.replicas} copies next")
-        problem = model_problem(self.layout.root, model, config)
-        if problem:
-            self._fail_model(model, f"the model {model} cannot run here: {problem}")
-            return
-        log.info("loading %d copies of %s (%s)", config.replicas, model, config.executor)
-        try:
-            self.sharded = ShardedRun(
-                self.layout,
-                self.journal,
-                self.settings,
-                self.history,
-                run.spec,
-                run.task,
-                config,
-                self._order(run),
-            )
-        except ConnectionError as exc:  # Ray cannot be reached
-            where = self.settings.ray_address
-            self._fail_model(model, f"settings.ray_address: cannot reach Ray at {where!r} ({exc})"[:400])
-            return
-        run.sent = True
-
-    def _end_copies(self) -> None:
-        sharded, self.sharded = self.sharded, None
-        if sharded is not None:
-            sharded.close()
-
-    def _order(self, run: SlotTask) -> p.TaskOrder:
-        task, spec = run.task, run.spec
-        model = adapters.effective_config(self.registry, task.model)
-        return p.TaskOrder(
-            job_id=spec.id,
-            model=task.model,
-            input=str(self.journal.input_path(spec.id)),
-            log=str(self.journal.log_path(spec.id, task.model)),
-            total=spec.total,
-            defaults=[spec.defaults, model.defaults],
-            commit_interval_ms=self.settings.commit_interval_ms,
-            request_timeout_seconds=self.registry.request_timeout_seconds(task.model),
-            poison=task.poison,
-            isolate_until=task.isolate_until,
-            task_id=run.key,
-            priority=spec.priority,
-            group=run.group,
-        )
 
     # -- giving slots back -------------------------------------------------------------------------
     def evict(self, key: str, why: str) -> None:
@@ -216,9 +151,6 @@ class Execution(SlotFailures):
 
     # -- events ------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
-        if self.sharded is not None:
-            self._pump_copies(timeout)
-            return
         proc = self.proc
         self.event_job = None
         if proc is None:
@@ -238,18 +170,6 @@ class Execution(SlotFailures):
                 self._preempted()
                 return
             self._died(proc, why)
-
-    def _pump_copies(self, timeout: float) -> None:
-        sharded, run = self.sharded, next(iter(self.running.values()))
-        done = sharded.pump(timeout)
-        if done or sharded.failed:
-            self._end_copies()
-            if done:
-                self.finish(run, Status.COMPLETED)
-            else:
-                self.finish(run, Status.FAILED, sharded.failed)
-        elif run.due_batch_json():
-            self.jobs.progressed(run.spec, run.task)
 
     def _event(self, ev: p.Message) -> None:
         if isinstance(ev, p.Loaded):
@@ -281,6 +201,8 @@ class Execution(SlotFailures):
         elif isinstance(ev, p.TaskDone):
             if ev.outcome == "failed":  # the engine refused the task's adapter: its tasks fail alone
                 self._fail_model(run.task.model, f"the adapter {run.task.model} cannot run here: {ev.error}")
+            elif ev.outcome == "crashed":  # copies of its model died too often with its shards
+                self.finish(run, Status.FAILED, ev.error)
             else:
                 self._task_done(run, ev.outcome)
 
@@ -341,7 +263,6 @@ class Execution(SlotFailures):
         for run in runs:
             self.running.pop(run.key, None)
         if runs:
-            self._end_copies()
             self.end_model(f"job {job_id} failed")
             for run in list(self.running.values()):
                 self.requeue(run, f"its model process ended because job {job_id} failed")
@@ -356,10 +277,8 @@ class Execution(SlotFailures):
         models = self.jobs.cancelled(spec, [r.task for r in runs], outcome)
         verb = "cancel" if outcome == Status.CANCELLED else "expire"
         log.info("%s %s: %s", verb, spec.id, ", ".join(models) or "no queued task")
-        if runs and self.sharded is not None:
-            self._end_copies()  # what the copies sent is committed
         for run in runs:
-            if self.sharded is None and self.proc is not None and run.sent:
+            if self.proc is not None and run.sent:
                 run.cancel_outcome, run.cancelling = outcome, True
                 self.proc.send(p.Cancel(run.key))
             else:
@@ -367,7 +286,6 @@ class Execution(SlotFailures):
 
     def stop(self) -> None:
         """Warm stop: the running tasks commit and go back in line; the model process ends."""
-        self._end_copies()
         if self.running and self.proc is not None and self.proc.alive():
             self.proc.send(p.Stop())
             deadline = time.monotonic() + self.settings.stop_timeout_seconds
@@ -380,10 +298,6 @@ class Execution(SlotFailures):
             self.proc = None
 
     def abort_after_disk_error(self) -> None:
-        try:
-            self._end_copies()
-        except OSError:
-            pass  # the disk failed: what the copies sent since the last commit runs again
         if self.proc is not None:
             self.proc.end(self.settings.stop_timeout_seconds)
             self.proc = None
@@ -396,11 +310,11 @@ class Execution(SlotFailures):
         return {
             "loaded_model": proc.name if proc and proc.loaded else None,
             "loading_model": proc.name if proc and not proc.loaded else None,
-            "model_pid": proc.pid if proc else None,
+            "model_pid": None,
+            "model_rss_mb": None,
+            **(proc.describe() if proc else {}),
             "load_seconds": proc.load_seconds if proc else None,
-            "model_rss_mb": round(group_rss_bytes(proc.pid) / 2**20, 1) if proc else None,
             "running": [r.describe(self.running.values()) for r in self.running.values()],
             "preempting": self.preempting,
-            **(self.sharded.describe() if self.sharded is not None else {}),
             "swaps": list(self.swaps),
         }

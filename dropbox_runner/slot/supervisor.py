@@ -155,6 +155,10 @@ class ModelProcess:
         within load_timeout_seconds, or it said nothing for stall_timeout_seconds while `busy`."""
         return trouble(self, settings, busy)
 
+    def describe(self) -> dict:
+        """For the status snapshot."""
+        return {"model_pid": self.pid, "model_rss_mb": round(group_rss_bytes(self.pid) / 2**20, 1)}
+
     def exit_description(self) -> str:
         code = self.proc.poll()
         if code is None:

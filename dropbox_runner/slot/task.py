@@ -1,5 +1,5 @@
-"""One task held by the model slot: its records, its group, its rate over the last minute, and the
-throttles of what it writes (batch.json, progress lines in the log).
+"""One task held by the model slot: its records, its group, the order it is sent with, its rate over
+the last minute, and the throttles of what it writes (batch.json, progress lines in the log).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from typing import Any
 import orjson
 
 from dropbox_runner import protocol as p
+from dropbox_runner.config import Registry
 from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.queue.lifecycle import Status
+from dropbox_runner.slot import adapters
 
 RATE_WINDOW_SECONDS = 60.0
 BATCH_JSON_SECONDS = 2.0
@@ -59,6 +61,26 @@ class SlotTask:
     @property
     def key(self) -> str:
         return f"{self.task.job_id}/{self.task.model}"
+
+    def order(self, journal: Journal, registry: Registry) -> p.TaskOrder:
+        """What the model process (or the copies) is sent to run this task."""
+        task, spec, settings = self.task, self.spec, registry.settings
+        model = adapters.effective_config(registry, task.model)
+        return p.TaskOrder(
+            job_id=spec.id,
+            model=task.model,
+            input=str(journal.input_path(spec.id)),
+            log=str(journal.log_path(spec.id, task.model)),
+            total=spec.total,
+            defaults=[spec.defaults, model.defaults],
+            commit_interval_ms=settings.commit_interval_ms,
+            request_timeout_seconds=registry.request_timeout_seconds(task.model),
+            poison=task.poison,
+            isolate_until=task.isolate_until,
+            task_id=self.key,
+            priority=spec.priority,
+            group=self.group,
+        )
 
     def progressed(self, ev: p.Progress) -> None:
         now = time.monotonic()

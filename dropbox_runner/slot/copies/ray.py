@@ -1,5 +1,5 @@
 """Copies of a model as Ray actors (`executor: ray`): the same engine and feeding code as the local
-model process, driven through the same shard protocol (see shards.py). Imported only when a model
+model process, driven through the same shard protocol (see pool.py and shards.py). Imported only when a model
 asks for Ray.
 
 The daemon is the Ray driver: actors are not detached, so they end with it; with `ray_address:
@@ -85,60 +85,54 @@ def stop() -> None:
 
 
 class _Outbox:
-    """The actor's side of the pipe: events wait here until the daemon polls."""
+    """The actor's side of the pipe: commands wait here for its feeding loop, events until the daemon
+    polls. A shard's lines sent by the daemon live in a file of this host until the shard ends."""
 
     def __init__(self) -> None:
         self.events: deque[bytes] = deque()
         self.commands: queue.Queue[p.Message] = queue.Queue()
         self.logs: set = set()
+        self.files: dict[str, str] = {}  # shard id -> its lines' file
 
     def send(self, event: p.Message) -> None:
+        if isinstance(event, p.TaskDone) and event.task_id in self.files:
+            os.unlink(self.files.pop(event.task_id))
         self.events.append(event.encode())
 
     offer = send
-
-    def poll(self) -> p.Message | None:
-        try:
-            return self.commands.get_nowait()
-        except queue.Empty:
-            return None
 
     def die(self) -> None:
         os._exit(1)
 
 
 class CopyActor:
-    """One copy of a model in a Ray worker process."""
+    """One copy of a model in a Ray worker process: one feeding loop for every shard it holds."""
 
     def __init__(self, start: dict[str, Any]) -> None:
+        from dropbox_runner.engine.feeding import Worker
         from dropbox_runner.engine.worker import make_engine
 
         t0 = time.time()
         self.engine = make_engine(p.Start(**start))
         self.load_seconds = round(time.time() - t0, 3)
         self.outbox = _Outbox()
+        worker = Worker(self.engine, self.outbox, self.outbox, None)
+        threading.Thread(target=worker.serve, name="feeding", daemon=True).start()
 
     def ready(self) -> list:
         return [self.load_seconds, self.engine.capacity, os.getpid()]
 
-    def run(self, order: dict[str, Any], lines: bytes | None = None) -> None:
-        from dropbox_runner.engine.feeding import Worker
-
-        if lines is not None:  # the shard's lines, sent by the daemon: read from a file of this host
+    def command(self, line: bytes, lines: bytes | None = None) -> None:
+        cmd = p.decode(line, p.COMMANDS)
+        if isinstance(cmd, p.Run) and lines is not None:  # the shard's lines: read from a file of this host
             import tempfile
 
             with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
                 f.write(lines)
-            order = {**order, "input": f.name, "shard_at": [0, order["shard_at"][1], order["shard_at"][2]]}
-
-        def work() -> None:
-            try:  # the worker sends the shard's results, then its TaskDone
-                Worker(self.engine, self.outbox, self.outbox, None).run_alone(p.TaskOrder(**order))
-            finally:
-                if lines is not None:
-                    os.unlink(order["input"])
-
-        threading.Thread(target=work, name="shard", daemon=True).start()
+            order = cmd.task
+            self.outbox.files[order.task_id] = f.name
+            order.input, order.shard_at = f.name, [0, order.shard_at[1], order.shard_at[2]]
+        self.outbox.commands.put(cmd)
 
     def poll(self) -> list[bytes]:
         events = list(self.outbox.events)
@@ -148,7 +142,7 @@ class CopyActor:
 
 
 class RayCopy:
-    """The daemon's handle on one actor, with the interface of `ModelProcess` that shards.py uses."""
+    """The daemon's handle on one actor, with the interface of `ModelProcess` that pool.py uses."""
 
     def __init__(self, layout: Layout, name: str, config: ModelConfig) -> None:
         self.name = name
@@ -180,12 +174,11 @@ class RayCopy:
         raise OSError("a Ray copy has no pipe: wait on refs()")
 
     def send(self, command: p.Message) -> bool:
-        if isinstance(command, p.Run):
-            self.actor.run.remote(asdict(command.task))
+        self.actor.command.remote(command.encode())
         return True
 
     def send_with_lines(self, command: p.Run, lines: bytes) -> bool:
-        self.actor.run.remote(asdict(command.task), lines)
+        self.actor.command.remote(command.encode(), lines)
         return True
 
     def refs(self) -> list:
