@@ -3,63 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, chat_line, gated_job, wait_for, write_jsonl
+from helpers import Daemon, chat_line, gated_job, wait_for, write_jsonl
+from servers import Server, client, free_port, wait_batch
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.log = open(root / "serve.test.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dropbox_runner",
-                "serve",
-                "--root",
-                str(root),
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            stdout=self.log,
-            stderr=self.log,
-            env={**os.environ, **(env or {})},
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_up(self) -> None:
-        import urllib.request
-
-        def up() -> bool:
-            try:
-                return urllib.request.urlopen(self.url + "/healthz", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, what="the HTTP server")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture
@@ -70,16 +25,6 @@ def served(root: Path):
     yield root, server
     server.stop()
     daemon.kill(signal.SIGTERM)
-
-
-def client(server: Server, key: str = "unused"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-
-
-def wait_batch(c, batch_id: str, statuses=("completed", "failed", "cancelled")):
-    return wait_for(lambda: (b := c.batches.retrieve(batch_id)).status in statuses and b, what=batch_id)
 
 
 def test_the_official_client_uploads_runs_and_downloads(served, tmp_path: Path) -> None:

@@ -8,14 +8,14 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_api import Server, client, wait_batch
 
 from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.jobs.retention import retention_due
 from dropbox_runner.layout import Layout
 from dropbox_runner.queue.journal import Journal
 
-from conftest import Daemon, batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import Daemon, batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from servers import Server, client, wait_batch
 
 
 @pytest.fixture

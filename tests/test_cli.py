@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dropbox_runner.cli import main
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,

@@ -26,7 +26,7 @@ from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.queue.journal import Journal
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,

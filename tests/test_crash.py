@@ -13,7 +13,7 @@ from pathlib import Path
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot.supervisor import group_members
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def normalized(path: Path) -> list[dict]:

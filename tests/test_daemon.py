@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,

@@ -11,7 +11,7 @@ from dropbox_runner.cli import main
 from dropbox_runner.config import load_registry
 from dropbox_runner.layout import Layout
 
-from conftest import read_jsonl, run_once
+from helpers import read_jsonl, run_once
 
 
 def test_status_and_cancel_of_a_reference_too_long_for_a_file_name_say_no_such_job(root: Path) -> None:

@@ -11,7 +11,7 @@ import random
 import signal
 from pathlib import Path
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
 
 FILES = 6
 LINES_PER_FILE = 100

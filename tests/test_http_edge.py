@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_api import Server
 
 from dropbox_runner.layout import Layout
 from dropbox_runner.status import view as status
 
-from conftest import chat_line, wait_for
+from helpers import chat_line, wait_for
+from servers import Server
 
 BOUNDARY = "b0undary"
 

@@ -16,7 +16,7 @@ from dropbox_runner.config import Settings
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import filesystem_type, should_poll
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 class Clock:

@@ -18,7 +18,7 @@ from dropbox_runner.queue.scheduler import pick
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot import adapters, loadable
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 from lora_kit import fake_adapter
 
 LORA_YAML = """

@@ -18,7 +18,7 @@ from dropbox_runner.intake.scanner import is_ignored_name
 from dropbox_runner.intake.watcher import Watcher
 from dropbox_runner.layout import Layout
 
-from conftest import ECHO_YAML, batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import ECHO_YAML, batch_json, chat_line, read_jsonl, run_once, write_jsonl
 
 LONG = "n" * (NAME_MAX - len(".jsonl"))  # a 255-byte drop name: no room for `.manifest.json`
 

@@ -12,7 +12,7 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def outbox_folders(root: Path) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import batch_json, chat_line, gated_job, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, gated_job, read_jsonl, run_once, write_jsonl
+from servers import SECRET, Receiver
 
 
 def response_line(i: int, **body) -> dict:
@@ -126,39 +127,6 @@ def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
 
 
 # -- webhooks -----------------------------------------------------------------------------------------
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that records what it gets; `up` decides whether it answers 2xx."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.got: list[tuple[dict, bytes]] = []
-        self.up = True
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if outer.up:
-                    outer.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204 if outer.up else 503)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-SECRET = "whsec_" + __import__("base64").b64encode(b"a secret of thirty-two bytes!!!!").decode()
-
-
 def hooks_yaml(root: Path, url: str) -> None:
     yaml = (root / "models.yaml").read_text()
     (root / "models.yaml").write_text(
@@ -171,7 +139,7 @@ def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: 
 
     from standardwebhooks.webhooks import Webhook
 
-    from conftest import Daemon, finished, wait_for
+    from helpers import Daemon, finished, wait_for
 
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
@@ -229,7 +197,7 @@ def test_a_cancelled_job_announces_batch_cancelled(root: Path) -> None:
 
     from standardwebhooks.webhooks import Webhook
 
-    from conftest import wait_for
+    from helpers import wait_for
 
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
@@ -263,7 +231,8 @@ def test_metrics_agree_with_status_json(root: Path) -> None:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from test_api import Server
+
+    from servers import Server
 
     write_jsonl(root / "inbox/echo/m.jsonl", [chat_line(0), chat_line(1), "bad line"])
     write_jsonl(root / "inbox/echo2/n.jsonl", [chat_line(0)])
@@ -364,7 +333,7 @@ def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(ro
     import signal
     import time
 
-    from conftest import Daemon, wait_for
+    from helpers import Daemon, wait_for
 
     write_jsonl(root / "inbox/echo/old.jsonl", [chat_line(0)])
     run_once(root)

@@ -12,10 +12,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray address stays
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
-from test_replicas import answers  # noqa: E402
-
-from conftest import (  # noqa: E402
+from helpers import (  # noqa: E402
     Daemon,
+    answers,  # noqa: E402
     batch_json,
     chat_line,
     completed,

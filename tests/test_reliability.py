@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_api import free_port
 
 from dropbox_runner.config import load_registry
 from dropbox_runner.daemon import Daemon as Core
@@ -27,7 +26,8 @@ from dropbox_runner.layout import Layout
 from dropbox_runner.queue.journal import JobSpec, Journal
 from dropbox_runner.results import batchfile, webhooks
 
-from conftest import batch_json, chat_line, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, run_once, wait_for, write_jsonl
+from servers import free_port
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 

@@ -14,8 +14,9 @@ from dropbox_runner.config import load_registry
 from dropbox_runner.errors import ConfigError
 from dropbox_runner.slot.supervisor import group_members
 
-from conftest import (
+from helpers import (
     Daemon,
+    answers,
     batch_json,
     chat_line,
     completed,
@@ -40,18 +41,6 @@ def rroot(root: Path) -> Path:
     for name in ("rep", "repslow", "repcrash"):
         (root / "inbox" / name).mkdir()
     return root
-
-
-def answers(path: Path) -> list[tuple]:
-    """What an output file says, without the ids and times that differ between runs."""
-    out = []
-    for x in read_jsonl(path):
-        body = (x["response"] or {}).get("body") or {}
-        choice = (body.get("choices") or [{}])[0]
-        out.append(
-            (x["custom_id"], (choice.get("message") or {}).get("content"), body.get("usage"), x["error"])
-        )
-    return out
 
 
 def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from dropbox_runner.config import load_registry
 from dropbox_runner.layout import Layout
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, read_jsonl, run_once, write_jsonl
 
 
 def age(root: Path, job_id: str, days: float) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from dropbox_runner.queue.journal import queue_key
 from dropbox_runner.queue.scheduler import pick
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,

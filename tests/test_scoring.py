@@ -13,7 +13,7 @@ import pytest
 
 from dropbox_runner.lines.parse import IdSet, LineError, RawLine, Request, parse_line
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, read_jsonl, run_once, write_jsonl
 
 SCORING_MODELS = """
   echo-embed: {engine: echo, task: embed}

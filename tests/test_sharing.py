@@ -20,7 +20,7 @@ from dropbox_runner.engine.fairness import Fairness, Share
 from dropbox_runner.queue.journal import queue_key
 from dropbox_runner.queue.scheduler import Held, admission
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,

@@ -15,7 +15,7 @@ from dropbox_runner.cli import main
 from dropbox_runner.intake.submit import Followed, follow
 from dropbox_runner.layout import Layout
 
-from conftest import Daemon, batch_json, chat_line, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, run_once, wait_for, write_jsonl
 
 
 def invoke(*args: str):

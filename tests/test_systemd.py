@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from dropbox_runner.cli import main
 from dropbox_runner.systemd import WORST_BLOCK_SECONDS, watchdog_seconds
 
-from conftest import Daemon, chat_line, write_jsonl
+from helpers import Daemon, chat_line, write_jsonl
 
 
 def test_service_prints_a_notify_unit_with_a_watchdog_for_the_root(root: Path) -> None:

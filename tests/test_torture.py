@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 BAD_LINES = {  # line -> the status code its output line must have
     "truncated": ('{"custom_id": "t", "url": "/v1/chat/completions", "body": {"messa', 400),

@@ -20,7 +20,7 @@ import pytest
 from dropbox_runner.engine import tinymodels
 from dropbox_runner.results.log import read_fed_mark
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, snapshot, wait_for, write_jsonl
+from helpers import Daemon, batch_json, chat_line, finished, read_jsonl, snapshot, wait_for, write_jsonl
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,8 @@ def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
 def test_the_official_client_runs_a_batch_on_tiny_llama(vroot, tmp_path: Path) -> None:
     from openai import OpenAI
     from openai.types.chat import ChatCompletion
-    from test_api import Server
+
+    from servers import Server
 
     root = vroot.root
     server = Server(root)

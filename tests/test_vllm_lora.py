@@ -12,7 +12,7 @@ import pytest
 
 from dropbox_runner.engine import tinymodels
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, read_jsonl, run_once, write_jsonl
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
