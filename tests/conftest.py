@@ -4,12 +4,43 @@ models, one way to rewrite its models.yaml, and daemons that are always ended.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import Daemon, make_root, write_models_yaml
+
+TMPFS = "/dev/shm"
+_made = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test folders on tmpfs where there is one (docs/testing.md): every write the runner makes
+    still goes through its fsync, which tmpfs answers at once instead of after a busy disk's
+    queue. Kills, never power cuts, are what the tests inflict, so nothing they prove changes.
+    --basetemp, or DROPBOX_RUNNER_TEST_TMP=disk, keeps pytest's own place on the disk."""
+    if config.option.basetemp or os.environ.get("DROPBOX_RUNNER_TEST_TMP") == "disk" or not _tmpfs(TMPFS):
+        return
+    config.option.basetemp = tempfile.mkdtemp(prefix="dropbox-runner-tests-", dir=TMPFS)
+    config.stash[_made] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    made = config.stash.get(_made, None)
+    if made:  # tmpfs is memory: a run leaves nothing in it
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def _tmpfs(path: str) -> bool:
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(m.split()[1:3] == [path, "tmpfs"] for m in mounts) and os.access(path, os.W_OK)
 
 
 @pytest.fixture(autouse=True)

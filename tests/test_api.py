@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, chat_line, gated_job, wait_for, write_jsonl
+from helpers import chat_line, gated_job, wait_for, write_jsonl
 from servers import Server, client, free_port, wait_batch
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 @pytest.fixture
-def served(root: Path):
-    daemon = Daemon(root)
+def served(root: Path, daemon):
+    daemon = daemon(root)
     server = Server(root)
     server.wait_up()
     yield root, server
@@ -199,7 +199,9 @@ def launch(p):
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
-def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_lines(root: Path) -> None:
+def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_lines(
+    root: Path, daemon
+) -> None:
     import urllib.request
 
     from playwright.sync_api import sync_playwright
@@ -212,7 +214,7 @@ def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_li
         root / "inbox/echo/flawed.jsonl",
         [chat_line(0), "not json", {"custom_id": "u", "url": 5}, chat_line(3)],
     )
-    daemon = Daemon(root)
+    daemon = daemon(root)
     server = Server(root)
     server.wait_up()
     ARTIFACTS.mkdir(exist_ok=True)

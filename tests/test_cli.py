@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from dropbox_runner.cli import main
 
 from helpers import (
-    Daemon,
     batch_json,
     chat_line,
     finished,
@@ -116,9 +115,9 @@ def test_status_of_one_job_and_json(root: Path) -> None:
     assert result.exit_code == 1 and "no job is named" in result.output and "Traceback" not in result.output
 
 
-def test_cancel_a_running_job_publishes_what_is_done(root: Path) -> None:
+def test_cancel_a_running_job_publishes_what_is_done(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/gated/big.jsonl", gated_job(20000))  # cannot end before the cancel
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(
             lambda: (batch_json(root, "big") or {}).get("request_counts", {}).get("completed", 0) > 100,
@@ -194,7 +193,7 @@ def test_cli_reference_is_current() -> None:
     assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"
 
 
-def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
+def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path, daemon) -> None:
     import os
     import pty
     import re
@@ -204,7 +203,7 @@ def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
     import time
 
     write_jsonl(root / "inbox/gated/w.jsonl", gated_job(20000))  # moves for 12 s, then waits
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "w") or {}).get("status") == "in_progress", what="job running")
         master, slave = pty.openpty()
@@ -260,10 +259,10 @@ def make_finished_jobs(root: Path, n: int) -> None:
         jobs.finalized(spec, task, Status.COMPLETED)
 
 
-def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path) -> None:
+def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path, daemon) -> None:
     make_finished_jobs(root, 1000)
     write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "running") or {}).get("status") == "in_progress", what="running")
         doc = json.loads(invoke("status", "--json").output)

@@ -27,7 +27,6 @@ from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.queue.journal import Journal
 
 from helpers import (
-    Daemon,
     batch_json,
     chat_line,
     finished,
@@ -73,10 +72,10 @@ def test_a_list_url_fails_its_line_and_the_daemon_keeps_every_team_running(root:
 
 
 # -- model process boundary -------------------------------------------------------------------------
-def test_model_process_killed_while_loading_is_started_again(root: Path) -> None:
+def test_model_process_killed_while_loading_is_started_again(root: Path, daemon) -> None:
     add_models(root, "  slowload: {engine: echo, engine_args: {load_delay_ms: 3000}}\n")
     write_jsonl(root / "inbox/slowload/l.jsonl", [chat_line(i) for i in range(10)])
-    d = Daemon(root)
+    d = daemon(root)
     try:
         pid = wait_for(
             lambda: snapshot(root).get("loading_model") == "slowload" and snapshot(root)["model_pid"]

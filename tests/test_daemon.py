@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from helpers import (
-    Daemon,
     batch_json,
     chat_line,
     gated_job,
@@ -135,11 +134,11 @@ def test_rejected_files_say_why_and_keep_the_original(root: Path) -> None:
     assert not [p for p in (root / "inbox").rglob("*") if p.is_file()], "nothing taken stays in the inbox"
 
 
-def test_second_daemon_exits_naming_the_first(root: Path) -> None:
+def test_second_daemon_exits_naming_the_first(root: Path, daemon) -> None:
     import subprocess
     import sys
 
-    first = Daemon(root)
+    first = daemon(root)
     try:
         wait_for(lambda: (root / "state/status.json").exists(), what="first daemon up")
         second = subprocess.run(
@@ -155,9 +154,9 @@ def test_second_daemon_exits_naming_the_first(root: Path) -> None:
         first.kill(signal.SIGTERM)
 
 
-def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path) -> None:
+def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/gated/long.jsonl", gated_job(10000))  # cannot end before the SIGTERM
-    d = Daemon(root)
+    d = daemon(root)
 
     def committed() -> int:
         marker = next((root / "state/jobs").glob("*/gated.marker"), None)
@@ -187,13 +186,13 @@ def test_files_present_before_start_and_many_at_once(root: Path) -> None:
         assert read_jsonl(root / f"outbox/f{i:03d}/echo.jsonl")[0]["custom_id"] == f"q-{i}"
 
 
-def test_status_follows_a_running_job(root: Path) -> None:
+def test_status_follows_a_running_job(root: Path, daemon) -> None:
     from click.testing import CliRunner
 
     from dropbox_runner.cli import main
 
     write_jsonl(root / "inbox/gated/watch.jsonl", gated_job(20000))
-    d = Daemon(root)
+    d = daemon(root)
     try:
 
         def done() -> int:

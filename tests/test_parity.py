@@ -134,17 +134,17 @@ def hooks_yaml(root: Path, url: str) -> None:
     )
 
 
-def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path) -> None:
+def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path, daemon) -> None:
     import signal
 
     from standardwebhooks.webhooks import Webhook
 
-    from helpers import Daemon, finished, wait_for
+    from helpers import finished, wait_for
 
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
     receiver.up = False  # down when the event happens
-    d = Daemon(root)
+    d = daemon(root)
     try:
         write_jsonl(root / "inbox/echo/ok.jsonl", [chat_line(0)])
         wait_for(lambda: finished(root, "ok"), what="ok")
@@ -159,7 +159,7 @@ def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: 
         d.kill(signal.SIGKILL)
     assert receiver.got == []
     receiver.up = True
-    d = Daemon(root)
+    d = daemon(root)
     try:
         write_jsonl(root / "inbox/echo/bad.jsonl", ["not json"])  # rejected: batch.failed
         (root / "inbox/paced/stop.manifest.json").write_text('{"completion_window": "1s"}')
@@ -328,12 +328,12 @@ def test_history_stays_bounded_over_ten_thousand_points(tmp_path: Path) -> None:
     assert len(reopened.points) == MAX_POINTS and reopened.totals["tiny-llama"]["requests"] == 30_000
 
 
-def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(root: Path) -> None:
+def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(root: Path, daemon) -> None:
     import os
     import signal
     import time
 
-    from helpers import Daemon, wait_for
+    from helpers import wait_for
 
     write_jsonl(root / "inbox/echo/old.jsonl", [chat_line(0)])
     run_once(root)
@@ -345,7 +345,7 @@ def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(ro
     yaml = (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  keep_finished_days: 1\n")
     (root / "models.yaml").write_text(yaml)
     write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))  # runs until the test ends
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: not (root / "outbox/old").exists(), what="the old job removed")
         wait_for(lambda: not (root / "state/archive" / old_id).exists(), what="its state removed")

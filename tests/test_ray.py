@@ -13,7 +13,6 @@ ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 from helpers import (  # noqa: E402
-    Daemon,
     answers,  # noqa: E402
     batch_json,
     chat_line,
@@ -62,11 +61,11 @@ def test_three_ray_copies_on_two_nodes_give_the_same_file_as_one_local_copy(clus
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes()) if ray.is_initialized() else True
 
 
-def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Path) -> None:
+def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Path, daemon) -> None:
     c, node_b = cluster
     ray_models(root, c.address)
     write_jsonl(root / "inbox/rr/big.jsonl", [chat_line(i) for i in range(40000)])
-    d = Daemon(root)
+    d = daemon(root)
     try:
         copies = wait_for(
             lambda: (
@@ -107,11 +106,11 @@ def ray_processes() -> set[int]:
     return found
 
 
-def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path) -> None:
+def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path, daemon) -> None:
     ray_models(root, "local")
     write_jsonl(root / "inbox/rr/k.jsonl", [chat_line(i) for i in range(30000)])
     before = ray_processes()
-    d = Daemon(root)
+    d = daemon(root)
     wait_for(lambda: len([x for x in snapshot(root).get("copies") or [] if x["loaded"]]) == 3, timeout=120)
     ours = ray_processes() - before
     assert ours, "the daemon started its own Ray"

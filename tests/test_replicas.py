@@ -15,7 +15,6 @@ from dropbox_runner.errors import ConfigError
 from dropbox_runner.slot.supervisor import group_members
 
 from helpers import (
-    Daemon,
     answers,
     batch_json,
     chat_line,
@@ -53,10 +52,10 @@ def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:
     assert batch_json(rroot, "many")["request_counts"] == batch_json(rroot, "one")["request_counts"]
 
 
-def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None:
+def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path, daemon) -> None:
     lines = [chat_line(i) for i in range(30000)]  # about 12 s on three copies at 800 requests/s each
     write_jsonl(rroot / "inbox/repslow/big.jsonl", lines)
-    d = Daemon(rroot)
+    d = daemon(rroot)
     try:
         copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
         wait_for(lambda: completed(rroot, "big", "repslow") > 2000)
@@ -82,10 +81,10 @@ def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
     )
 
 
-def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path) -> None:
+def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path, daemon) -> None:
     lines = [chat_line(i) for i in range(30000)]
     write_jsonl(rroot / "inbox/repslow/k.jsonl", lines)
-    d = Daemon(rroot)
+    d = daemon(rroot)
     copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
     wait_for(lambda: completed(rroot, "k", "repslow") > 1000)
     d.kill(signal.SIGKILL)
@@ -158,13 +157,13 @@ def _peak_mb(pid: int) -> float:
     return next(int(x.split()[1]) for x in text.splitlines() if x.startswith("VmHWM:")) / 1024
 
 
-def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path) -> None:
+def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path, daemon) -> None:
     """Issue 23 item 2: 3,000 lines sharing one 16 KB custom_id on two copies, the daemon stays small."""
     models = "  rep: {engine: echo, replicas: 2}\n  one: {engine: echo}\n"
     (root / "models.yaml").write_text((root / "models.yaml").read_text() + models)
     fat_lines = [{**chat_line(i), "custom_id": "x" * 16384} for i in range(3000)]
     write_jsonl(root / "inbox/rep/fat.jsonl", fat_lines)
-    d = Daemon(root)
+    d = daemon(root)
     peak = 0.0
     try:
         deadline = time.monotonic() + 180

@@ -12,7 +12,6 @@ from dropbox_runner.queue.journal import queue_key
 from dropbox_runner.queue.scheduler import pick
 
 from helpers import (
-    Daemon,
     batch_json,
     chat_line,
     finished,
@@ -61,7 +60,7 @@ def test_alternating_drops_cost_one_load_per_model(root: Path) -> None:
     assert proc.stderr.count("loading echo2\n") == 1
 
 
-def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
+def test_starvation_bound_and_never_two_model_processes(root: Path, daemon) -> None:
     (root / "models.yaml").write_text(
         (root / "models.yaml")
         .read_text()
@@ -73,7 +72,7 @@ def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
     # The first task runs until the old task for another model is queued behind it and newer work
     # for the loaded model is queued too: its gated last line holds it, not the CPU's pace.
     write_jsonl(root / "inbox/gated/first.jsonl", gated_job(500))
-    d = Daemon(root)
+    d = daemon(root)
     seen_at_once: list[int] = []
     stop = threading.Event()
 

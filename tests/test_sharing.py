@@ -88,18 +88,9 @@ def stop(d: Daemon) -> None:
 
 
 @pytest.fixture
-def daemon(root: Path):
-    started: list[Daemon] = []
-
-    def start() -> Daemon:
-        d = Daemon(root)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.alive():
-            d.kill(signal.SIGKILL)
+def daemon(root: Path, daemon):
+    """conftest's daemon fixture on this test's root (its finalizer ends them): daemon() starts one."""
+    return lambda: daemon(root)
 
 
 def marker(root: Path, name: str, model: str) -> dict:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from dropbox_runner.cli import main
 from dropbox_runner.systemd import WORST_BLOCK_SECONDS, watchdog_seconds
 
-from helpers import Daemon, chat_line, write_jsonl
+from helpers import chat_line, write_jsonl
 
 
 def test_service_prints_a_notify_unit_with_a_watchdog_for_the_root(root: Path) -> None:
@@ -100,7 +100,7 @@ class FakeSystemd:
 
 
 def test_the_daemon_speaks_the_notify_protocol_and_stops_pinging_when_its_loop_hangs(
-    root: Path, tmp_path: Path
+    root: Path, tmp_path: Path, daemon
 ) -> None:
     systemd = FakeSystemd()
     gate = tmp_path / "hang"
@@ -109,7 +109,7 @@ def test_the_daemon_speaks_the_notify_protocol_and_stops_pinging_when_its_loop_h
         "WATCHDOG_USEC": "400000",
         "DROPBOX_RUNNER_HANG_WHILE": str(gate),
     }
-    daemon = Daemon(root, env=env)
+    daemon = daemon(root, env=env)
     try:
         ready = systemd.wait("READY=1")
         assert systemd.seen[0] == ready, "nothing comes before READY"

@@ -84,7 +84,10 @@ models:
 """)
     shared = Shared(root, Daemon(root, env={"HF_HUB_OFFLINE": "1"}))
     yield shared
-    shared.daemon.kill(signal.SIGTERM)
+    try:
+        shared.daemon.kill(signal.SIGTERM)
+    finally:
+        shared.daemon.end()  # what it started goes with it, even if it did not stop in time
 
 
 class Shared:
