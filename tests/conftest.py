@@ -1,5 +1,5 @@
 """Fixtures only (the functions tests share are in helpers.py): a fresh root per test with the echo
-models, one way to rewrite its models.yaml, and daemons that are always ended.
+models, and daemons that are always ended.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, make_root, write_models_yaml
+from helpers import Daemon, make_root
 
 TMPFS = "/dev/shm"
 _made = pytest.StashKey[str]()
@@ -56,13 +56,6 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     r = make_root(tmp_path / "root")
     monkeypatch.setenv("DROPBOX_RUNNER_ROOT", str(r))
     return r
-
-
-@pytest.fixture
-def models_yaml(root: Path) -> Callable[..., str]:
-    """Rewrites the root's models.yaml: models_yaml(settings={...}, models={...}, replace={...}, text=...)
-    (helpers.write_models_yaml, for another folder)."""
-    return lambda **changes: write_models_yaml(root, **changes)
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def make_root(r: Path) -> Path:
     return r
 
 
-def write_models_yaml(
+def models_yaml(
     root: Path,
     *,
     text: str | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import chat_line, gated_job, wait_for, write_jsonl
+from helpers import chat_line, gated_job, models_yaml, wait_for, write_jsonl
 from servers import Server, client, free_port, wait_batch
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -116,9 +116,7 @@ def test_cancel_and_errors(served, tmp_path: Path) -> None:
 def test_key_size_limit_and_names(root: Path, tmp_path: Path) -> None:
     import urllib.request
 
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  max_upload_bytes: 2000\n")
-    )
+    models_yaml(root, settings={"max_upload_bytes": 2000})
     refused = subprocess.run(
         [
             sys.executable,
@@ -206,10 +204,7 @@ def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_li
 
     from playwright.sync_api import sync_playwright
 
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  history_point_seconds: 1\n")
-    )
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, settings={"history_point_seconds": 1})
     write_jsonl(
         root / "inbox/echo/flawed.jsonl",
         [chat_line(0), "not json", {"custom_id": "u", "url": 5}, chat_line(3)],

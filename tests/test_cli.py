@@ -15,6 +15,7 @@ from helpers import (
     chat_line,
     finished,
     gated_job,
+    models_yaml,
     read_jsonl,
     run_once,
     wait_for,
@@ -31,7 +32,7 @@ def test_init_makes_the_layout_and_never_overwrites(tmp_path: Path) -> None:
     result = invoke("init", "--root", str(r))
     assert result.exit_code == 0, result.output
     assert (r / "models.yaml").exists() and (r / "inbox/tiny-llama").is_dir() and (r / "state").is_dir()
-    (r / "models.yaml").write_text((r / "models.yaml").read_text() + "\n# mine\n")
+    models_yaml(r, models="\n# mine\n")
     result = invoke("init", "--root", str(r))
     assert result.exit_code == 0 and "left as it is" in result.output
     assert (r / "models.yaml").read_text().endswith("# mine\n")
@@ -82,17 +83,15 @@ def test_validate_lists_each_problem_with_its_line(tmp_path: Path) -> None:
 
 
 def test_models_lists_and_checks(root: Path) -> None:
-    (root / "models.yaml").write_text(
-        "models:\n  echo: {engine: echo}\n  gone: {path: models/tiny-llama-gone-away-x/y/z}\n"
+    models_yaml(
+        root, text="models:\n  echo: {engine: echo}\n  gone: {path: models/tiny-llama-gone-away-x/y/z}\n"
     )
     result = invoke("models")  # a model that cannot run here is not an error of the file
     assert result.exit_code == 0 and "gone" in result.output
     result = invoke("models", "--check")
     assert result.exit_code == 1 and "gone" in result.output and "does not exist" in result.output
     assert "echo" in result.output.split("gone")[0] and "ok" in result.output
-    (root / "models.yaml").write_text(
-        "models:\n  echo: {engine: echo}\n  tiny-llama: {path: models/tiny-llama}\n"
-    )
+    models_yaml(root, text="models:\n  echo: {engine: echo}\n  tiny-llama: {path: models/tiny-llama}\n")
     result = invoke("models", "--check")
     assert "echo" in result.output and "tiny-llama" in result.output
     assert result.exit_code == 0, result.output
@@ -163,9 +162,7 @@ def test_retry_reruns_only_failed_lines(root: Path) -> None:
     write_jsonl(root / "inbox/crashy/r.jsonl", lines)
     run_once(root)
     assert batch_json(root, "r")["request_counts"]["failed"] == 1
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("crash_on: POISON", "crash_on: NEVER")
-    )
+    models_yaml(root, replace={"crash_on: POISON": "crash_on: NEVER"})
     job = next((root / "state/archive").iterdir())
     before = {r.split(b" ", 1)[0] for r in (job / "crashy.log").read_bytes().splitlines()}
     result = invoke("retry", "r")

@@ -30,6 +30,7 @@ from helpers import (
     batch_json,
     chat_line,
     finished,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -39,10 +40,7 @@ from helpers import (
 
 
 def add_models(root: Path, text: str, settings: str = "") -> None:
-    yaml = (root / "models.yaml").read_text()
-    if settings:
-        yaml = yaml.replace("settings:\n", f"settings:\n{settings}")
-    (root / "models.yaml").write_text(yaml + text)
+    models_yaml(root, replace={"settings:\n": f"settings:\n{settings}"} if settings else None, models=text)
     for name in [
         line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ") and ":" in line
     ]:
@@ -284,11 +282,7 @@ def test_dedupe_runs_again_when_defaults_or_the_model_entry_change(root: Path) -
     assert "byte-identical" not in proc.stderr
     short = read_jsonl(root / "outbox/d.2/echo.jsonl")[0]["response"]["body"]["usage"]["completion_tokens"]
     assert short == 2
-    (root / "models.yaml").write_text(
-        (root / "models.yaml")
-        .read_text()
-        .replace("  echo: {engine: echo}", "  echo: {engine: echo, defaults: {max_tokens: 3}}")
-    )
+    models_yaml(root, replace={"  echo: {engine: echo}": "  echo: {engine: echo, defaults: {max_tokens: 3}}"})
     write_jsonl(root / "inbox/echo/d.jsonl", lines)
     proc = run_once(root)
     assert "byte-identical" not in proc.stderr

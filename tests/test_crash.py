@@ -13,7 +13,7 @@ from pathlib import Path
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot.supervisor import group_members
 
-from helpers import batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def normalized(path: Path) -> list[dict]:
@@ -39,7 +39,7 @@ def committed(root: Path, model: str) -> int:
 def reference(tmp_path: Path, lines: list[dict], model: str) -> list[dict]:
     ref = tmp_path / "ref"
     ref.mkdir()
-    (ref / "models.yaml").write_text((tmp_path / "root/models.yaml").read_text())
+    models_yaml(ref, text=(tmp_path / "root/models.yaml").read_text())
     write_jsonl(ref / f"inbox/{model}/job.jsonl", lines)
     run_once(ref)
     return normalized(ref / f"outbox/job/{model}.jsonl")
@@ -53,7 +53,7 @@ def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_p
     # (160/s), 25 lives of at most 0.6 s answer at most 2,400 of its 5,000 lines.
     fast_yaml = (root / "models.yaml").read_text()
     held = "slow: {engine: echo, engine_args: {delay_ms: 50, max_in_flight: 8}}"
-    (root / "models.yaml").write_text(re.sub(r"slow: \{.*\}", held, fast_yaml))
+    models_yaml(root, text=re.sub(r"slow: \{.*\}", held, fast_yaml))
     write_jsonl(root / "inbox/slow/job.jsonl", lines)
     rng = random.Random(7)
     kills = 0
@@ -65,7 +65,7 @@ def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_p
             kills += 1
     assert kills == 25, "the job ended before 25 kills"
     assert not finished(root, "job")
-    (root / "models.yaml").write_text(fast_yaml)  # the rest at the shipped pace: the same answers
+    models_yaml(root, text=fast_yaml)  # the rest at the shipped pace: the same answers
     run_once(root, timeout=300)
     got = normalized(root / "outbox/job/slow.jsonl")
     assert got == expected

@@ -11,6 +11,7 @@ from helpers import (
     batch_json,
     chat_line,
     gated_job,
+    models_yaml,
     open_gate,
     read_jsonl,
     run_once,
@@ -225,7 +226,7 @@ def test_a_model_too_large_for_memory_is_refused_before_loading_with_the_numbers
     with open(big / "model.safetensors", "wb") as f:  # 256 GiB of weights, as a sparse file
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + (1 << 38))
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + f"  huge: {{path: {big}}}\n")
+    models_yaml(root, models={"huge": f"{{path: {big}}}"})
     write_jsonl(root / "inbox/huge/x.jsonl", [chat_line(0)])
     proc = run_once(root)
     batch = batch_json(root, "x")

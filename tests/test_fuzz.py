@@ -11,7 +11,7 @@ import random
 import signal
 from pathlib import Path
 
-from helpers import batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, wait_for, write_jsonl
 
 FILES = 6
 LINES_PER_FILE = 100
@@ -145,9 +145,10 @@ def hostile_manifest(rnd: random.Random) -> dict:
 
 def test_hostile_files_and_manifests_never_stop_the_daemon(root: Path, daemon) -> None:
     rnd = random.Random(20261128)
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 60")
-        + "  echo-embed: {engine: echo, task: embed}\n"
+    models_yaml(
+        root,
+        replace={"manifest_grace_seconds: 1": "manifest_grace_seconds: 60"},
+        models={"echo-embed": "{engine: echo, task: embed}"},
     )
     d = daemon(root)
     try:

@@ -18,7 +18,7 @@ from dropbox_runner.queue.scheduler import pick
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot import adapters, loadable
 
-from helpers import batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 from lora_kit import fake_adapter
 
 LORA_YAML = """
@@ -33,7 +33,7 @@ models:
 
 @pytest.fixture
 def lroot(root: Path) -> Path:
-    (root / "models.yaml").write_text(LORA_YAML)
+    models_yaml(root, text=LORA_YAML)
     fake_adapter(root / "adapters/sql")
     fake_adapter(root / "adapters/chat", rank=16)
     return root
@@ -82,7 +82,7 @@ def test_a_bad_adapter_fails_its_own_tasks_and_the_rest_run(lroot: Path) -> None
         LORA_YAML
         + "  ghost: {base: base, adapter: adapters/missing}\n  huge: {base: base, adapter: adapters/huge}\n"
     )
-    (lroot / "models.yaml").write_text(text)
+    models_yaml(lroot, text=text)
     fake_adapter(lroot / "adapters/huge", rank=1024)
     manifest(lroot, "mix", ["base", "ghost", "sql", "huge"], [chat_line(i) for i in range(10)])
     proc = run_once(lroot)
@@ -214,7 +214,7 @@ models:
 
 
 def test_models_check_names_a_bad_adapter(lroot: Path) -> None:
-    (lroot / "models.yaml").write_text(LORA_YAML + "  ghost: {base: base, adapter: adapters/missing}\n")
+    models_yaml(lroot, text=LORA_YAML, models={"ghost": "{base: base, adapter: adapters/missing}"})
     result = CliRunner().invoke(main, ["models", "--check", "--root", str(lroot)])
     assert result.exit_code == 1
     lines = {line.split()[0]: line for line in result.output.splitlines()}
@@ -248,7 +248,7 @@ def gate_the_base(root: Path) -> Path:
         "engine_args: {delay_ms: 2, max_in_flight: 16}",
         f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
     )
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, text=yaml)
     return gate
 
 

@@ -12,7 +12,7 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from helpers import batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -118,8 +118,7 @@ def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Pat
     # The nemesis's `fat_ids` (seed 303): 3,000 lines sharing one 16 KB custom_id on `replicas: 2`.
     from nemesis_kit import fat_lines
 
-    models = root / "models.yaml"
-    models.write_text(models.read_text() + "  rep: {engine: echo, replicas: 2}\n")
+    models_yaml(root, models={"rep": "{engine: echo, replicas: 2}"})
     (root / "inbox/rep").mkdir()
     (root / "inbox/rep/fat.jsonl").write_text("\n".join(fat_lines("j0000")) + "\n")
     d = daemon(root)

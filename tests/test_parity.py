@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import batch_json, chat_line, gated_job, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, gated_job, models_yaml, read_jsonl, run_once, write_jsonl
 from servers import SECRET, Receiver
 
 
@@ -112,10 +112,11 @@ def test_a_bad_completion_window_rejects_the_drop(root: Path) -> None:
 
 
 def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  request_timeout_seconds: 1\n")
+    models_yaml(
+        root,
+        settings={"request_timeout_seconds": 1},
+        models={"slowpoke": "{engine: echo, engine_args: {slow_on: SLOW}}"},
     )
-    (root / "models.yaml").write_text(yaml + "  slowpoke: {engine: echo, engine_args: {slow_on: SLOW}}\n")
     (root / "inbox/slowpoke").mkdir()
     lines = [chat_line(i) for i in range(6)]
     lines[2] = chat_line(2, text="SLOW request")
@@ -128,10 +129,7 @@ def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
 
 # -- webhooks -----------------------------------------------------------------------------------------
 def hooks_yaml(root: Path, url: str) -> None:
-    yaml = (root / "models.yaml").read_text()
-    (root / "models.yaml").write_text(
-        yaml.replace("settings:\n", f"settings:\n  webhooks: [{{url: '{url}', secret: '{SECRET}'}}]\n")
-    )
+    models_yaml(root, settings={"webhooks": f"[{{url: '{url}', secret: '{SECRET}'}}]"})
 
 
 def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path, daemon) -> None:
@@ -342,8 +340,7 @@ def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(ro
     record = json.loads(task.read_text())
     record["completed_at"] = time.time() - 3 * 86400  # finished three days ago
     task.write_text(json.dumps(record))
-    yaml = (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  keep_finished_days: 1\n")
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, settings={"keep_finished_days": 1})
     write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))  # runs until the test ends
     d = daemon(root)
     try:

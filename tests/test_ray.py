@@ -13,11 +13,12 @@ ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 from helpers import (  # noqa: E402
-    answers,  # noqa: E402
+    answers,
     batch_json,
     chat_line,
     completed,
     finished,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -39,13 +40,13 @@ def cluster():
 
 
 def ray_models(root: Path, address: str) -> None:
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", f"settings:\n  ray_address: '{address}'\n")
+    models_yaml(
+        root,
+        settings={"ray_address": f"'{address}'"},
+        models={
+            "rr": "{engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}"
+        },
     )
-    yaml += (
-        "  rr: {engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}\n"
-    )
-    (root / "models.yaml").write_text(yaml)
     (root / "inbox/rr").mkdir()
 
 
@@ -55,7 +56,7 @@ def test_three_ray_copies_on_two_nodes_give_the_same_file_as_one_local_copy(clus
     lines = [chat_line(i) for i in range(3000)] + [chat_line(7)]
     write_jsonl(root / "inbox/rr/r.jsonl", lines)
     write_jsonl(root / "inbox/slow/l.jsonl", lines)
-    proc = run_once(root, timeout=240)
+    proc = run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert "loading 3 copies of rr (ray)" in proc.stderr
     assert answers(root / "outbox/r/rr.jsonl") == answers(root / "outbox/l/slow.jsonl")
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes()) if ray.is_initialized() else True
@@ -120,7 +121,7 @@ def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root:
     except AssertionError:
         left = [Path(f"/proc/{x}/cmdline").read_bytes()[:200] for x in ray_processes() & ours]
         raise AssertionError(f"left behind: {left}") from None
-    run_once(root, timeout=240)
+    run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert [x["custom_id"] for x in read_jsonl(root / "outbox/k/rr.jsonl")] == [
         f"q-{i}" for i in range(30000)
     ]
@@ -130,7 +131,7 @@ def test_an_unreachable_ray_address_fails_that_models_tasks_and_the_others_run(r
     ray_models(root, "127.0.0.1:1")
     write_jsonl(root / "inbox/rr/u.jsonl", [chat_line(0)])
     write_jsonl(root / "inbox/echo/fine.jsonl", [chat_line(0)])
-    run_once(root, timeout=240)
+    run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert batch_json(root, "fine")["status"] == "completed"
     batch = batch_json(root, "u")
     assert batch["status"] == "failed" and "ray_address" in batch["models"]["rr"]["error"]

@@ -20,6 +20,7 @@ from helpers import (
     chat_line,
     completed,
     finished,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -36,7 +37,7 @@ COPIES = """
 
 @pytest.fixture
 def rroot(root: Path) -> Path:
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + COPIES)
+    models_yaml(root, models=COPIES)
     for name in ("rep", "repslow", "repcrash"):
         (root / "inbox" / name).mkdir()
     return root
@@ -106,7 +107,7 @@ def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Pa
 def test_wrong_copy_settings_stop_the_daemon_naming_the_key(
     tmp_path: Path, entry: str, expected: str
 ) -> None:
-    (tmp_path / "models.yaml").write_text(f"models:\n  x: {entry}\n")
+    models_yaml(tmp_path, text=f"models:\n  x: {entry}\n")
     with pytest.raises(ConfigError) as err:
         load_registry(tmp_path)
     assert expected in str(err.value)
@@ -160,7 +161,7 @@ def _peak_mb(pid: int) -> float:
 def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path, daemon) -> None:
     """Issue 23 item 2: 3,000 lines sharing one 16 KB custom_id on two copies, the daemon stays small."""
     models = "  rep: {engine: echo, replicas: 2}\n  one: {engine: echo}\n"
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + models)
+    models_yaml(root, models=models)
     fat_lines = [{**chat_line(i), "custom_id": "x" * 16384} for i in range(3000)]
     write_jsonl(root / "inbox/rep/fat.jsonl", fat_lines)
     d = daemon(root)

@@ -26,6 +26,7 @@ from helpers import (
     chat_line,
     finished,
     gated_job,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -50,8 +51,11 @@ models:
 
 
 def configure(root: Path, slots: int = 8, preempt: str = "null", swap: float = 600, delay: int = 40) -> None:
-    (root / "models.yaml").write_text(
-        SHARED_YAML.format(slots=slots, preempt=preempt, swap=swap, delay=delay, gate=root / "gate.open")
+    models_yaml(
+        root,
+        text=SHARED_YAML.format(
+            slots=slots, preempt=preempt, swap=swap, delay=delay, gate=root / "gate.open"
+        ),
     )
     for m in ("held", "other", "crashy"):
         (root / "inbox" / m).mkdir(parents=True, exist_ok=True)
