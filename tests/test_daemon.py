@@ -180,7 +180,7 @@ def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path, daemon) ->
 def test_files_present_before_start_and_many_at_once(root: Path) -> None:
     for i in range(500):
         write_jsonl(root / f"inbox/echo/f{i:03d}.jsonl", [chat_line(i)])
-    run_once(root)
+    run_once(root, timeout=600)  # 500 jobs: a bound for a busy machine (120 s ran out at load 30)
     outs = sorted(p.parent.name for p in (root / "outbox").glob("*/echo.jsonl"))
     assert outs == [f"f{i:03d}" for i in range(500)]
     for i in (0, 250, 499):
