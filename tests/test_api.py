@@ -3,83 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, chat_line, gated_job, wait_for, write_jsonl
+from helpers import chat_line, gated_job, models_yaml, wait_for, write_jsonl
+from servers import Server, client, free_port, wait_batch
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.log = open(root / "serve.test.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dropbox_runner",
-                "serve",
-                "--root",
-                str(root),
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            stdout=self.log,
-            stderr=self.log,
-            env={**os.environ, **(env or {})},
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_up(self) -> None:
-        import urllib.request
-
-        def up() -> bool:
-            try:
-                return urllib.request.urlopen(self.url + "/healthz", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, what="the HTTP server")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=20)
-
-
 @pytest.fixture
-def served(root: Path):
-    daemon = Daemon(root)
+def served(root: Path, daemon):
+    daemon = daemon(root)
     server = Server(root)
     server.wait_up()
     yield root, server
     server.stop()
     daemon.kill(signal.SIGTERM)
-
-
-def client(server: Server, key: str = "unused"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-
-
-def wait_batch(c, batch_id: str, statuses=("completed", "failed", "cancelled")):
-    return wait_for(lambda: (b := c.batches.retrieve(batch_id)).status in statuses and b, what=batch_id)
 
 
 def test_the_official_client_uploads_runs_and_downloads(served, tmp_path: Path) -> None:
@@ -171,9 +116,7 @@ def test_cancel_and_errors(served, tmp_path: Path) -> None:
 def test_key_size_limit_and_names(root: Path, tmp_path: Path) -> None:
     import urllib.request
 
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  max_upload_bytes: 2000\n")
-    )
+    models_yaml(root, settings={"max_upload_bytes": 2000})
     refused = subprocess.run(
         [
             sys.executable,
@@ -254,20 +197,19 @@ def launch(p):
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
-def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_lines(root: Path) -> None:
+def test_the_page_charts_throughput_shows_the_queue_and_a_job_with_its_failed_lines(
+    root: Path, daemon
+) -> None:
     import urllib.request
 
     from playwright.sync_api import sync_playwright
 
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  history_point_seconds: 1\n")
-    )
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, settings={"history_point_seconds": 1})
     write_jsonl(
         root / "inbox/echo/flawed.jsonl",
         [chat_line(0), "not json", {"custom_id": "u", "url": 5}, chat_line(3)],
     )
-    daemon = Daemon(root)
+    daemon = daemon(root)
     server = Server(root)
     server.wait_up()
     ARTIFACTS.mkdir(exist_ok=True)

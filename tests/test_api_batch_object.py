@@ -8,19 +8,19 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_api import Server, client, wait_batch
 
 from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.jobs.retention import retention_due
 from dropbox_runner.layout import Layout
 from dropbox_runner.queue.journal import Journal
 
-from conftest import Daemon, batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from servers import Server, client, wait_batch
 
 
 @pytest.fixture
-def served(root: Path):
-    daemon = Daemon(root)
+def served(root: Path, daemon):
+    daemon = daemon(root)
     server = Server(root)
     server.wait_up()
     yield root, server, daemon

@@ -10,12 +10,12 @@ from click.testing import CliRunner
 
 from dropbox_runner.cli import main
 
-from conftest import (
-    Daemon,
+from helpers import (
     batch_json,
     chat_line,
     finished,
     gated_job,
+    models_yaml,
     read_jsonl,
     run_once,
     wait_for,
@@ -32,7 +32,7 @@ def test_init_makes_the_layout_and_never_overwrites(tmp_path: Path) -> None:
     result = invoke("init", "--root", str(r))
     assert result.exit_code == 0, result.output
     assert (r / "models.yaml").exists() and (r / "inbox/tiny-llama").is_dir() and (r / "state").is_dir()
-    (r / "models.yaml").write_text((r / "models.yaml").read_text() + "\n# mine\n")
+    models_yaml(r, models="\n# mine\n")
     result = invoke("init", "--root", str(r))
     assert result.exit_code == 0 and "left as it is" in result.output
     assert (r / "models.yaml").read_text().endswith("# mine\n")
@@ -83,17 +83,15 @@ def test_validate_lists_each_problem_with_its_line(tmp_path: Path) -> None:
 
 
 def test_models_lists_and_checks(root: Path) -> None:
-    (root / "models.yaml").write_text(
-        "models:\n  echo: {engine: echo}\n  gone: {path: models/tiny-llama-gone-away-x/y/z}\n"
+    models_yaml(
+        root, text="models:\n  echo: {engine: echo}\n  gone: {path: models/tiny-llama-gone-away-x/y/z}\n"
     )
     result = invoke("models")  # a model that cannot run here is not an error of the file
     assert result.exit_code == 0 and "gone" in result.output
     result = invoke("models", "--check")
     assert result.exit_code == 1 and "gone" in result.output and "does not exist" in result.output
     assert "echo" in result.output.split("gone")[0] and "ok" in result.output
-    (root / "models.yaml").write_text(
-        "models:\n  echo: {engine: echo}\n  tiny-llama: {path: models/tiny-llama}\n"
-    )
+    models_yaml(root, text="models:\n  echo: {engine: echo}\n  tiny-llama: {path: models/tiny-llama}\n")
     result = invoke("models", "--check")
     assert "echo" in result.output and "tiny-llama" in result.output
     assert result.exit_code == 0, result.output
@@ -116,9 +114,9 @@ def test_status_of_one_job_and_json(root: Path) -> None:
     assert result.exit_code == 1 and "no job is named" in result.output and "Traceback" not in result.output
 
 
-def test_cancel_a_running_job_publishes_what_is_done(root: Path) -> None:
+def test_cancel_a_running_job_publishes_what_is_done(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/gated/big.jsonl", gated_job(20000))  # cannot end before the cancel
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(
             lambda: (batch_json(root, "big") or {}).get("request_counts", {}).get("completed", 0) > 100,
@@ -164,9 +162,7 @@ def test_retry_reruns_only_failed_lines(root: Path) -> None:
     write_jsonl(root / "inbox/crashy/r.jsonl", lines)
     run_once(root)
     assert batch_json(root, "r")["request_counts"]["failed"] == 1
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("crash_on: POISON", "crash_on: NEVER")
-    )
+    models_yaml(root, replace={"crash_on: POISON": "crash_on: NEVER"})
     job = next((root / "state/archive").iterdir())
     before = {r.split(b" ", 1)[0] for r in (job / "crashy.log").read_bytes().splitlines()}
     result = invoke("retry", "r")
@@ -194,7 +190,7 @@ def test_cli_reference_is_current() -> None:
     assert doc.read_text() == render(), "docs/cli.md is stale: run `make docs`"
 
 
-def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
+def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path, daemon) -> None:
     import os
     import pty
     import re
@@ -204,7 +200,7 @@ def test_status_watch_in_a_terminal_shows_a_moving_bar(root: Path) -> None:
     import time
 
     write_jsonl(root / "inbox/gated/w.jsonl", gated_job(20000))  # moves for 12 s, then waits
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "w") or {}).get("status") == "in_progress", what="job running")
         master, slave = pty.openpty()
@@ -260,10 +256,10 @@ def make_finished_jobs(root: Path, n: int) -> None:
         jobs.finalized(spec, task, Status.COMPLETED)
 
 
-def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path) -> None:
+def test_status_with_a_thousand_finished_jobs_and_one_running(root: Path, daemon) -> None:
     make_finished_jobs(root, 1000)
     write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: (batch_json(root, "running") or {}).get("status") == "in_progress", what="running")
         doc = json.loads(invoke("status", "--json").output)

@@ -26,11 +26,11 @@ from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.layout import Layout, acquire_root
 from dropbox_runner.queue.journal import Journal
 
-from conftest import (
-    Daemon,
+from helpers import (
     batch_json,
     chat_line,
     finished,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -40,10 +40,7 @@ from conftest import (
 
 
 def add_models(root: Path, text: str, settings: str = "") -> None:
-    yaml = (root / "models.yaml").read_text()
-    if settings:
-        yaml = yaml.replace("settings:\n", f"settings:\n{settings}")
-    (root / "models.yaml").write_text(yaml + text)
+    models_yaml(root, replace={"settings:\n": f"settings:\n{settings}"} if settings else None, models=text)
     for name in [
         line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ") and ":" in line
     ]:
@@ -73,10 +70,10 @@ def test_a_list_url_fails_its_line_and_the_daemon_keeps_every_team_running(root:
 
 
 # -- model process boundary -------------------------------------------------------------------------
-def test_model_process_killed_while_loading_is_started_again(root: Path) -> None:
+def test_model_process_killed_while_loading_is_started_again(root: Path, daemon) -> None:
     add_models(root, "  slowload: {engine: echo, engine_args: {load_delay_ms: 3000}}\n")
     write_jsonl(root / "inbox/slowload/l.jsonl", [chat_line(i) for i in range(10)])
-    d = Daemon(root)
+    d = daemon(root)
     try:
         pid = wait_for(
             lambda: snapshot(root).get("loading_model") == "slowload" and snapshot(root)["model_pid"]
@@ -285,11 +282,7 @@ def test_dedupe_runs_again_when_defaults_or_the_model_entry_change(root: Path) -
     assert "byte-identical" not in proc.stderr
     short = read_jsonl(root / "outbox/d.2/echo.jsonl")[0]["response"]["body"]["usage"]["completion_tokens"]
     assert short == 2
-    (root / "models.yaml").write_text(
-        (root / "models.yaml")
-        .read_text()
-        .replace("  echo: {engine: echo}", "  echo: {engine: echo, defaults: {max_tokens: 3}}")
-    )
+    models_yaml(root, replace={"  echo: {engine: echo}": "  echo: {engine: echo, defaults: {max_tokens: 3}}"})
     write_jsonl(root / "inbox/echo/d.jsonl", lines)
     proc = run_once(root)
     assert "byte-identical" not in proc.stderr

@@ -14,18 +14,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_replicas import answers
 
-from conftest import (
+from helpers import (
     Daemon,
+    answers,
     batch_json,
     chat_line,
     completed,
+    expected,
     finished,
     gated_job,
+    models_yaml,
     open_gate,
     read_jsonl,
+    served_together,
     snapshot,
+    tasks_on_copies,
     wait_for,
     write_jsonl,
 )
@@ -38,7 +42,7 @@ def croot(root: Path) -> Path:
         f"  cg: {{engine: echo, replicas: 2, engine_args: {{delay_ms: 10, max_in_flight: 8, {gate}}}}}\n"
         f"  cgslow: {{engine: echo, replicas: 2, engine_args: {{delay_ms: 20, max_in_flight: 8, {gate}}}}}\n"
     )
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + models)
+    models_yaml(root, models=models)
     for name in ("cg", "cgslow"):
         (root / "inbox" / name).mkdir()
     return root
@@ -54,8 +58,7 @@ def daemon(croot: Path):
 
     yield start
     for d in started:
-        if d.alive():
-            d.kill(signal.SIGKILL)
+        d.end()  # its process group and every process below it, also when the test failed
 
 
 def daemon_log(root: Path) -> str:
@@ -64,11 +67,6 @@ def daemon_log(root: Path) -> str:
 
 def copy_loads(root: Path, model: str) -> int:
     return daemon_log(root).count(f" of {model} in ")  # "loaded copy N of MODEL in 0.1s"
-
-
-def tasks_on_copies(root: Path) -> list[set[str]]:
-    """For each copy in the status snapshot, the jobs whose shards it holds."""
-    return [{s[0].split("/")[0] for s in c.get("shards", [])} for c in snapshot(root).get("copies") or []]
 
 
 def job_ids(root: Path, *names: str) -> dict[str, str]:
@@ -86,13 +84,6 @@ def job_ids(root: Path, *names: str) -> dict[str, str]:
     return wait_for(found, timeout=60, what=f"jobs {names} in progress")
 
 
-def served_together(root: Path, ids: list[str]) -> bool:
-    """Every job of `ids` runs, and the copies hold shards of all of them at once."""
-    running = {r["job_id"] for r in snapshot(root).get("running") or []}
-    held = set().union(*tasks_on_copies(root)) if tasks_on_copies(root) else set()
-    return set(ids) <= running and set(ids) <= held
-
-
 def two_on_the_copies(root: Path, daemon, lines_a: int, lines_b: int) -> tuple[Daemon, dict[str, str]]:
     """Gated jobs a and b on `cg`, a daemon, and the wait until the copies serve both at once."""
     write_jsonl(root / "inbox/cg/a.jsonl", gated_job(lines_a))
@@ -101,10 +92,6 @@ def two_on_the_copies(root: Path, daemon, lines_a: int, lines_b: int) -> tuple[D
     ids = job_ids(root, "a", "b")
     wait_for(lambda: served_together(root, list(ids.values())), what="both tasks on the copies")
     return d, ids
-
-
-def expected(n: int) -> list[tuple]:
-    return [(f"q-{i}", f"echo: question number {i}" if i < n - 1 else "echo: GATE") for i in range(n)]
 
 
 def contents(root: Path, name: str, model: str) -> list[tuple]:

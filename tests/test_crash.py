@@ -13,7 +13,7 @@ from pathlib import Path
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot.supervisor import group_members
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def normalized(path: Path) -> list[dict]:
@@ -39,13 +39,13 @@ def committed(root: Path, model: str) -> int:
 def reference(tmp_path: Path, lines: list[dict], model: str) -> list[dict]:
     ref = tmp_path / "ref"
     ref.mkdir()
-    (ref / "models.yaml").write_text((tmp_path / "root/models.yaml").read_text())
+    models_yaml(ref, text=(tmp_path / "root/models.yaml").read_text())
     write_jsonl(ref / f"inbox/{model}/job.jsonl", lines)
     run_once(ref)
     return normalized(ref / f"outbox/job/{model}.jsonl")
 
 
-def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_path: Path) -> None:
+def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_path: Path, daemon) -> None:
     lines = [chat_line(i, max_tokens=1 + i % 5) for i in range(5000)]
     lines[1234] = {"custom_id": "broken"}  # a bad line keeps its place through every crash
     expected = reference(tmp_path, lines, "slow")
@@ -53,19 +53,19 @@ def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_p
     # (160/s), 25 lives of at most 0.6 s answer at most 2,400 of its 5,000 lines.
     fast_yaml = (root / "models.yaml").read_text()
     held = "slow: {engine: echo, engine_args: {delay_ms: 50, max_in_flight: 8}}"
-    (root / "models.yaml").write_text(re.sub(r"slow: \{.*\}", held, fast_yaml))
+    models_yaml(root, text=re.sub(r"slow: \{.*\}", held, fast_yaml))
     write_jsonl(root / "inbox/slow/job.jsonl", lines)
     rng = random.Random(7)
     kills = 0
     while kills < 25 and not finished(root, "job"):
-        d = Daemon(root)
+        d = daemon(root)
         time.sleep(rng.uniform(0.05, 0.6))
         if d.alive():
             d.kill(signal.SIGKILL)
             kills += 1
     assert kills == 25, "the job ended before 25 kills"
     assert not finished(root, "job")
-    (root / "models.yaml").write_text(fast_yaml)  # the rest at the shipped pace: the same answers
+    models_yaml(root, text=fast_yaml)  # the rest at the shipped pace: the same answers
     run_once(root, timeout=300)
     got = normalized(root / "outbox/job/slow.jsonl")
     assert got == expected
@@ -73,11 +73,11 @@ def test_daemon_killed_25_times_gives_the_uninterrupted_outbox(root: Path, tmp_p
     assert len(ids) == 5000 and len(set(ids)) == 5000
 
 
-def test_model_process_killed_mid_job_is_restarted_and_resumes(root: Path, tmp_path: Path) -> None:
+def test_model_process_killed_mid_job_is_restarted_and_resumes(root: Path, tmp_path: Path, daemon) -> None:
     lines = [chat_line(i) for i in range(4000)]
     expected = reference(tmp_path, lines, "paced")
     write_jsonl(root / "inbox/paced/job.jsonl", lines)
-    d = Daemon(root)
+    d = daemon(root)
     try:
         fed = 0
         for _ in range(3):
@@ -101,9 +101,9 @@ def test_model_process_killed_mid_job_is_restarted_and_resumes(root: Path, tmp_p
     assert d.output().count("killed by SIGKILL") == 3
 
 
-def test_model_process_never_outlives_the_daemon(root: Path) -> None:
+def test_model_process_never_outlives_the_daemon(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/slow/job.jsonl", [chat_line(i) for i in range(20000)])
-    d = Daemon(root)
+    d = daemon(root)
     wait_for(lambda: committed(root, "slow") > 100, what="progress")
     pid = wait_for(
         lambda: json.loads((root / "state/status.json").read_text())["model_pid"], what="model pid"

@@ -7,11 +7,11 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import (
-    Daemon,
+from helpers import (
     batch_json,
     chat_line,
     gated_job,
+    models_yaml,
     open_gate,
     read_jsonl,
     run_once,
@@ -135,11 +135,11 @@ def test_rejected_files_say_why_and_keep_the_original(root: Path) -> None:
     assert not [p for p in (root / "inbox").rglob("*") if p.is_file()], "nothing taken stays in the inbox"
 
 
-def test_second_daemon_exits_naming_the_first(root: Path) -> None:
+def test_second_daemon_exits_naming_the_first(root: Path, daemon) -> None:
     import subprocess
     import sys
 
-    first = Daemon(root)
+    first = daemon(root)
     try:
         wait_for(lambda: (root / "state/status.json").exists(), what="first daemon up")
         second = subprocess.run(
@@ -155,9 +155,9 @@ def test_second_daemon_exits_naming_the_first(root: Path) -> None:
         first.kill(signal.SIGTERM)
 
 
-def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path) -> None:
+def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/gated/long.jsonl", gated_job(10000))  # cannot end before the SIGTERM
-    d = Daemon(root)
+    d = daemon(root)
 
     def committed() -> int:
         marker = next((root / "state/jobs").glob("*/gated.marker"), None)
@@ -180,20 +180,20 @@ def test_sigterm_stops_cleanly_and_the_next_start_resumes(root: Path) -> None:
 def test_files_present_before_start_and_many_at_once(root: Path) -> None:
     for i in range(500):
         write_jsonl(root / f"inbox/echo/f{i:03d}.jsonl", [chat_line(i)])
-    run_once(root)
+    run_once(root, timeout=600)  # 500 jobs: a bound for a busy machine (120 s ran out at load 30)
     outs = sorted(p.parent.name for p in (root / "outbox").glob("*/echo.jsonl"))
     assert outs == [f"f{i:03d}" for i in range(500)]
     for i in (0, 250, 499):
         assert read_jsonl(root / f"outbox/f{i:03d}/echo.jsonl")[0]["custom_id"] == f"q-{i}"
 
 
-def test_status_follows_a_running_job(root: Path) -> None:
+def test_status_follows_a_running_job(root: Path, daemon) -> None:
     from click.testing import CliRunner
 
     from dropbox_runner.cli import main
 
     write_jsonl(root / "inbox/gated/watch.jsonl", gated_job(20000))
-    d = Daemon(root)
+    d = daemon(root)
     try:
 
         def done() -> int:
@@ -226,7 +226,7 @@ def test_a_model_too_large_for_memory_is_refused_before_loading_with_the_numbers
     with open(big / "model.safetensors", "wb") as f:  # 256 GiB of weights, as a sparse file
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + (1 << 38))
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + f"  huge: {{path: {big}}}\n")
+    models_yaml(root, models={"huge": f"{{path: {big}}}"})
     write_jsonl(root / "inbox/huge/x.jsonl", [chat_line(0)])
     proc = run_once(root)
     batch = batch_json(root, "x")

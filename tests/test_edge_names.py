@@ -11,7 +11,7 @@ from dropbox_runner.cli import main
 from dropbox_runner.config import load_registry
 from dropbox_runner.layout import Layout
 
-from conftest import read_jsonl, run_once
+from helpers import models_yaml, read_jsonl, run_once
 
 
 def test_status_and_cancel_of_a_reference_too_long_for_a_file_name_say_no_such_job(root: Path) -> None:
@@ -28,9 +28,7 @@ def test_a_batch_of_score_and_rerank_lines_through_the_api(root: Path) -> None:
 
     from dropbox_runner.api.server import create_app
 
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text() + "  emb: {engine: echo, task: embed}\n"
-    )
+    models_yaml(root, models={"emb": "{engine: echo, task: embed}"})
     score = {"model": "emb", "text_1": "a cat", "text_2": ["a cat", "the stock market"]}
     lines = [{"custom_id": "s", "method": "POST", "url": "/v1/score", "body": score}]
     data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)

@@ -11,7 +11,7 @@ import random
 import signal
 from pathlib import Path
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, wait_for, write_jsonl
 
 FILES = 6
 LINES_PER_FILE = 100
@@ -143,13 +143,14 @@ def hostile_manifest(rnd: random.Random) -> dict:
     return manifest
 
 
-def test_hostile_files_and_manifests_never_stop_the_daemon(root: Path) -> None:
+def test_hostile_files_and_manifests_never_stop_the_daemon(root: Path, daemon) -> None:
     rnd = random.Random(20261128)
-    (root / "models.yaml").write_text(
-        (root / "models.yaml").read_text().replace("manifest_grace_seconds: 1", "manifest_grace_seconds: 60")
-        + "  echo-embed: {engine: echo, task: embed}\n"
+    models_yaml(
+        root,
+        replace={"manifest_grace_seconds: 1": "manifest_grace_seconds: 60"},
+        models={"echo-embed": "{engine: echo, task: embed}"},
     )
-    d = Daemon(root)
+    d = daemon(root)
     try:
         expected: dict[str, list[bytes]] = {}
         for f in range(FILES):
@@ -200,7 +201,7 @@ def test_hostile_files_and_manifests_never_stop_the_daemon(root: Path) -> None:
         assert batch_json(root, "last")["status"] == "completed"
     finally:
         d.kill(signal.SIGKILL)
-    again = Daemon(root)
+    again = daemon(root)
     try:
         write_jsonl(root / "inbox/echo/after.jsonl", [chat_line(0)])
         wait_for(lambda: finished(root, "after"), what="the daemon after kill -9")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_api import Server
 
 from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.status import view as status
 
-from conftest import chat_line, wait_for
+from helpers import chat_line, models_yaml, wait_for
+from servers import Server
 
 BOUNDARY = "b0undary"
 
@@ -29,8 +29,7 @@ def serve(root: Path):
     servers: list[Server] = []
 
     def start(settings: str = "", env: dict | None = None) -> Server:
-        yaml = (root / "models.yaml").read_text()
-        (root / "models.yaml").write_text(yaml.replace("settings:\n", f"settings:\n{settings}"))
+        models_yaml(root, replace={"settings:\n": f"settings:\n{settings}"})
         server = Server(root, env=env)
         servers.append(server)
         server.wait_up()

@@ -16,7 +16,7 @@ from dropbox_runner.config import Settings
 from dropbox_runner.intake.scanner import Scanner
 from dropbox_runner.intake.watcher import filesystem_type, should_poll
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 class Clock:
@@ -99,10 +99,10 @@ def test_filesystem_type_from_mountinfo(tmp_path: Path) -> None:
 
 
 def test_slow_cp_rsync_rename_mv_and_stalled_writer_are_each_taken_once_whole(
-    root: Path, tmp_path: Path
+    root: Path, tmp_path: Path, daemon
 ) -> None:
     lines = [json.dumps(chat_line(i)) + "\n" for i in range(400)]
-    d = Daemon(root, "--settle", "0.6")
+    d = daemon(root, "--settle", "0.6")
     try:
         # rsync: a hidden temporary name, then a rename into place
         hidden = root / "inbox/echo/.rsynced.jsonl.Ab12Cd"
@@ -141,8 +141,8 @@ def test_slow_cp_rsync_rename_mv_and_stalled_writer_are_each_taken_once_whole(
     assert sorted(p.name for p in (root / "outbox").iterdir()) == ["moved", "rsynced", "slowcp", "stall"]
 
 
-def test_polling_mode_gives_the_same_results(root: Path) -> None:
-    d = Daemon(root, "--poll", "--poll-interval", "0.2")
+def test_polling_mode_gives_the_same_results(root: Path, daemon) -> None:
+    d = daemon(root, "--poll", "--poll-interval", "0.2")
     try:
         wait_for(lambda: (root / "state/status.json").exists(), what="daemon up")
         write_jsonl(root / "inbox/echo/polled.jsonl", [chat_line(i) for i in range(50)])

@@ -18,7 +18,7 @@ from dropbox_runner.queue.scheduler import pick
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot import adapters, loadable
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 from lora_kit import fake_adapter
 
 LORA_YAML = """
@@ -33,7 +33,7 @@ models:
 
 @pytest.fixture
 def lroot(root: Path) -> Path:
-    (root / "models.yaml").write_text(LORA_YAML)
+    models_yaml(root, text=LORA_YAML)
     fake_adapter(root / "adapters/sql")
     fake_adapter(root / "adapters/chat", rank=16)
     return root
@@ -82,7 +82,7 @@ def test_a_bad_adapter_fails_its_own_tasks_and_the_rest_run(lroot: Path) -> None
         LORA_YAML
         + "  ghost: {base: base, adapter: adapters/missing}\n  huge: {base: base, adapter: adapters/huge}\n"
     )
-    (lroot / "models.yaml").write_text(text)
+    models_yaml(lroot, text=text)
     fake_adapter(lroot / "adapters/huge", rank=1024)
     manifest(lroot, "mix", ["base", "ghost", "sql", "huge"], [chat_line(i) for i in range(10)])
     proc = run_once(lroot)
@@ -100,10 +100,12 @@ def fed(root: Path, model: str) -> int:
     return read_fed_mark(log) if log is not None else 0
 
 
-def test_the_model_process_killed_mid_job_with_adapters_resumes_with_nothing_lost(lroot: Path) -> None:
+def test_the_model_process_killed_mid_job_with_adapters_resumes_with_nothing_lost(
+    lroot: Path, daemon
+) -> None:
     lines = [chat_line(i) for i in range(1500)]
     manifest(lroot, "crash", ["base", "sql", "chat"], lines)
-    d = Daemon(lroot)
+    d = daemon(lroot)
     try:
         for model in ("sql", "chat"):  # once in each adapter's task, past its first commits
             wait_for(lambda m=model: fed(lroot, m) > 100, what=f"{model} running")
@@ -212,7 +214,7 @@ models:
 
 
 def test_models_check_names_a_bad_adapter(lroot: Path) -> None:
-    (lroot / "models.yaml").write_text(LORA_YAML + "  ghost: {base: base, adapter: adapters/missing}\n")
+    models_yaml(lroot, text=LORA_YAML, models={"ghost": "{base: base, adapter: adapters/missing}"})
     result = CliRunner().invoke(main, ["models", "--check", "--root", str(lroot)])
     assert result.exit_code == 1
     lines = {line.split()[0]: line for line in result.output.splitlines()}
@@ -221,11 +223,11 @@ def test_models_check_names_a_bad_adapter(lroot: Path) -> None:
     assert "FAIL" not in lines["base"]
 
 
-def test_an_adapter_made_after_its_base_started_restarts_the_base_for_it(lroot: Path) -> None:
+def test_an_adapter_made_after_its_base_started_restarts_the_base_for_it(lroot: Path, daemon) -> None:
     import shutil
 
     shutil.rmtree(lroot / "adapters/chat")
-    d = Daemon(lroot)
+    d = daemon(lroot)
     try:
         write_jsonl(lroot / "inbox/base/first.jsonl", [chat_line(0)])
         wait_for(lambda: finished(lroot, "first"), what="the base's job")
@@ -246,11 +248,11 @@ def gate_the_base(root: Path) -> Path:
         "engine_args: {delay_ms: 2, max_in_flight: 16}",
         f"engine_args: {{delay_ms: 2, max_in_flight: 16, gate_on: GATE, gate_file: {gate}}}",
     )
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, text=yaml)
     return gate
 
 
-def test_adapters_share_the_bases_process_at_once_and_the_base_takes_its_turn(lroot: Path) -> None:
+def test_adapters_share_the_bases_process_at_once_and_the_base_takes_its_turn(lroot: Path, daemon) -> None:
     """Sections 12 and 13: two adapters' jobs run at once in the base's process; the base's own job
     waits for them (base and adapters never share an engine step: docs/lora.md) and runs in the same
     process, with no reload."""
@@ -258,7 +260,7 @@ def test_adapters_share_the_bases_process_at_once_and_the_base_takes_its_turn(lr
     for m in ("base", "sql", "chat"):
         (lroot / f"inbox/{m}").mkdir(exist_ok=True)
     write_jsonl(lroot / "inbox/sql/long.jsonl", [chat_line(i) for i in range(50)] + [chat_line(50, "GATE")])
-    d = Daemon(lroot)
+    d = daemon(lroot)
     try:
         wait_for(lambda: (batch_json(lroot, "long") or {}).get("status") == "in_progress", what="sql running")
         write_jsonl(lroot / "inbox/chat/quick.jsonl", [chat_line(i) for i in range(20)])
@@ -295,10 +297,10 @@ def test_base_and_adapter_tasks_take_turns_in_admission() -> None:
     assert got.admit is not None and got.admit.model == "chat"  # adapters share
 
 
-def test_cancel_of_a_job_whose_adapter_tasks_run_at_once_ends_both(lroot: Path) -> None:
+def test_cancel_of_a_job_whose_adapter_tasks_run_at_once_ends_both(lroot: Path, daemon) -> None:
     gate_the_base(lroot)  # the job cannot end before its cancel
     manifest(lroot, "j", ["sql", "chat"], [chat_line(i) for i in range(5)] + [chat_line(5, "GATE")])
-    d = Daemon(lroot)
+    d = daemon(lroot)
     try:
         both = lambda: len((json.loads((lroot / "state/status.json").read_text()) or {}).get("running") or [])  # noqa: E731
         wait_for(lambda: (lroot / "state/status.json").exists() and both() == 2, what="both tasks running")

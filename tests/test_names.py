@@ -18,7 +18,7 @@ from dropbox_runner.intake.scanner import is_ignored_name
 from dropbox_runner.intake.watcher import Watcher
 from dropbox_runner.layout import Layout
 
-from conftest import ECHO_YAML, batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import ECHO_YAML, batch_json, chat_line, models_yaml, read_jsonl, run_once, write_jsonl
 
 LONG = "n" * (NAME_MAX - len(".jsonl"))  # a 255-byte drop name: no room for `.manifest.json`
 
@@ -136,7 +136,7 @@ def test_any_name_is_taken_ignored_or_rejected_and_never_stops_intake(
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "models.yaml").write_text(ECHO_YAML)
+        models_yaml(root, text=ECHO_YAML)
         folder = "echo" if in_model_folder else ""
         (root / "inbox/echo").mkdir(parents=True)
         path = drop_bytes(root, folder, name, [chat_line(0)])

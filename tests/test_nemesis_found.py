@@ -12,7 +12,7 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -30,10 +30,10 @@ def test_a_drop_named_with_non_utf8_bytes_is_taken_and_answered(root: Path) -> N
     assert len(outbox_folders(root)) == 1
 
 
-def test_a_drop_named_255_bytes_in_a_model_folder_leaves_the_daemon_up(root: Path) -> None:
+def test_a_drop_named_255_bytes_in_a_model_folder_leaves_the_daemon_up(root: Path, daemon) -> None:
     write_jsonl(root / "inbox/echo" / ("n" * 249 + ".jsonl"), [chat_line(0)])
     write_jsonl(root / "inbox/echo/after.jsonl", [chat_line(1)])
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: (root / "outbox/after/batch.json").exists() or not d.alive(), what="the next drop")
         assert d.alive(), d.output()[-2000:]
@@ -75,14 +75,16 @@ def test_a_receiver_answering_garbage_does_not_stop_the_next_receivers_delivery(
     assert [e["data"]["id"] for e in good.events.values()] == ["batch_1"]
 
 
-def test_a_disk_still_full_after_the_pause_does_not_fail_the_running_job(root: Path, tmp_path: Path) -> None:
+def test_a_disk_still_full_after_the_pause_does_not_fail_the_running_job(
+    root: Path, tmp_path: Path, daemon
+) -> None:
     # The daemon pauses 5 s on ENOSPC, then runs its start-up recovery again; an ENOSPC there is
     # taken for an unexpected error, and the job fails with internal_error (in the nemesis run, a
     # finished job whose publishing was interrupted: all 706 results lost to `failed`). Here the job
     # cannot even be failed (the disk is full), so it is quarantined and never finishes.
     full = tmp_path / "disk-full"
     write_jsonl(root / "inbox/paced/job.jsonl", [chat_line(i) for i in range(3000)])
-    d = Daemon(root, env={fsutil.TEST_ENOSPC_ENV: str(full)})
+    d = daemon(root, env={fsutil.TEST_ENOSPC_ENV: str(full)})
     log = root / "state/daemon.log"
     try:
         wait_for(lambda: "progress" in log.read_text() if log.exists() else False, what="progress")
@@ -112,15 +114,14 @@ def peak_mb(pid: int) -> float:
         return next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmHWM:"))
 
 
-def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Path) -> None:
+def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Path, daemon) -> None:
     # The nemesis's `fat_ids` (seed 303): 3,000 lines sharing one 16 KB custom_id on `replicas: 2`.
     from nemesis_kit import fat_lines
 
-    models = root / "models.yaml"
-    models.write_text(models.read_text() + "  rep: {engine: echo, replicas: 2}\n")
+    models_yaml(root, models={"rep": "{engine: echo, replicas: 2}"})
     (root / "inbox/rep").mkdir()
     (root / "inbox/rep/fat.jsonl").write_text("\n".join(fat_lines("j0000")) + "\n")
-    d = Daemon(root)
+    d = daemon(root)
     peak = 0.0
     deadline = time.monotonic() + 180
     try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import batch_json, chat_line, gated_job, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, gated_job, models_yaml, read_jsonl, run_once, write_jsonl
+from servers import SECRET, Receiver
 
 
 def response_line(i: int, **body) -> dict:
@@ -111,10 +112,11 @@ def test_a_bad_completion_window_rejects_the_drop(root: Path) -> None:
 
 
 def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  request_timeout_seconds: 1\n")
+    models_yaml(
+        root,
+        settings={"request_timeout_seconds": 1},
+        models={"slowpoke": "{engine: echo, engine_args: {slow_on: SLOW}}"},
     )
-    (root / "models.yaml").write_text(yaml + "  slowpoke: {engine: echo, engine_args: {slow_on: SLOW}}\n")
     (root / "inbox/slowpoke").mkdir()
     lines = [chat_line(i) for i in range(6)]
     lines[2] = chat_line(2, text="SLOW request")
@@ -126,57 +128,21 @@ def test_request_timeout_seconds_as_a_setting(root: Path) -> None:
 
 
 # -- webhooks -----------------------------------------------------------------------------------------
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that records what it gets; `up` decides whether it answers 2xx."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.got: list[tuple[dict, bytes]] = []
-        self.up = True
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if outer.up:
-                    outer.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204 if outer.up else 503)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-SECRET = "whsec_" + __import__("base64").b64encode(b"a secret of thirty-two bytes!!!!").decode()
-
-
 def hooks_yaml(root: Path, url: str) -> None:
-    yaml = (root / "models.yaml").read_text()
-    (root / "models.yaml").write_text(
-        yaml.replace("settings:\n", f"settings:\n  webhooks: [{{url: '{url}', secret: '{SECRET}'}}]\n")
-    )
+    models_yaml(root, settings={"webhooks": f"[{{url: '{url}', secret: '{SECRET}'}}]"})
 
 
-def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path) -> None:
+def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: Path, daemon) -> None:
     import signal
 
     from standardwebhooks.webhooks import Webhook
 
-    from conftest import Daemon, finished, wait_for
+    from helpers import finished, wait_for
 
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
     receiver.up = False  # down when the event happens
-    d = Daemon(root)
+    d = daemon(root)
     try:
         write_jsonl(root / "inbox/echo/ok.jsonl", [chat_line(0)])
         wait_for(lambda: finished(root, "ok"), what="ok")
@@ -191,7 +157,7 @@ def test_webhooks_are_signed_and_delivered_at_least_once_across_a_restart(root: 
         d.kill(signal.SIGKILL)
     assert receiver.got == []
     receiver.up = True
-    d = Daemon(root)
+    d = daemon(root)
     try:
         write_jsonl(root / "inbox/echo/bad.jsonl", ["not json"])  # rejected: batch.failed
         (root / "inbox/paced/stop.manifest.json").write_text('{"completion_window": "1s"}')
@@ -230,7 +196,7 @@ def test_a_cancelled_job_announces_batch_cancelled(root: Path) -> None:
 
     from standardwebhooks.webhooks import Webhook
 
-    from conftest import wait_for
+    from helpers import wait_for
 
     receiver = Receiver()
     hooks_yaml(root, receiver.url)
@@ -264,7 +230,8 @@ def test_metrics_agree_with_status_json(root: Path) -> None:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from test_api import Server
+
+    from servers import Server
 
     write_jsonl(root / "inbox/echo/m.jsonl", [chat_line(0), chat_line(1), "bad line"])
     write_jsonl(root / "inbox/echo2/n.jsonl", [chat_line(0)])
@@ -360,12 +327,12 @@ def test_history_stays_bounded_over_ten_thousand_points(tmp_path: Path) -> None:
     assert len(reopened.points) == MAX_POINTS and reopened.totals["tiny-llama"]["requests"] == 30_000
 
 
-def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(root: Path) -> None:
+def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(root: Path, daemon) -> None:
     import os
     import signal
     import time
 
-    from conftest import Daemon, wait_for
+    from helpers import wait_for
 
     write_jsonl(root / "inbox/echo/old.jsonl", [chat_line(0)])
     run_once(root)
@@ -374,10 +341,9 @@ def test_keep_finished_days_removes_old_finished_jobs_and_never_a_running_one(ro
     record = json.loads(task.read_text())
     record["completed_at"] = time.time() - 3 * 86400  # finished three days ago
     task.write_text(json.dumps(record))
-    yaml = (root / "models.yaml").read_text().replace("settings:\n", "settings:\n  keep_finished_days: 1\n")
-    (root / "models.yaml").write_text(yaml)
+    models_yaml(root, settings={"keep_finished_days": 1})
     write_jsonl(root / "inbox/gated/running.jsonl", gated_job(100))  # runs until the test ends
-    d = Daemon(root)
+    d = daemon(root)
     try:
         wait_for(lambda: not (root / "outbox/old").exists(), what="the old job removed")
         wait_for(lambda: not (root / "state/archive" / old_id).exists(), what="its state removed")

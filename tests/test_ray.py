@@ -12,16 +12,19 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray address stays
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
-from test_replicas import answers  # noqa: E402
-
-from conftest import (  # noqa: E402
-    Daemon,
+from helpers import (  # noqa: E402
+    answers,
     batch_json,
     chat_line,
     completed,
+    expected,
     finished,
+    gated_job,
+    models_yaml,
+    open_gate,
     read_jsonl,
     run_once,
+    served_together,
     snapshot,
     wait_for,
     write_jsonl,
@@ -41,13 +44,13 @@ def cluster():
 
 
 def ray_models(root: Path, address: str) -> None:
-    yaml = (
-        (root / "models.yaml").read_text().replace("settings:\n", f"settings:\n  ray_address: '{address}'\n")
+    models_yaml(
+        root,
+        settings={"ray_address": f"'{address}'"},
+        models={
+            "rr": "{engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}"
+        },
     )
-    yaml += (
-        "  rr: {engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}\n"
-    )
-    (root / "models.yaml").write_text(yaml)
     (root / "inbox/rr").mkdir()
 
 
@@ -57,17 +60,17 @@ def test_three_ray_copies_on_two_nodes_give_the_same_file_as_one_local_copy(clus
     lines = [chat_line(i) for i in range(3000)] + [chat_line(7)]
     write_jsonl(root / "inbox/rr/r.jsonl", lines)
     write_jsonl(root / "inbox/slow/l.jsonl", lines)
-    proc = run_once(root, timeout=240)
+    proc = run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert "loading 3 copies of rr (ray)" in proc.stderr
     assert answers(root / "outbox/r/rr.jsonl") == answers(root / "outbox/l/slow.jsonl")
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes()) if ray.is_initialized() else True
 
 
-def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Path) -> None:
+def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Path, daemon) -> None:
     c, node_b = cluster
     ray_models(root, c.address)
     write_jsonl(root / "inbox/rr/big.jsonl", [chat_line(i) for i in range(40000)])
-    d = Daemon(root)
+    d = daemon(root)
     try:
         copies = wait_for(
             lambda: (
@@ -108,11 +111,11 @@ def ray_processes() -> set[int]:
     return found
 
 
-def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path) -> None:
+def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path, daemon) -> None:
     ray_models(root, "local")
     write_jsonl(root / "inbox/rr/k.jsonl", [chat_line(i) for i in range(30000)])
     before = ray_processes()
-    d = Daemon(root)
+    d = daemon(root)
     wait_for(lambda: len([x for x in snapshot(root).get("copies") or [] if x["loaded"]]) == 3, timeout=120)
     ours = ray_processes() - before
     assert ours, "the daemon started its own Ray"
@@ -122,7 +125,7 @@ def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root:
     except AssertionError:
         left = [Path(f"/proc/{x}/cmdline").read_bytes()[:200] for x in ray_processes() & ours]
         raise AssertionError(f"left behind: {left}") from None
-    run_once(root, timeout=240)
+    run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert [x["custom_id"] for x in read_jsonl(root / "outbox/k/rr.jsonl")] == [
         f"q-{i}" for i in range(30000)
     ]
@@ -132,7 +135,7 @@ def test_an_unreachable_ray_address_fails_that_models_tasks_and_the_others_run(r
     ray_models(root, "127.0.0.1:1")
     write_jsonl(root / "inbox/rr/u.jsonl", [chat_line(0)])
     write_jsonl(root / "inbox/echo/fine.jsonl", [chat_line(0)])
-    run_once(root, timeout=240)
+    run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert batch_json(root, "fine")["status"] == "completed"
     batch = batch_json(root, "u")
     assert batch["status"] == "failed" and "ray_address" in batch["models"]["rr"]["error"]
@@ -155,21 +158,17 @@ def test_an_empty_poll_is_no_sign_of_life_so_a_hung_copy_is_found(monkeypatch: p
     assert "hung" in copy.trouble(settings, busy=True)
 
 
-def test_two_tasks_share_the_ray_copies_with_one_load_per_copy(cluster, root: Path) -> None:
+def test_two_tasks_share_the_ray_copies_with_one_load_per_copy(cluster, root: Path, daemon) -> None:
     """Issue 22 item 4: Ray copies belong to the slot; a second task joins them without a reload."""
-    from test_copies_shared import expected, served_together
-
-    from conftest import gated_job, open_gate
-
     c, _ = cluster
     ray_models(root, c.address)
     gate = f"gate_on: GATE, gate_file: {root / 'gate.open'}"
     entry = f"{{engine: echo, replicas: 2, executor: ray, engine_args: {{delay_ms: 5, max_in_flight: 8, {gate}}}}}"
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + f"  rg: {entry}\n")
+    models_yaml(root, models={"rg": entry})
     (root / "inbox/rg").mkdir()
     write_jsonl(root / "inbox/rg/a.jsonl", gated_job(300))
     write_jsonl(root / "inbox/rg/b.jsonl", gated_job(200))
-    d = Daemon(root)
+    d = daemon(root)
     try:
         ids = wait_for(
             lambda: all(batch_json(root, n) for n in "ab") and [batch_json(root, n)["id"] for n in "ab"],

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_api import free_port
 
 from dropbox_runner.config import load_registry
 from dropbox_runner.daemon.loop import Daemon as Core
@@ -27,7 +26,8 @@ from dropbox_runner.layout import Layout
 from dropbox_runner.queue.journal import JobSpec, Journal
 from dropbox_runner.results import batchfile, webhooks
 
-from conftest import batch_json, chat_line, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, models_yaml, run_once, wait_for, write_jsonl
+from servers import free_port
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -44,10 +44,7 @@ def hooks_yaml(root: Path, events: str = "") -> None:
     secret = "whsec_" + __import__("base64").b64encode(b"0123456789abcdef0123456789abcdef").decode()
     url = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens: events stay in the journal
     extra = f", events: [{events}]" if events else ""
-    yaml = (root / "models.yaml").read_text()
-    (root / "models.yaml").write_text(
-        yaml.replace("settings:\n", f"settings:\n  webhooks: [{{url: '{url}', secret: '{secret}'{extra}}}]\n")
-    )
+    models_yaml(root, settings={"webhooks": f"[{{url: '{url}', secret: '{secret}'{extra}}}]"})
 
 
 def events(root: Path) -> list[dict]:

@@ -14,12 +14,13 @@ from dropbox_runner.config import load_registry
 from dropbox_runner.errors import ConfigError
 from dropbox_runner.slot.supervisor import group_members
 
-from conftest import (
-    Daemon,
+from helpers import (
+    answers,
     batch_json,
     chat_line,
     completed,
     finished,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -36,22 +37,10 @@ COPIES = """
 
 @pytest.fixture
 def rroot(root: Path) -> Path:
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + COPIES)
+    models_yaml(root, models=COPIES)
     for name in ("rep", "repslow", "repcrash"):
         (root / "inbox" / name).mkdir()
     return root
-
-
-def answers(path: Path) -> list[tuple]:
-    """What an output file says, without the ids and times that differ between runs."""
-    out = []
-    for x in read_jsonl(path):
-        body = (x["response"] or {}).get("body") or {}
-        choice = (body.get("choices") or [{}])[0]
-        out.append(
-            (x["custom_id"], (choice.get("message") or {}).get("content"), body.get("usage"), x["error"])
-        )
-    return out
 
 
 def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:
@@ -64,10 +53,10 @@ def test_three_copies_give_the_same_file_as_one(rroot: Path) -> None:
     assert batch_json(rroot, "many")["request_counts"] == batch_json(rroot, "one")["request_counts"]
 
 
-def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path) -> None:
+def test_a_copy_killed_mid_job_loses_and_duplicates_nothing(rroot: Path, daemon) -> None:
     lines = [chat_line(i) for i in range(30000)]  # about 12 s on three copies at 800 requests/s each
     write_jsonl(rroot / "inbox/repslow/big.jsonl", lines)
-    d = Daemon(rroot)
+    d = daemon(rroot)
     try:
         copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
         wait_for(lambda: completed(rroot, "big", "repslow") > 2000)
@@ -93,10 +82,10 @@ def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
     )
 
 
-def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path) -> None:
+def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path, daemon) -> None:
     lines = [chat_line(i) for i in range(30000)]
     write_jsonl(rroot / "inbox/repslow/k.jsonl", lines)
-    d = Daemon(rroot)
+    d = daemon(rroot)
     copies = wait_for(lambda: len(snapshot(rroot).get("copies") or []) == 3 and snapshot(rroot)["copies"])
     wait_for(lambda: completed(rroot, "k", "repslow") > 1000)
     d.kill(signal.SIGKILL)
@@ -118,7 +107,7 @@ def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Pa
 def test_wrong_copy_settings_stop_the_daemon_naming_the_key(
     tmp_path: Path, entry: str, expected: str
 ) -> None:
-    (tmp_path / "models.yaml").write_text(f"models:\n  x: {entry}\n")
+    models_yaml(tmp_path, text=f"models:\n  x: {entry}\n")
     with pytest.raises(ConfigError) as err:
         load_registry(tmp_path)
     assert expected in str(err.value)
@@ -169,13 +158,13 @@ def _peak_mb(pid: int) -> float:
     return next(int(x.split()[1]) for x in text.splitlines() if x.startswith("VmHWM:")) / 1024
 
 
-def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path) -> None:
+def test_copies_of_one_fat_repeated_id_keep_the_daemon_small(root: Path, daemon) -> None:
     """Issue 23 item 2: 3,000 lines sharing one 16 KB custom_id on two copies, the daemon stays small."""
     models = "  rep: {engine: echo, replicas: 2}\n  one: {engine: echo}\n"
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + models)
+    models_yaml(root, models=models)
     fat_lines = [{**chat_line(i), "custom_id": "x" * 16384} for i in range(3000)]
     write_jsonl(root / "inbox/rep/fat.jsonl", fat_lines)
-    d = Daemon(root)
+    d = daemon(root)
     peak = 0.0
     try:
         deadline = time.monotonic() + 180

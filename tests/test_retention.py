@@ -11,7 +11,7 @@ from pathlib import Path
 from dropbox_runner.config import load_registry
 from dropbox_runner.layout import Layout
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, models_yaml, read_jsonl, run_once, write_jsonl
 
 
 def age(root: Path, job_id: str, days: float) -> None:
@@ -23,8 +23,7 @@ def age(root: Path, job_id: str, days: float) -> None:
 
 
 def keep_one_day(root: Path) -> None:
-    yaml = (root / "models.yaml").read_text()
-    (root / "models.yaml").write_text(yaml.replace("settings:\n", "settings:\n  keep_finished_days: 1\n"))
+    models_yaml(root, settings={"keep_finished_days": 1})
 
 
 def test_retention_never_removes_an_outbox_folder_a_later_job_owns_now(root: Path) -> None:

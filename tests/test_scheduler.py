@@ -11,12 +11,12 @@ from pathlib import Path
 from dropbox_runner.queue.journal import queue_key
 from dropbox_runner.queue.scheduler import pick
 
-from conftest import (
-    Daemon,
+from helpers import (
     batch_json,
     chat_line,
     finished,
     gated_job,
+    models_yaml,
     open_gate,
     run_once,
     snapshot,
@@ -61,19 +61,12 @@ def test_alternating_drops_cost_one_load_per_model(root: Path) -> None:
     assert proc.stderr.count("loading echo2\n") == 1
 
 
-def test_starvation_bound_and_never_two_model_processes(root: Path) -> None:
-    (root / "models.yaml").write_text(
-        (root / "models.yaml")
-        .read_text()
-        .replace(
-            "manifest_grace_seconds: 1",
-            "manifest_grace_seconds: 1\n  max_swap_delay_seconds: 2\n  preempt_after_seconds: 0",
-        )
-    )
+def test_starvation_bound_and_never_two_model_processes(root: Path, daemon) -> None:
+    models_yaml(root, settings={"max_swap_delay_seconds": 2, "preempt_after_seconds": 0})
     # The first task runs until the old task for another model is queued behind it and newer work
     # for the loaded model is queued too: its gated last line holds it, not the CPU's pace.
     write_jsonl(root / "inbox/gated/first.jsonl", gated_job(500))
-    d = Daemon(root)
+    d = daemon(root)
     seen_at_once: list[int] = []
     stop = threading.Event()
 

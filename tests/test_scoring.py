@@ -13,7 +13,7 @@ import pytest
 
 from dropbox_runner.lines.parse import IdSet, LineError, RawLine, Request, parse_line
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, models_yaml, read_jsonl, run_once, write_jsonl
 
 SCORING_MODELS = """
   echo-embed: {engine: echo, task: embed}
@@ -29,7 +29,7 @@ def score_line(cid: str, url: str = "/v1/score", **body: object) -> dict:
 
 @pytest.fixture
 def sroot(root: Path) -> Path:
-    (root / "models.yaml").write_text((root / "models.yaml").read_text() + SCORING_MODELS)
+    models_yaml(root, models=SCORING_MODELS)
     for m in ("echo-embed", "echo-ce"):
         (root / "inbox" / m).mkdir()
     return root

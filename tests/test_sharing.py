@@ -20,12 +20,13 @@ from dropbox_runner.engine.fairness import Fairness, Share
 from dropbox_runner.queue.journal import queue_key
 from dropbox_runner.queue.scheduler import Held, admission
 
-from conftest import (
+from helpers import (
     Daemon,
     batch_json,
     chat_line,
     finished,
     gated_job,
+    models_yaml,
     read_jsonl,
     run_once,
     snapshot,
@@ -50,8 +51,11 @@ models:
 
 
 def configure(root: Path, slots: int = 8, preempt: str = "null", swap: float = 600, delay: int = 40) -> None:
-    (root / "models.yaml").write_text(
-        SHARED_YAML.format(slots=slots, preempt=preempt, swap=swap, delay=delay, gate=root / "gate.open")
+    models_yaml(
+        root,
+        text=SHARED_YAML.format(
+            slots=slots, preempt=preempt, swap=swap, delay=delay, gate=root / "gate.open"
+        ),
     )
     for m in ("held", "other", "crashy"):
         (root / "inbox" / m).mkdir(parents=True, exist_ok=True)
@@ -88,18 +92,9 @@ def stop(d: Daemon) -> None:
 
 
 @pytest.fixture
-def daemon(root: Path):
-    started: list[Daemon] = []
-
-    def start() -> Daemon:
-        d = Daemon(root)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.alive():
-            d.kill(signal.SIGKILL)
+def daemon(root: Path, daemon):
+    """conftest's daemon fixture on this test's root (its finalizer ends them): daemon() starts one."""
+    return lambda: daemon(root)
 
 
 def marker(root: Path, name: str, model: str) -> dict:

@@ -15,7 +15,7 @@ from dropbox_runner.cli import main
 from dropbox_runner.intake.submit import Followed, follow
 from dropbox_runner.layout import Layout
 
-from conftest import Daemon, batch_json, chat_line, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, run_once, wait_for, write_jsonl
 
 
 def invoke(*args: str):
@@ -23,8 +23,8 @@ def invoke(*args: str):
 
 
 @pytest.fixture
-def daemon(root: Path):
-    d = Daemon(root)
+def daemon(root: Path, daemon):
+    d = daemon(root)
     yield d
     d.kill(signal.SIGTERM)
 

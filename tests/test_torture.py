@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 BAD_LINES = {  # line -> the status code its output line must have
     "truncated": ('{"custom_id": "t", "url": "/v1/chat/completions", "body": {"messa', 400),
@@ -55,7 +55,9 @@ def test_hostile_lines_each_get_the_contract_answer_in_place(root: Path) -> None
             assert x["response"]["body"]["error"]["message"].startswith("line ")
 
 
-def test_hostile_files_and_names_are_answered_and_the_daemon_stays_up(root: Path, tmp_path: Path) -> None:
+def test_hostile_files_and_names_are_answered_and_the_daemon_stays_up(
+    root: Path, tmp_path: Path, daemon
+) -> None:
     inbox = root / "inbox"
     good = [chat_line(i) for i in range(200)]
     write_jsonl(inbox / "echo/good.jsonl", good)
@@ -85,7 +87,7 @@ def test_hostile_files_and_names_are_answered_and_the_daemon_stays_up(root: Path
     write_jsonl(inbox / "nomodels.jsonl", [chat_line(0)])
     (inbox / "yamlok.manifest.yaml").write_text("models: [echo, echo2]\npriority: 3\n")
     write_jsonl(inbox / "yamlok.jsonl", [chat_line(0)])
-    d = Daemon(root, "--settle", "0.5")
+    d = daemon(root, "--settle", "0.5")
     try:
         # a file replaced while it settles: the replacement is what is taken, whole
         write_jsonl(inbox / "echo/replaced.jsonl", [chat_line(i) for i in range(5)])
@@ -140,13 +142,13 @@ def mount_tmpfs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
 
 
-def test_disk_full_stops_the_job_keeps_what_is_committed_and_finishes_later(root: Path) -> None:
+def test_disk_full_stops_the_job_keeps_what_is_committed_and_finishes_later(root: Path, daemon) -> None:
     state = root / "state"
     mount_tmpfs(state, "3m")
     try:
         lines = [chat_line(i) for i in range(12000)]
         write_jsonl(root / "inbox/paced/big.jsonl", lines)  # 1.3 MB in, about 5 MB of results
-        d = Daemon(root)
+        d = daemon(root)
         try:
             wait_for(
                 lambda: (
@@ -172,7 +174,7 @@ def test_disk_full_stops_the_job_keeps_what_is_committed_and_finishes_later(root
 
 
 def test_inbox_on_a_second_mount_written_by_another_process_in_polling_mode(
-    root: Path, tmp_path: Path
+    root: Path, tmp_path: Path, daemon
 ) -> None:
     shared = tmp_path / "share"
     (shared / "echo").mkdir(parents=True)
@@ -181,7 +183,7 @@ def test_inbox_on_a_second_mount_written_by_another_process_in_polling_mode(
     if proc.returncode != 0:
         pytest.skip(f"cannot bind-mount here: {proc.stderr.decode().strip()}")
     try:
-        d = Daemon(root, "--poll", "--poll-interval", "0.2")
+        d = daemon(root, "--poll", "--poll-interval", "0.2")
         try:
             writer = subprocess.run(
                 [

@@ -20,7 +20,17 @@ import pytest
 from dropbox_runner.engine import tinymodels
 from dropbox_runner.results.log import read_fed_mark
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, snapshot, wait_for, write_jsonl
+from helpers import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    models_yaml,
+    read_jsonl,
+    snapshot,
+    wait_for,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +62,9 @@ def vroot(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     # weights beside it, so that the folder passes the checks made before loading and vLLM itself refuses
     for weights in (models_dir / "tiny-llama").glob("*.safetensors"):
         (bad / weights.name).symlink_to(weights)
-    (root / "models.yaml").write_text(f"""
+    models_yaml(
+        root,
+        text=f"""
 settings: {{settle_seconds: 0.2, commit_interval_ms: 200, ray_address: local}}
 models:
   tiny-llama: {{path: {models_dir}/tiny-llama, engine_args: {ARGS}, defaults: {{temperature: 0}}}}
@@ -81,10 +93,14 @@ models:
     path: {models_dir}/minilm-ce
     task: score
     engine_args: {{dtype: float32, max_model_len: 256, gpu_memory_utilization: 0.05, enforce_eager: true}}
-""")
+""",
+    )
     shared = Shared(root, Daemon(root, env={"HF_HUB_OFFLINE": "1"}))
     yield shared
-    shared.daemon.kill(signal.SIGTERM)
+    try:
+        shared.daemon.kill(signal.SIGTERM)
+    finally:
+        shared.daemon.end()  # what it started goes with it, even if it did not stop in time
 
 
 class Shared:
@@ -239,7 +255,8 @@ def test_requests_the_model_cannot_take_fail_alone(vroot) -> None:
 def test_the_official_client_runs_a_batch_on_tiny_llama(vroot, tmp_path: Path) -> None:
     from openai import OpenAI
     from openai.types.chat import ChatCompletion
-    from test_api import Server
+
+    from servers import Server
 
     root = vroot.root
     server = Server(root)

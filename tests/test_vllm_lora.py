@@ -12,7 +12,7 @@ import pytest
 
 from dropbox_runner.engine import tinymodels
 
-from conftest import batch_json, chat_line, read_jsonl, run_once, write_jsonl
+from helpers import batch_json, chat_line, models_yaml, read_jsonl, run_once, write_jsonl
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_each_adapters_greedy_text_equals_vllms_own_lora_chat_and_a_refused_one_
         },
         **{name: {"base": "tiny-llama", "adapter": f"adapters/{name}"} for name in [*folders, "wide"]},
     }
-    (root / "models.yaml").write_text(json.dumps({"settings": {"settle_seconds": 0.2}, "models": models}))
+    models_yaml(root, text=json.dumps({"settings": {"settle_seconds": 0.2}, "models": models}))
     write_jsonl(root / "inbox/cmp.jsonl", [chat_line(i, q) for i, q in enumerate(QUESTIONS)])
     manifest = {"models": ["tiny-llama", "a1", "wide", "a2"]}
     (root / "inbox/cmp.manifest.json").write_text(json.dumps(manifest))

@@ -12,13 +12,13 @@ import types
 from pathlib import Path
 
 import pytest
-from test_parity import SECRET, Receiver
 
 from dropbox_runner.config import Webhook
 from dropbox_runner.layout import Layout
 from dropbox_runner.results import webhooks
 
-from conftest import wait_for
+from helpers import wait_for
+from servers import SECRET, Receiver
 
 OTHER_SECRET = "whsec_" + __import__("base64").b64encode(b"another secret, thirty-two bytes").decode()
 
