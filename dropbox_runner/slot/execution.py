@@ -48,7 +48,7 @@ class Execution(SlotFailures):
         self.next_choice: Choice | None = None  # the task that preempted: it starts next
         self.event_job: str | None = None  # whose event pump handles now: an error there is that job's
         self.back_since: dict[str, float] = {}  # queue key -> when it gave up its slot
-        self.solo: set[str] = set()  # tasks suspected by a crash while sharing: they run alone
+        self.solo: set[str] = set()  # tasks with a culprit hunt (failures.py): they run alone
         self.shared_crash: dict[str, int] = {}  # tasks in flight at the last crash while sharing
         self._io_error: str | None = None
 
@@ -183,7 +183,7 @@ class Execution(SlotFailures):
             commit_interval_ms=self.settings.commit_interval_ms,
             request_timeout_seconds=timeout,
             poison=task.poison,
-            isolate_until=task.isolate_until,
+            trials=self.hunt_parts(run),
             task_id=run.key,
             priority=spec.priority,
             group=run.group,
@@ -279,6 +279,8 @@ class Execution(SlotFailures):
             self._io_error = ev.message
         elif isinstance(ev, p.Progress):
             self._progress(run, ev)
+        elif isinstance(ev, p.Running):
+            self._hunt_part(run, ev)
         elif isinstance(ev, p.TaskDone):
             if ev.outcome == "failed":  # the engine refused the task's adapter: its tasks fail alone
                 self._fail_model(run.task.model, f"the adapter {run.task.model} cannot run here: {ev.error}")
