@@ -3,8 +3,8 @@ consecutive lines to the copies, appends the results they send back to the task'
 its marker. The daemon stays the one writer of state/; outputs are the same files as with one copy.
 
 Faults: a copy that dies gives its shard back (what it sent is kept, the rest runs again on another
-copy); a shard that kills two copies runs line by line, and a line that kills a copy alone fails
-with `engine_crash`.
+copy); a shard that kills two copies is halved (crashes.halves), and a line that kills a copy alone
+fails with `engine_crash`.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class ShardedRun:
             self.failed = f"copies of {self.task.model} keep dying while loading ({why})"
         if shard is not None:
             self._give_back(shard)
-        if self.deaths > MAX_COPY_DEATHS + len(self.task.poison):
+        if self.deaths > MAX_COPY_DEATHS + len(self.task.poison) + self.task.narrowings:
             self.failed = self.failed or f"copies of {self.task.model} died {self.deaths} times ({why})"
         if self.failed is None:
             self.copies[self.copies.index(copy)] = self._start_copy(copy.index)
@@ -270,7 +270,7 @@ class ShardedRun:
             self.copies.remove(copy)
 
     def _give_back(self, shard: Shard) -> None:
-        """A dead copy's shard: its missing lines run again; the culprit is hunted line by line."""
+        """A dead copy's shard: its missing lines run again; the culprit is hunted by halving."""
         done = self.log.done
         while shard.start < shard.end and done[shard.start]:
             shard.start += 1  # what the copy sent is kept: the shard resumes after it
@@ -281,12 +281,11 @@ class ShardedRun:
         if verdict == "poison":
             self._poison(shard.start)
         elif verdict == "split":
-            log.warning(
-                "lines %d-%d killed two copies; running them one at a time", shard.start, shard.end - 1
-            )
-            self.queue.extendleft(
-                reversed([Shard(i, i + 1, crashes=1) for i in range(shard.start, shard.end)])
-            )
+            log.warning("lines %d-%d killed two copies; halving them", shard.start, shard.end - 1)
+            self.task.narrowings += 1  # a death that narrows the hunt is not given up for
+            missing = [i for i in range(shard.start, shard.end) if not done[i]]
+            parts = [Shard(a, b + 1, crashes=1) for a, b in crashes.halves(missing)]
+            self.queue.extendleft(reversed(parts))
         else:
             self.queue.appendleft(shard)
 
