@@ -500,7 +500,7 @@ def test_events_split_over_many_reads_come_out_whole_and_in_order() -> None:
     data = big.encode() + small.encode() + big.encode()
     r, w = os.pipe()
     proc = object.__new__(ModelProcess)
-    proc._events, proc._buffer, proc._newline, proc.alone = (
+    proc._events, proc._buffer, proc._newline, proc.trials = (
         os.fdopen(r, "rb", buffering=0),
         bytearray(),
         False,
