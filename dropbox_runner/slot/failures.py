@@ -109,7 +109,8 @@ class SlotFailures:
         (self.solo.add if run.task.hunt else self.solo.discard)(run.key)
 
     def hunt_parts(self, run: SlotTask) -> list[list[int]]:
-        """The parts of the task's hunt for its model process to run alone in turn (see `_order`)."""
+        """The parts of the task's hunt for its model process to run alone in turn (see `_order`); a
+        task with a hunt is marked to run alone (`solo`)."""
         task = run.task
         if not task.hunt:
             return []
