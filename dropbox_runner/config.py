@@ -35,6 +35,7 @@ ECHO_ARGS = frozenset(
         "max_in_flight",
         "load_delay_ms",
         "crash_on",
+        "crash_in_step",
         "raise_on",
         "hang_on",
         "slow_on",

@@ -55,7 +55,7 @@ class TaskOrder:
     commit_interval_ms: int
     request_timeout_seconds: float | None = None
     poison: list[int] = field(default_factory=list)
-    isolate_until: int = -1
+    trials: list[list[int]] = field(default_factory=list)  # a culprit hunt's parts, run alone in turn
     shard: list[int] | None = None  # [start, end): run only these lines and send results back (copies)
     shard_at: list[int] | None = None  # offset, physical line and index of a line at or before the start
     task_id: str = ""  # names the task in every event about it (several tasks share one process)
@@ -120,10 +120,12 @@ class Resumed(Message):
 
 @dataclass(slots=True)
 class Running(Message):
-    """A line about to run alone while a crash culprit is hunted; None once no line runs alone."""
+    """A part of a culprit hunt about to run alone: the task's lines `index` to `last` without a
+    result (nothing else runs until they end); `index` None once the hunt is over."""
 
     index: int | None
     task_id: str = ""
+    last: int | None = None
 
 
 @dataclass(slots=True)

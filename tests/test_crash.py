@@ -158,5 +158,5 @@ def test_a_request_that_kills_the_model_twice_fails_alone(root: Path) -> None:
     assert out[17]["error"]["code"] == "engine_crash"
     assert all(x["response"]["status_code"] == 200 for i, x in enumerate(out) if i != 17)
     assert batch_json(root, "p")["request_counts"] == {"total": 60, "completed": 59, "failed": 1}
-    assert "running them one at a time" in proc.stderr
+    assert "halving them" in proc.stderr
     assert "line 17 of" in proc.stderr and "fails with engine_crash" in proc.stderr

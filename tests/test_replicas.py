@@ -74,12 +74,13 @@ def test_a_poison_line_with_copies_fails_alone(rroot: Path) -> None:
     lines = [chat_line(i) for i in range(400)]
     lines[123] = chat_line(123, "POISON here")
     write_jsonl(rroot / "inbox/repcrash/p.jsonl", lines)
-    run_once(rroot, timeout=120)
+    said = run_once(rroot, timeout=120).stderr
     out = read_jsonl(rroot / "outbox/p/repcrash.jsonl")
     failed = [i for i, x in enumerate(out) if x["response"] is None]
     assert (
         failed == [123] and out[123]["error"]["code"] == "engine_crash" and out[123]["custom_id"] == "q-123"
     )
+    assert "killed two copies; halving them" in said  # crashes.halves, as with one process
 
 
 def test_kill_9_of_the_daemon_takes_its_copies_and_the_restart_resumes(rroot: Path, daemon) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -397,14 +399,21 @@ def test_a_poison_line_among_three_sharing_tasks_fails_alone(root: Path) -> None
     lines = [chat_line(i) for i in range(60)]
     lines[30] = chat_line(30, text="POISON here")
     write_jsonl(root / "inbox/crashy/bad.jsonl", lines)
-    run_once(root, timeout=240)
+    said = run_once(root, timeout=240).stderr
     out = read_jsonl(root / "outbox/bad/crashy.jsonl")
     assert [x["custom_id"] for x in out] == [f"q-{i}" for i in range(60)]
     assert out[30]["error"]["code"] == "engine_crash"
     assert all(x["error"] is None for i, x in enumerate(out) if i != 30)
     for name in ("p1", "p2"):
         assert batch_json(root, name)["status"] == "completed"
-        assert task_record(root, name, "crashy")["crashes"] == 0
+        record = task_record(root, name, "crashy")
+        assert (record["crashes"], record["poison"], record["hunt"]) == (0, [], [])
+    bad = task_record(root, "bad", "crashy")
+    assert bad["poison"] == [30] and bad["hunt"] == []
+    # its lines were halved (task by task): up to 3 crashes before the hunt, then log2 of its suspects
+    found = re.search(rf"culprit hunt of {bad['job_id']}/crashy: (\d+) suspect lines", said)
+    assert found, said[-3000:]
+    assert said.count("loading crashy") <= 4 + math.ceil(math.log2(int(found.group(1)))), said[-3000:]
 
 
 def test_a_group_that_joins_late_starts_level_and_gets_no_burst() -> None:
@@ -486,7 +495,7 @@ def test_events_split_over_many_reads_come_out_whole_and_in_order() -> None:
     data = big.encode() + small.encode() + big.encode()
     r, w = os.pipe()
     proc = object.__new__(ModelProcess)
-    proc._events, proc._buffer, proc._newline, proc.alone = (
+    proc._events, proc._buffer, proc._newline, proc.trials = (
         os.fdopen(r, "rb", buffering=0),
         bytearray(),
         False,

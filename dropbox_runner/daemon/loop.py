@@ -114,6 +114,7 @@ class Daemon:
         """Finish interrupted claims; put tasks whose owner died back in line; republish."""
         self.claimer.finish_pending()
         self.jobs.recover()
+        self.execution.recover_hunts()
 
     def _shutdown(self) -> None:
         self.notifier.stopping()

@@ -85,6 +85,10 @@ class EchoEngine:
         # Test hooks that imitate engine faults: a request that kills the process (a CUDA fault, an
         # OOM kill), one that raises in the engine, one that hangs the engine.
         self.crash_on = engine_args.get("crash_on")
+        # ... when its turn comes in a step, with the rest of its window in flight (as a GPU fault)
+        self.crash_in_step = bool(engine_args.get("crash_in_step"))
+        self._deadly: set[int] = set()  # the requests due to crash the process in a step
+        self._poisoned = False
         self.raise_on = engine_args.get("raise_on")
         self.hang_on = engine_args.get("hang_on")
         self.slow_on = engine_args.get("slow_on")  # that request takes a minute
@@ -118,6 +122,7 @@ class EchoEngine:
         if model is not None and self.refuses(model):
             raise RuntimeError(self.refuses(model))
         check_task(req, self.task, self.model_name)
+        self._poisoned = False
         finished = self._answer(req, None if model == self.model_name else model)
         finished.tag = tag
         if self.gate_on and self.gate_on in _prompt_text(req):
@@ -126,6 +131,8 @@ class EchoEngine:
         self._seq += 1
         delay = 60.0 if self.slow_on and self.slow_on in _prompt_text(req) else self.delay
         heapq.heappush(self._due, (time.monotonic() + delay, self._seq, finished))
+        if self._poisoned:
+            self._deadly.add(self._seq)
 
     def _answer(self, req: Request, adapter: str | None) -> Finished:
         body = req.body
@@ -168,7 +175,9 @@ class EchoEngine:
 
     def _maybe_crash(self, text: str) -> None:
         if self.crash_on and self.crash_on in text:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._poisoned = True
+            if not self.crash_in_step:
+                os.kill(os.getpid(), signal.SIGKILL)
         if self.raise_on and self.raise_on in text:
             raise RuntimeError(f"echo engine: raise_on {self.raise_on!r} matched")
         if self.hang_on and self.hang_on in text:
@@ -192,7 +201,10 @@ class EchoEngine:
             now = time.monotonic()
         done = []
         while self._due and self._due[0][0] <= now:
-            done.append(heapq.heappop(self._due)[2])
+            _, seq, finished = heapq.heappop(self._due)
+            if seq in self._deadly:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done.append(finished)
         return done
 
     def abort(self, index: int, tag: str = "") -> None:

@@ -176,25 +176,14 @@ class Worker:
             if self.engine.in_flight >= window:
                 return
             self.staged.popleft()
-            if window == 1:
-                self.channel.send(p.Running(req.index, task.key))
             self._submit(task, req, ids)
 
     def _compose(self) -> bool:
         """Stage the next lines; False if none can be staged now."""
-        for task in self.tasks.values():
-            if not task.alone:
-                continue
-            req = task.peek()
-            if self.engine.in_flight:
-                return False  # the line run alone ends before any other starts
-            if req is None or req.index > task.order.isolate_until:
-                task.alone = False
-                self.channel.send(p.Running(None, task.key))
-                continue
-            self.fair.fed(task.share, req.index)
-            self.staged.append((task, task.take(), None, 1))
-            return True
+        hunter = next((t for t in self.tasks.values() if t.hunting), None)
+        staged = self._compose_part(hunter) if hunter is not None else None
+        if staged is not None:
+            return staged
         size = self.engine.capacity if self.group else 1
         batch = []
         while len(batch) < size:
@@ -210,6 +199,26 @@ class Worker:
             batch.sort(key=lambda item: window_order((item[0].share.priority, item[0].order.model, item[2])))
         self.staged.extend((task, req, ids, self.engine.capacity) for task, req, ids in batch)
         return bool(batch)
+
+    def _compose_part(self, task: TaskRun) -> bool | None:
+        """Stage the next line of the part of a culprit hunt the task runs: True if staged, False if
+        it must wait, None once the hunt is over.
+        While a task hunts no other line runs, and a part starts only when nothing is in flight, so a
+        crash during a part is that part's doing; a part that ended clean is committed first."""
+        while task.trial is None or task.peek() is None:
+            if self.engine.in_flight:
+                return False
+            if task.trial is not None:
+                self._commit(task)
+            part = task.next_part()
+            self.channel.send(p.Running(part and part[0], task.key, part and part[1]))
+            if part is None:
+                return None
+        req = task.take()
+        self.fair.fed(task.share, req.index)
+        ids = self.ahead.take(task.key, req.index) if self.ahead is not None else None
+        self.staged.append((task, req, ids, self.engine.capacity))
+        return True
 
     def _submit(self, task: TaskRun, req: Request, ids: list[list[int]] | None) -> None:
         task.log.fed(req.index)

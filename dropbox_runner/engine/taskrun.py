@@ -1,9 +1,11 @@
-"""One task in the model process: its lines (bad ones and known poison fail on the way), its log
-or a copy's shard sink, what it has in flight, and how a finished request becomes a result line.
+"""One task in the model process: its lines (bad ones and known poison fail on the way), the parts
+of a culprit hunt it runs alone, its log or a copy's shard sink, what it has in flight, and how a
+finished request becomes a result line.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 from dropbox_runner import protocol as p
@@ -31,7 +33,10 @@ class TaskRun:
         self.started: dict[int, tuple[float, str]] = {}  # timed requests in flight: start, custom_id
         self.in_flight: set[int] = set()
         self.outcome = "completed"
-        self.alone = order.isolate_until >= 0  # lines up to isolate_until run one at a time
+        self.trials = deque(order.trials)  # a culprit hunt's parts still to run: [first, last] lines
+        self.trial: list[int] | None = None  # the part running now: only its lines are given
+        self._part: deque[Request] = deque()  # its lines not yet taken
+        self._held: deque[Request] = deque()  # lines read past while hunting: they run after the hunt
         self._lines = None
         self._next: Request | None = None
         self.exhausted = False
@@ -48,18 +53,42 @@ class TaskRun:
         return p.Resumed(kept=recovery.kept, notes=recovery.notes, task_id=self.key)
 
     def peek(self) -> Request | None:
+        if self.trial is not None:
+            return self._part[0] if self._part else None
+        return self._held[0] if self._held else self._read()
+
+    def take(self) -> Request:
+        if self.trial is not None:
+            return self._part.popleft()
+        if self._held:
+            return self._held.popleft()
+        req, self._next = self._next, None
+        return req
+
+    def _read(self) -> Request | None:
         if self._next is None and not self.exhausted:
             self._next = next(self._lines, None)
             self.exhausted = self._next is None
         return self._next
 
-    def take(self) -> Request:
-        req, self._next = self._next, None
-        return req
+    @property
+    def hunting(self) -> bool:
+        return self.trial is not None or bool(self.trials)
+
+    def next_part(self) -> list[int] | None:
+        """Start the hunt's next part (None once none is left): until its lines are taken, they are
+        the only ones the task gives; lines read past on the way wait for the end of the hunt."""
+        self.trial = self.trials.popleft() if self.trials else None
+        if self.trial is not None:
+            first, last = self.trial
+            while (req := self._read()) is not None and req.index <= last:
+                self._next = None
+                (self._part if req.index >= first else self._held).append(req)
+        return self.trial
 
     @property
     def finished(self) -> bool:
-        return self.exhausted and not self.in_flight
+        return self.exhausted and not self.in_flight and not self.hunting and not self._held
 
     def progress(self) -> p.Progress:
         m = self.log.marker

@@ -101,7 +101,7 @@ class Jobs:
             outcome = task.ending  # the first of a cancel and an expiry decides, not the last
         if task.status != Status.FINALIZING:
             task.move(Status.FINALIZING)
-        task.outcome, task.isolate_until = outcome, -1
+        task.outcome, task.hunt = outcome, []
         task.error, task.error_code = error or task.error, code or task.error_code
         self.journal.save_task(task)  # a crash while publishing publishes again at the next start
         publish_task(self.journal, spec, task, outcome)
@@ -202,7 +202,8 @@ class Jobs:
                 log.info("retry %s/%s: %d failed lines will run again", spec.id, task.model, dropped)
                 task.move(Status.QUEUED)
                 task.retries = target
-                task.crashes, task.poison, task.isolate_until, task.suspect_until = 0, [], -1, -1
+                task.crashes, task.poison, task.hunt, task.suspect_until = 0, [], [], -1
+                task.narrowings = 0
                 task.error = task.error_code = task.outcome = task.completed_at = task.ending = None
                 self.journal.save_task(task)
             if task.status == Status.QUEUED:

@@ -63,7 +63,8 @@ class TaskRecord(BaseModel):
     crashes: int = 0
     poison: list[int] = Field(default_factory=list)
     suspect_until: int = -1  # lines up to this one were fed when the model process last crashed
-    isolate_until: int = -1  # after a crash: run lines one at a time up to this index, to find the culprit
+    hunt: list[int] = Field(default_factory=list)  # [first, last]: lines halved, alone, to find a culprit
+    narrowings: int = 0  # crashes that narrowed the hunt (they found part of the culprit: not given up for)
     retries: int = 0
     group: str | None = None  # its fair-share group, set when it first runs (section 12)
     preemptions: int = 0  # times the task gave up its slot (a higher priority, another group or model)

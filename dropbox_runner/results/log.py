@@ -284,6 +284,12 @@ def committed_records(path: Path) -> Iterator[Record]:
         yield r
 
 
+def missing_between(path: Path, first: int, last: int) -> list[int]:
+    """The line indexes from `first` to `last` without a committed result, in order."""
+    done = {r.index for r in committed_records(path) if first <= r.index <= last}
+    return [i for i in range(first, last + 1) if i not in done]
+
+
 def first_missing(path: Path) -> int:
     """The lowest line index without a committed result (the count if none is missing)."""
     seen = sorted(r.index for r in committed_records(path))

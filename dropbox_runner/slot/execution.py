@@ -45,7 +45,7 @@ class Execution(SlotFailures):
         self.next_choice: Choice | None = None  # the task that preempted: it starts next
         self.event_job: str | None = None  # whose event pump handles now: an error there is that job's
         self.back_since: dict[str, float] = {}  # queue key -> when it gave up its slot
-        self.solo: set[str] = set()  # tasks suspected by a crash while sharing: they run alone
+        self.solo: set[str] = set()  # tasks with a culprit hunt (failures.py): they run alone
         self.shared_crash: dict[str, int] = {}  # tasks in flight at the last crash while sharing
         self._io_error: str | None = None
 
@@ -100,7 +100,9 @@ class Execution(SlotFailures):
         if self.proc is None:
             self._load(serving)
         if self.proc is not None and run.key in self.running and not run.sent:
-            run.sent = self.proc.send(p.Run(run.order(self.journal, self.registry)))  # while it loads too
+            run.sent = self.proc.send(
+                p.Run(run.order(self.journal, self.registry, self.hunt_parts(run)))
+            )  # while it loads too
 
     def _load(self, model: str) -> None:
         try:
@@ -111,7 +113,7 @@ class Execution(SlotFailures):
         self.answers_for = {model, *config.lora_adapters}
         for run in self.running.values():  # tasks of a process that was reloaded (memory retry)
             if self.registry.base_of(run.task.model) == model and not run.sent:
-                run.sent = self.proc.send(p.Run(run.order(self.journal, self.registry)))
+                run.sent = self.proc.send(p.Run(run.order(self.journal, self.registry, self.hunt_parts(run))))
 
     def end_model(self, why: str) -> None:
         proc, self.proc = self.proc, None
@@ -198,6 +200,8 @@ class Execution(SlotFailures):
             self._io_error = ev.message
         elif isinstance(ev, p.Progress):
             self._progress(run, ev)
+        elif isinstance(ev, p.Running):
+            self._hunt_part(run, ev)
         elif isinstance(ev, p.TaskDone):
             if ev.outcome == "failed":  # the engine refused the task's adapter: its tasks fail alone
                 self._fail_model(run.task.model, f"the adapter {run.task.model} cannot run here: {ev.error}")

@@ -38,7 +38,7 @@ def start_message(layout: Layout, name: str, config: ModelConfig, event_fd: int)
 
 
 class ModelProcess:
-    """One model process. It owns what it reports: loaded, capacity, load time, the line running alone."""
+    """One model process. It owns what it reports: loaded, capacity, load time, the hunts' parts running."""
 
     def __init__(
         self, layout: Layout, name: str, config: ModelConfig, env: dict[str, str] | None = None
@@ -47,7 +47,7 @@ class ModelProcess:
         self.loaded = False
         self.load_seconds: float | None = None
         self.capacity = 0
-        self.alone: dict[str, int] = {}  # task id -> the line running by itself while a culprit is hunted
+        self.trials: dict[str, list[int]] = {}  # task id -> the part of its culprit hunt running alone
         self.started_at = time.monotonic()
         self.last_event_at = self.started_at
         read_fd, write_fd = os.pipe()
@@ -130,10 +130,10 @@ class ModelProcess:
     def _note(self, ev: p.Message) -> None:
         if isinstance(ev, p.Loaded):
             self.loaded, self.load_seconds, self.capacity = True, ev.load_seconds, ev.capacity
-        elif isinstance(ev, p.Running) and ev.index is None:
-            self.alone.pop(ev.task_id, None)
-        elif isinstance(ev, p.Running):
-            self.alone[ev.task_id] = ev.index
+        elif isinstance(ev, p.Running) and ev.index is not None:
+            self.trials[ev.task_id] = [ev.index, ev.index if ev.last is None else ev.last]
+        elif isinstance(ev, (p.Running, p.TaskDone)):
+            self.trials.pop(ev.task_id, None)
 
     def events(self, timeout: float) -> list[p.Message]:
         """Events that arrived within `timeout` seconds (none at EOF: check `alive`)."""

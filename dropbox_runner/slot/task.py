@@ -62,8 +62,9 @@ class SlotTask:
     def key(self) -> str:
         return f"{self.task.job_id}/{self.task.model}"
 
-    def order(self, journal: Journal, registry: Registry) -> p.TaskOrder:
-        """What the model process (or the copies) is sent to run this task."""
+    def order(self, journal: Journal, registry: Registry, trials: list[list[int]]) -> p.TaskOrder:
+        """What the model process (or the copies) is sent to run this task; `trials`: the parts of
+        its culprit hunt to run alone in turn (slot.failures.hunt_parts)."""
         task, spec, settings = self.task, self.spec, registry.settings
         model = adapters.effective_config(registry, task.model)
         return p.TaskOrder(
@@ -76,7 +77,7 @@ class SlotTask:
             commit_interval_ms=settings.commit_interval_ms,
             request_timeout_seconds=registry.request_timeout_seconds(task.model),
             poison=task.poison,
-            isolate_until=task.isolate_until,
+            trials=trials,
             task_id=self.key,
             priority=spec.priority,
             group=self.group,

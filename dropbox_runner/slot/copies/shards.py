@@ -5,7 +5,7 @@ slot (`pool.Copies`); a task only borrows them.
 
 Faults: a copy that dies gives its shards back (what it sent is kept, the rest runs again); a shard
 that was on a dead copy is a suspect and runs alone on a copy, so a second death is its own: a
-suspect of several lines runs line by line, and a line that kills a copy alone fails with
+suspect of several lines is halved (crashes.halves), and a line that kills a copy alone fails with
 `engine_crash`. Another task's line never fails a task.
 """
 
@@ -62,6 +62,7 @@ class ShardedTask:
         self.queue: deque[Shard] = deque()  # shards given back or cut off, leased before new ones
         self.poison = order.poison  # the task record's own list: a line found poison stays with it
         self.deaths = 0
+        self.narrowings = 0  # deaths that halved a suspect shard (not counted toward giving up)
         self.leaving: str | None = None  # why it ends (a TaskDone outcome), once no shard is out
         self.withdrawn = False  # the copies holding its shards were told to end them
         self.error: str | None = None
@@ -195,11 +196,11 @@ class ShardedTask:
         hunted among them; too many deaths and the task gives up."""
         self.deaths += 1
         self.give_back(shard)
-        if self.deaths > MAX_COPY_DEATHS + len(self.poison):
+        if self.deaths > MAX_COPY_DEATHS + len(self.poison) + self.narrowings:
             self.give_up(f"copies of {self.order.model} died {self.deaths} times with shards of {self.key}")
 
     def give_back(self, shard: Shard) -> None:
-        """A dead copy's shard: its missing lines run again; the culprit is hunted line by line."""
+        """A dead copy's shard: its missing lines run again; the culprit is hunted by halving."""
         if not self._skip_done(shard):  # what the copy sent is kept: the shard resumes after it
             return
         shard.crashes += 1
@@ -207,12 +208,11 @@ class ShardedTask:
         if verdict == "poison":
             self._poison(shard.start)
         elif verdict == "split":
-            log.warning(
-                "lines %d-%d killed two copies; running them one at a time", shard.start, shard.end - 1
-            )
-            self.queue.extendleft(
-                reversed([Shard(i, i + 1, crashes=1) for i in range(shard.start, shard.end)])
-            )
+            log.warning("lines %d-%d killed two copies; halving them", shard.start, shard.end - 1)
+            self.narrowings += 1  # a death that narrows the hunt is not given up for
+            done = self.log.done
+            missing = [i for i in range(shard.start, shard.end) if not done[i]]
+            self.queue.extendleft(reversed([Shard(a, b + 1, crashes=1) for a, b in crashes.halves(missing)]))
         else:
             self.queue.appendleft(shard)
 
