@@ -22,7 +22,7 @@ from dropbox_runner.api.store import Store, first_models, new_id
 from dropbox_runner.config import Registry
 from dropbox_runner.intake.manifest import expires_after_seconds, metadata_problem, window_seconds
 from dropbox_runner.intake.submit import submit_file
-from dropbox_runner.layout import Layout
+from dropbox_runner.layout import Layout, OutboxFolder
 from dropbox_runner.lines.fields import quote
 from dropbox_runner.queue import catalog
 from dropbox_runner.status import view as status_view
@@ -86,11 +86,11 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
         record = store.batch(batch_id) if kind in ("out", "err") else None
         if record is None:
             return None
-        suffix = ".jsonl" if kind == "out" else ".errors.jsonl"
         b = store.batch_json(record)
         if b is None or not b.get("output_folder"):  # not taken yet, or removed by retention
             return None
-        path = layout.outbox / b["output_folder"] / f"{record['model']}{suffix}"
+        published = layout.outbox_folder(b["output_folder"])
+        path = (published.output if kind == "out" else published.errors)(record["model"])
         if not path.exists():
             return None
         st = path.stat()
@@ -142,7 +142,7 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             status = "cancelling"
         done_at = (m or {}).get("completed_at") or (b or {}).get("failed_at")
         folder = (b or {}).get("output_folder")
-        has = lambda suffix: bool(folder) and (layout.outbox / folder / f"{model}{suffix}").exists()  # noqa: E731
+        has = lambda file: bool(folder) and file(layout.outbox_folder(folder), model).exists()  # noqa: E731
         errors = (b or {}).get("errors")
         used = (m or {}).get("usage") or {}
         prompt, completion = used.get("prompt_tokens", 0), used.get("completion_tokens", 0)
@@ -162,8 +162,8 @@ def create_app(layout: Layout, registry: Registry, *, api_key: str | None = None
             "expires_at": (b or {}).get("expires_at"),
             "expired_at": (b or {}).get("expired_at") if status == "expired" else None,
             "cancelling_at": None,
-            "output_file_id": f"file-out-{record['id']}" if has(".jsonl") else None,
-            "error_file_id": f"file-err-{record['id']}" if has(".errors.jsonl") else None,
+            "output_file_id": f"file-out-{record['id']}" if has(OutboxFolder.output) else None,
+            "error_file_id": f"file-err-{record['id']}" if has(OutboxFolder.errors) else None,
             "request_counts": counts,
             "usage": {
                 "input_tokens": prompt,

@@ -35,8 +35,8 @@ def safe_filename(name: str | None) -> str:
 class Store:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.files = layout.state / "api" / "files"
-        self.batches = layout.state / "api" / "batches"
+        self.files = layout.api_files
+        self.batches = layout.api_batches
         self.files.mkdir(parents=True, exist_ok=True)
         self.batches.mkdir(parents=True, exist_ok=True)
 
@@ -102,7 +102,7 @@ class Store:
         if isinstance(record.get("final"), dict):
             return record["final"]
         return (
-            read_json_or_none(self.layout.outbox / record["outbox"] / "batch.json")
+            read_json_or_none(self.layout.outbox_folder(record["outbox"]).batch)
             if record.get("outbox")
             else None
         )
@@ -112,7 +112,7 @@ def retire(layout: Layout, metadata: dict[str, Any], final: dict[str, Any]) -> N
     """Retention removes a job: its API batches keep its final batch.json (outputs gone), and the
     uploaded input goes once no batch still running needs it."""
     ids = metadata.get("api_batches")
-    batches = layout.state / "api" / "batches"
+    batches = layout.api_batches
     if not isinstance(ids, str) or not batches.is_dir():
         return
     store = Store(layout)

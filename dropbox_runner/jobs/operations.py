@@ -188,7 +188,7 @@ class Jobs:
         return marker is None or marker.failed > 0 or marker.count < spec.total
 
     def _retry_intent(self, job_id: str) -> Path:
-        return self.layout.jobs / job_id / "retry.json"
+        return self.layout.active_job(job_id).retry
 
     def _apply_retry(self, spec: JobSpec, again: dict[str, int]) -> None:
         """Each step idempotent: a task already at its new retry count is not re-queued twice."""
@@ -239,14 +239,14 @@ class Jobs:
 
     def quarantine(self, job_id: str, reason: str) -> None:
         """Move a job's folder to state/quarantine/<id>/ with reason.txt; it is never replayed."""
-        target = self.layout.quarantine / job_id
-        target.mkdir(parents=True, exist_ok=True)
-        folder = self.layout.jobs / job_id
+        target = self.layout.quarantined_job(job_id)
+        target.path.mkdir(parents=True, exist_ok=True)
+        folder = self.layout.active_job(job_id).path
         if folder.is_dir():
             for entry in os.listdir(folder):
-                os.replace(folder / entry, target / entry)
+                os.replace(folder / entry, target.path / entry)
             shutil.rmtree(folder, ignore_errors=True)
-        write_atomic(target / "reason.txt", reason.encode("utf-8", "replace") + b"\n")
+        write_atomic(target.reason, reason.encode("utf-8", "replace") + b"\n")
         for key, queued_job, _ in self.journal.queued():
             if queued_job == job_id:
                 (self.layout.queue / key).unlink(missing_ok=True)
@@ -270,7 +270,7 @@ class Jobs:
                     raise
                 self.failed_internal(job_id, f"recovery at start failed: {exc}")
         for key, job_id, model in self.journal.queued():
-            if not (self.layout.jobs / job_id / f"{model}.task.json").exists():
+            if not self.layout.active_job(job_id).task(model).exists():
                 (self.layout.queue / key).unlink(missing_ok=True)
 
     def _recover_job(self, job_id: str, queued_keys: set[str]) -> None:
@@ -305,9 +305,7 @@ class Jobs:
 
 # -- requests from the CLI and the API ---------------------------------------------------------------
 def request(journal: Journal, op: str, job_id: str) -> None:
-    write_json(
-        journal.layout.control / f"{op}-{job_id}.json", {"op": op, "job_id": job_id, "at": time.time()}
-    )
+    write_json(journal.layout.control_request(op, job_id), {"op": op, "job_id": job_id, "at": time.time()})
 
 
 def operate(journal: Journal, spec: JobSpec, op: str) -> tuple[bool, list[str]]:

@@ -92,13 +92,13 @@ class Journal:
         return self.layout.job_dir(job_id)
 
     def input_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "input.jsonl"
+        return self.layout.job(job_id).input
 
     def log_path(self, job_id: str, model: str) -> Path:
-        return self.job_dir(job_id) / f"{model}.log"
+        return self.layout.job(job_id).log(model)
 
     def spec(self, job_id: str) -> JobSpec:
-        return JobSpec.model_validate(read_json(self.job_dir(job_id) / "spec.json"))
+        return JobSpec.model_validate(read_json(self.layout.job(job_id).spec))
 
     def create(self, spec: JobSpec) -> list[TaskRecord]:
         """Write the spec and every task record, then the queue entries: the job is queued."""
@@ -118,14 +118,14 @@ class Journal:
         return tasks
 
     def make_dir(self, job_id: str) -> Path:
-        d = self.layout.jobs / job_id
+        d = self.layout.active_job(job_id).path
         if not d.is_dir():
             d.mkdir()
             fsync_dir(self.layout.jobs)
         return d
 
     def save_spec(self, spec: JobSpec) -> None:
-        write_json(self.job_dir(spec.id) / "spec.json", spec.model_dump())
+        write_json(self.layout.job(spec.id).spec, spec.model_dump())
 
     def find(self, ref: str) -> JobSpec:
         """A job by id, by outbox folder name or by drop name (the newest of that name)."""
@@ -135,24 +135,24 @@ class Journal:
         return self.spec(job_id)
 
     def archive(self, job_id: str) -> None:
-        self._move(job_id, self.layout.jobs, self.layout.archive)
+        self._move(self.layout.active_job(job_id).path, self.layout.archived_job(job_id).path)
 
     def unarchive(self, job_id: str) -> None:
-        self._move(job_id, self.layout.archive, self.layout.jobs)
+        self._move(self.layout.archived_job(job_id).path, self.layout.active_job(job_id).path)
 
     @staticmethod
-    def _move(job_id: str, src: Path, dst: Path) -> None:
-        if (src / job_id).exists():
-            os.replace(src / job_id, dst / job_id)
-            fsync_dir(src)
-            fsync_dir(dst)
+    def _move(src: Path, dst: Path) -> None:
+        if src.exists():
+            os.replace(src, dst)
+            fsync_dir(src.parent)
+            fsync_dir(dst.parent)
 
     def forget(self, job_id: str) -> None:
-        shutil.rmtree(self.layout.jobs / job_id, ignore_errors=True)
+        shutil.rmtree(self.layout.active_job(job_id).path, ignore_errors=True)
 
     # -- tasks --------------------------------------------------------------------------------------
     def task_path(self, job_id: str, model: str) -> Path:
-        return self.job_dir(job_id) / f"{model}.task.json"
+        return self.layout.job(job_id).task(model)
 
     def task(self, job_id: str, model: str) -> TaskRecord:
         return TaskRecord.model_validate(read_json(self.task_path(job_id, model)))

@@ -120,7 +120,7 @@ def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -
 
 
 def write_document(journal: Journal, spec: JobSpec, document: dict[str, Any]) -> dict[str, Any]:
-    out_dir = journal.layout.outbox / spec.outbox
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "batch.json", document)
+    out_dir = journal.layout.outbox_folder(spec.outbox)
+    out_dir.path.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir.batch, document)
     return document
