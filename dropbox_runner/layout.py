@@ -101,10 +101,20 @@ class OutboxFolder:
         return self.path / "compare.jsonl"
 
     def output(self, model: str) -> Path:
-        return self.path / f"{model}.jsonl"
+        return self.path / self.output_name(model)
 
     def errors(self, model: str) -> Path:
-        return self.path / f"{model}.errors.jsonl"
+        return self.path / self.errors_name(model)
+
+    @staticmethod
+    def output_name(model: str) -> str:
+        """Every line's result, in input order (the name batch.json and status show)."""
+        return f"{model}.jsonl"
+
+    @staticmethod
+    def errors_name(model: str) -> str:
+        """The failed lines alone, present only when some line failed."""
+        return f"{model}.errors.jsonl"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from dropbox_runner.fsutil import write_json
+from dropbox_runner.layout import OutboxFolder
 from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.queue.lifecycle import Status, job_status
 from dropbox_runner.results.log import Marker, read_marker
@@ -24,8 +25,8 @@ def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[
     return {
         "status": task.status.value,
         "request_counts": {"total": spec.total, "completed": row["succeeded"], "failed": row["failed"]},
-        "output_file": f"{task.model}.jsonl",
-        "error_file": f"{task.model}.errors.jsonl",
+        "output_file": OutboxFolder.output_name(task.model),
+        "error_file": OutboxFolder.errors_name(task.model),
         "usage": usage_block(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"]),
         "tokens_per_second": row["tokens_per_second"],
         "load_seconds": task.load_seconds,
