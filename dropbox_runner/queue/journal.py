@@ -19,9 +19,8 @@ from dropbox_runner.errors import JobNotFound
 from dropbox_runner.fsutil import fsync_dir, read_json, write_json
 from dropbox_runner.layout import Layout
 from dropbox_runner.queue import catalog
+from dropbox_runner.queue.keys import BadQueueKey, QueueKey
 from dropbox_runner.queue.lifecycle import Status, transition
-
-PRIORITY_SPAN = 500_000
 
 
 class JobSpec(BaseModel):
@@ -79,8 +78,7 @@ def new_job_id() -> str:
 
 
 def queue_key(priority: int, created_ns: int, job_id: str, model: str) -> str:
-    rank = min(max(PRIORITY_SPAN - priority, 0), 2 * PRIORITY_SPAN)
-    return f"{rank:07d}-{created_ns:020d}-{job_id}-{model}"
+    return str(QueueKey.of(priority, created_ns, job_id, model))
 
 
 class Journal:
@@ -164,24 +162,26 @@ class Journal:
         write_json(self.task_path(task.job_id, task.model), task.model_dump(mode="json"))
 
     def enqueue(self, task: TaskRecord) -> None:
-        write_json(self.layout.queue / task.queue_key, {"job_id": task.job_id, "model": task.model})
+        write_json(self.layout.queue_entry(task.queue_key), {"job_id": task.job_id, "model": task.model})
 
     def dequeue(self, task: TaskRecord) -> None:
         try:
-            (self.layout.queue / task.queue_key).unlink()
+            self.layout.queue_entry(task.queue_key).unlink()
             fsync_dir(self.layout.queue)
         except FileNotFoundError:
             pass
 
     def queued(self) -> list[tuple[str, str, str]]:
-        """(queue key, job id, model) of every queue entry, in queue order."""
+        """(queue key, job id, model) of every queue entry, in queue order; names that are no
+        queue key (a stray file) are not entries."""
         out = []
         for key in sorted(os.listdir(self.layout.queue)):
             if key.startswith("."):
                 continue
             try:
-                entry = read_json(self.layout.queue / key)
-            except (FileNotFoundError, ValueError):
+                QueueKey.parse(key)
+                entry = read_json(self.layout.queue_entry(key))
+            except (FileNotFoundError, BadQueueKey, ValueError):
                 continue
             out.append((key, entry["job_id"], entry["model"]))
         return out

@@ -14,6 +14,7 @@ from typing import Any
 from dropbox_runner.fsutil import read_json_or_none, write_json
 from dropbox_runner.layout import Layout, OutboxFolder
 from dropbox_runner.queue import catalog
+from dropbox_runner.queue.keys import QueueKey
 from dropbox_runner.queue.lifecycle import Status, job_status
 from dropbox_runner.status.history import read_history, recent_rates
 
@@ -256,7 +257,7 @@ def queue_view(layout: Layout, now: float) -> list[dict[str, Any]]:
         if job_id not in names:
             names[job_id] = read_json_or_none(layout.job(job_id).spec)
         spec = names[job_id] or {}
-        queued_at = int(key.split("-", 2)[1]) / 1e9
+        queued_at = QueueKey.parse(key).queued_at
         out.append(
             {
                 "job_id": job_id,

@@ -1,0 +1,121 @@
+"""The file vocabulary in one place (issue 21 item 3): queue keys formatted and parsed by QueueKey
+alone, and the names of the root's files spelled by Layout alone."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dropbox_runner
+from dropbox_runner.config import MODEL_NAME_RE
+from dropbox_runner.intake.manifest import PRIORITY_LIMIT
+from dropbox_runner.layout import Layout
+from dropbox_runner.queue import scheduler
+from dropbox_runner.queue.journal import JobSpec, Journal, new_job_id, queue_key
+from dropbox_runner.queue.keys import MAX_RANK, BadQueueKey, QueueKey
+
+# Any model name models.yaml accepts, and any job id new_job_id makes (and others without - or /).
+models = st.from_regex(MODEL_NAME_RE, fullmatch=True)
+job_ids = st.one_of(
+    st.from_regex(r"batch_[0-9a-f]{1,40}", fullmatch=True),
+    st.text(st.characters(blacklist_characters="-/", blacklist_categories=("Cs",)), min_size=1),
+)
+priorities = st.integers(-(10**9), 10**9)
+created = st.integers(0, 10**20 - 1)
+
+
+@given(priorities, created, job_ids, models)
+def test_a_key_round_trips(priority: int, created_ns: int, job_id: str, model: str) -> None:
+    key = QueueKey.of(priority, created_ns, job_id, model)
+    text = str(key)
+    assert QueueKey.parse(text) == key
+    assert str(QueueKey.parse(text)) == text
+    assert text == queue_key(priority, created_ns, job_id, model)  # the journal writes this form
+    assert scheduler.rank(text) == key.rank and scheduler.queued_at(text) == created_ns / 1e9
+    assert 0 <= key.rank <= MAX_RANK
+
+
+limits = st.integers(-PRIORITY_LIMIT, PRIORITY_LIMIT)
+
+
+@given(limits, limits, st.integers(0, 10**20 - 2), models)
+def test_lexical_order_is_queue_order(p1: int, p2: int, created_ns: int, model: str) -> None:
+    """A higher priority sorts first; at equal priority, the earlier arrival."""
+    job = new_job_id()
+    a, b = str(QueueKey.of(p1, created_ns, job, model)), str(QueueKey.of(p2, created_ns + 1, job, model))
+    assert (a < b) == (p1 >= p2)
+
+
+@given(st.text())
+def test_any_name_parses_exactly_or_is_refused(text: str) -> None:
+    """A stray file in state/queue/ is no key: parse refuses it; a name it accepts formats back."""
+    try:
+        key = QueueKey.parse(text)
+    except BadQueueKey:
+        return
+    assert str(key) == text
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "notes.txt",
+        "0500000-00000000000000000001-batch_a",  # no model
+        "500000-00000000000000000001-batch_a-echo",  # rank of 6 digits
+        "0500000-1-batch_a-echo",
+        "٠٥٠٠٠٠٠-00000000000000000001-batch_a-echo",  # digits, but not ASCII ones
+        "9999999-00000000000000000001-batch_a-echo",  # rank past 2 * PRIORITY_SPAN
+        "0500000-00000000000000000001--echo",  # empty job id
+        "0500000-00000000000000000001-batch_a-",  # empty model
+        "0500000-00000000000000000001-batch_a-a/b",
+    ],
+)
+def test_hostile_names_are_refused(name: str) -> None:
+    with pytest.raises(BadQueueKey):
+        QueueKey.parse(name)
+
+
+@pytest.mark.parametrize(
+    "job_id, model", [("batch-1", "echo"), ("a/b", "echo"), ("", "echo"), ("batch_1", "")]
+)
+def test_a_key_that_would_not_parse_is_not_made(job_id: str, model: str) -> None:
+    with pytest.raises(BadQueueKey):
+        QueueKey.of(0, 1, job_id, model)
+
+
+def test_a_model_with_dashes_keeps_them() -> None:
+    key = QueueKey.parse(str(QueueKey.of(3, 12, "batch_ab", "tiny-llama-2.q4")))
+    assert (key.job_id, key.model, key.rank) == ("batch_ab", "tiny-llama-2.q4", 500_000 - 3)
+
+
+def test_a_stray_file_in_the_queue_is_not_an_entry(tmp_path: Path) -> None:
+    """Before QueueKey, a JSON file of another name was an entry, and the scheduler failed on its name."""
+    layout = Layout(tmp_path)
+    layout.make(["echo"])
+    journal = Journal(layout)
+    spec = JobSpec(
+        id=new_job_id(), name="a", outbox="a", source="a.jsonl", models=["echo"], created_at=time.time()
+    )
+    (task,) = journal.create(spec)
+    (layout.queue / "notes").write_text('{"job_id": "x", "model": "echo"}')
+    assert journal.queued() == [(task.queue_key, spec.id, "echo")]
+
+
+def _package_sources() -> list[tuple[Path, str]]:
+    package = Path(dropbox_runner.__file__).parent
+    return [
+        (p, p.read_text(encoding="utf-8")) for p in sorted(package.rglob("*.py")) if p.name != "layout.py"
+    ]
+
+
+def test_only_queue_keys_parse_queue_keys() -> None:
+    """Nobody splits a key by hand: no `key.split("-"` anywhere but in QueueKey."""
+    by_hand = re.compile(r"""key\w*(\[\d\])?\.(r?split|partition)\(["']-""")
+    found = [f"{p.name}: {m.group(0)}" for p, text in _package_sources() for m in by_hand.finditer(text)]
+    assert found == []
