@@ -119,3 +119,33 @@ def test_only_queue_keys_parse_queue_keys() -> None:
     by_hand = re.compile(r"""key\w*(\[\d\])?\.(r?split|partition)\(["']-""")
     found = [f"{p.name}: {m.group(0)}" for p, text in _package_sources() for m in by_hand.finditer(text)]
     assert found == []
+
+
+def test_dequeues_go_through_the_journal(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.make(["echo"])
+    journal = Journal(layout)
+    specs = [
+        JobSpec(
+            id=new_job_id(), name=n, outbox=n, source=f"{n}.jsonl", models=["echo"], created_at=time.time()
+        )
+        for n in ("a", "b")
+    ]
+    (a,), (b,) = (journal.create(s) for s in specs)
+    assert not journal.dequeue_if_stale(a.queue_key, a.job_id, a.model)  # its record is there: kept
+    journal.forget(a.job_id)
+    assert journal.dequeue_if_stale(a.queue_key, a.job_id, a.model)
+    assert [k for k, _, _ in journal.queued()] == [b.queue_key]
+    journal.dequeue_job(b.job_id)
+    assert journal.queued() == [] and not any(layout.queue.iterdir())
+
+
+def test_no_module_but_the_journal_removes_a_queue_entry() -> None:
+    removes = [
+        f"{p.name}: {line.strip()}"
+        for p, text in _package_sources()
+        if p.name != "journal.py"
+        for line in text.splitlines()
+        if "queue" in line and ("unlink(" in line or "os.remove(" in line)
+    ]
+    assert removes == []

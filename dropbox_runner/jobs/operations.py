@@ -247,9 +247,7 @@ class Jobs:
                 os.replace(folder / entry, target.path / entry)
             shutil.rmtree(folder, ignore_errors=True)
         write_atomic(target.reason, reason.encode("utf-8", "replace") + b"\n")
-        for key, queued_job, _ in self.journal.queued():
-            if queued_job == job_id:
-                (self.layout.queue / key).unlink(missing_ok=True)
+        self.journal.dequeue_job(job_id)
         fsync_dir(self.layout.quarantine)
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
@@ -270,8 +268,7 @@ class Jobs:
                     raise
                 self.failed_internal(job_id, f"recovery at start failed: {exc}")
         for key, job_id, model in self.journal.queued():
-            if not self.layout.active_job(job_id).task(model).exists():
-                (self.layout.queue / key).unlink(missing_ok=True)
+            self.journal.dequeue_if_stale(key, job_id, model)
 
     def _recover_job(self, job_id: str, queued_keys: set[str]) -> None:
         spec = self.journal.spec(job_id)

@@ -161,15 +161,33 @@ class Journal:
     def save_task(self, task: TaskRecord) -> None:
         write_json(self.task_path(task.job_id, task.model), task.model_dump(mode="json"))
 
+    # -- queue entries: only these methods write or remove them -----------------------------------
     def enqueue(self, task: TaskRecord) -> None:
         write_json(self.layout.queue_entry(task.queue_key), {"job_id": task.job_id, "model": task.model})
 
     def dequeue(self, task: TaskRecord) -> None:
+        self.dequeue_key(task.queue_key)
+
+    def dequeue_key(self, key: str) -> None:
+        """Remove one queue entry (gone already: nothing to do)."""
         try:
-            self.layout.queue_entry(task.queue_key).unlink()
+            self.layout.queue_entry(key).unlink()
             fsync_dir(self.layout.queue)
         except FileNotFoundError:
             pass
+
+    def dequeue_job(self, job_id: str) -> None:
+        """Remove every queue entry of a job (one set aside in quarantine)."""
+        for key, queued_job, _ in self.queued():
+            if queued_job == job_id:
+                self.dequeue_key(key)
+
+    def dequeue_if_stale(self, key: str, job_id: str, model: str) -> bool:
+        """Remove an entry whose task record is gone from the active jobs; True if it was."""
+        if self.layout.active_job(job_id).task(model).exists():
+            return False
+        self.dequeue_key(key)
+        return True
 
     def queued(self) -> list[tuple[str, str, str]]:
         """(queue key, job id, model) of every queue entry, in queue order; names that are no
