@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 import dropbox_runner
 from dropbox_runner.config import MODEL_NAME_RE
 from dropbox_runner.intake.manifest import PRIORITY_LIMIT
+from dropbox_runner.jobs import operations
+from dropbox_runner.jobs.operations import Jobs
 from dropbox_runner.layout import Layout
-from dropbox_runner.queue import scheduler
-from dropbox_runner.queue.journal import JobSpec, Journal, new_job_id, queue_key
+from dropbox_runner.queue import catalog, scheduler
+from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord, new_job_id, queue_key
 from dropbox_runner.queue.keys import MAX_RANK, BadQueueKey, QueueKey
+from dropbox_runner.queue.lifecycle import BadTransition, Status
 
 # Any model name models.yaml accepts, and any job id new_job_id makes (and others without - or /).
 models = st.from_regex(MODEL_NAME_RE, fullmatch=True)
@@ -149,3 +152,44 @@ def test_no_module_but_the_journal_removes_a_queue_entry() -> None:
         if "queue" in line and ("unlink(" in line or "os.remove(" in line)
     ]
     assert removes == []
+
+
+def test_an_illegal_transition_is_refused() -> None:
+    task = TaskRecord(job_id="batch_1", model="echo", queue_key=str(QueueKey.of(0, 1, "batch_1", "echo")))
+    with pytest.raises(BadTransition):
+        task.status = Status.COMPLETED  # queued -> completed skips finalizing: even a plain assignment
+    with pytest.raises(BadTransition):
+        task.move(Status.FAILED)
+    assert task.status == Status.QUEUED
+    task.move(Status.IN_PROGRESS)
+    task.status = Status.FINALIZING  # a legal one, assigned
+    task.move(Status.FAILED)
+    assert task.status == Status.FAILED
+    assert TaskRecord.model_validate(task.model_dump(mode="json")).status == Status.FAILED  # read back as is
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_a_task_whose_publishing_fails_ends_failed_through_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: bool
+) -> None:
+    """The job boundary's last resort (publishing itself fails) used to set `task.status` directly."""
+    layout = Layout(tmp_path)
+    layout.make(["echo"])
+    journal = Journal(layout)
+    spec = JobSpec(
+        id=new_job_id(), name="p", outbox="p", source="p.jsonl", models=["echo"], created_at=time.time()
+    )
+    (task,) = journal.create(spec)
+    jobs = Jobs(journal, hooks=[])
+    if running:
+        jobs.started(spec, task)
+
+    def cannot_publish(*_: object) -> None:
+        raise OSError("the outbox is gone")
+
+    monkeypatch.setattr(operations, "publish_task", cannot_publish)
+    jobs.failed_internal(spec.id, "boom")
+    ended = journal.task(spec.id, "echo")
+    assert (ended.status, ended.error, ended.error_code) == (Status.FAILED, "boom", "internal_error")
+    assert catalog.quarantined(layout) == [] and journal.queued() == []
+    assert layout.archived_job(spec.id).task("echo").exists()  # the job ended and moved to the archive

@@ -232,7 +232,10 @@ class Jobs:
             self._finalize(spec, task, Status.FAILED, message, INTERNAL_ERROR)
         except Exception:  # publishing is what fails: the status still ends failed
             log.exception("publishing %s/%s failed", spec.id, task.model)
-            task.status, task.error, task.error_code = Status.FAILED, message, INTERNAL_ERROR
+            if not task.status.final:  # queued or running: through finalizing, as the table says
+                task.move(Status.FINALIZING)
+            task.move(Status.FAILED)
+            task.error, task.error_code = message, INTERNAL_ERROR
             task.completed_at = time.time()
             self.journal.save_task(task)
             self.journal.dequeue(task)

@@ -70,7 +70,14 @@ class TaskRecord(BaseModel):
     ending: Status | None = None  # cancelled or expired, once asked while it ran: the first one asked
 
     def move(self, status: Status) -> None:
-        self.status = transition(self.status, status)
+        self.status = status
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every change of `status` goes through the transition table; an illegal one raises
+        BadTransition (reading a record from disk does not pass here)."""
+        if name == "status":
+            value = transition(self.status, Status(value))
+        super().__setattr__(name, value)
 
 
 def new_job_id() -> str:
