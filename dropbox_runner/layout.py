@@ -185,6 +185,22 @@ class Layout:
     def api_batches(self) -> Path:
         return self.state / "api" / "batches"
 
+    def api_upload(self, file_id: str) -> Path:
+        """An uploaded file's lines; `api_upload_meta` is its OpenAI file object."""
+        return self.api_files / f"{file_id}.jsonl"
+
+    def api_upload_meta(self, file_id: str) -> Path:
+        return self.api_files / f"{file_id}.json"
+
+    def api_batch(self, batch_id: str) -> Path:
+        """An API batch's record (its job, model and the final batch.json once retention ran)."""
+        return self.api_batches / f"{batch_id}.json"
+
+    @property
+    def embedded_models(self) -> Path:
+        """Where the models this package builds on first use live (models/tiny-llama, ...)."""
+        return self.root / "models"
+
     @property
     def history(self) -> Path:
         return self.state / "history.json"

@@ -193,3 +193,49 @@ def test_a_task_whose_publishing_fails_ends_failed_through_the_table(
     assert (ended.status, ended.error, ended.error_code) == (Status.FAILED, "boom", "internal_error")
     assert catalog.quarantined(layout) == [] and journal.queued() == []
     assert layout.archived_job(spec.id).task("echo").exists()  # the job ended and moved to the archive
+
+
+# The names of the root's files, as a module would spell them to build a path of its own.
+FILE_NAMES = re.compile(
+    r"""\.task\.json"""
+    r"""|["'](spec\.json|input\.jsonl|retry\.json|reason\.txt|batch\.json|history\.json|compare\.jsonl)["']"""
+    r"""|\.(marker|fed|log|errors\.jsonl)["']"""
+    r"""|/\s*["'](state|inbox|outbox|jobs|archive|queue|claims|control|dedupe|quarantine|webhooks|api|models)["']"""
+)
+
+
+def test_no_module_but_layout_spells_the_roots_file_names() -> None:
+    """`{model}.task.json` and its kin are built in layout.py alone (they were in five modules)."""
+    found = [f"{p.name}: {m.group(0)}" for p, text in _package_sources() for m in FILE_NAMES.finditer(text)]
+    assert found == []
+
+
+def test_the_layout_spells_what_the_files_were_named() -> None:
+    """The names on disk stay as they were: a root written before this change reads the same."""
+    layout = Layout(Path("/r"))
+    job = layout.job("batch_1")
+    assert job.path == Path("/r/state/archive/batch_1")  # neither active nor archived: the archive
+    assert [job.spec.name, job.input.name, job.retry.name, job.reason.name] == [
+        "spec.json",
+        "input.jsonl",
+        "retry.json",
+        "reason.txt",
+    ]
+    assert [job.task("m-1").name, job.log("m-1").name, job.marker("m-1").name] == [
+        "m-1.task.json",
+        "m-1.log",
+        "m-1.marker",
+    ]
+    out = layout.outbox_folder("a.2")
+    assert [out.batch, out.output("m"), out.errors("m"), out.compare] == [
+        Path("/r/outbox/a.2") / n for n in ("batch.json", "m.jsonl", "m.errors.jsonl", "compare.jsonl")
+    ]
+    assert layout.queue_entry("k") == Path("/r/state/queue/k")
+    assert layout.claim("batch_1") == Path("/r/state/claims/batch_1.json")
+    assert layout.control_request("cancel", "batch_1") == Path("/r/state/control/cancel-batch_1.json")
+    assert layout.dedupe_entry("d") == Path("/r/state/dedupe/d.json")
+    assert layout.webhook_event("evt_1") == Path("/r/state/webhooks/evt_1.json")
+    assert layout.api_upload("file-1") == Path("/r/state/api/files/file-1.jsonl")
+    assert layout.api_batch("batch_a") == Path("/r/state/api/batches/batch_a.json")
+    assert layout.history == Path("/r/state/history.json")
+    assert layout.output_expiry_flag == Path("/r/state/output-expiry-used")

@@ -45,7 +45,7 @@ class Store:
         """Stream an upload to disk; raises ValueError('too large') past `limit` bytes."""
         file_id = new_id("file")
         size = 0
-        with staged(self.files / f"{file_id}.jsonl") as f:
+        with staged(self.layout.api_upload(file_id)) as f:
             for chunk in chunks:
                 size += len(chunk)
                 if size > limit:
@@ -60,16 +60,16 @@ class Store:
             "purpose": purpose,
             "status": "processed",
         }
-        write_json(self.files / f"{file_id}.json", meta)
+        write_json(self.layout.api_upload_meta(file_id), meta)
         return meta
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
         if not SAFE_NAME.sub("", file_id) == file_id or not file_id.startswith("file-"):
             return None
-        return read_json_or_none(self.files / f"{file_id}.json")
+        return read_json_or_none(self.layout.api_upload_meta(file_id))
 
     def file_path(self, file_id: str) -> Path:
-        return self.files / f"{file_id}.jsonl"
+        return self.layout.api_upload(file_id)
 
     def list_files(self) -> list[dict[str, Any]]:
         metas = (read_json_or_none(p) for p in sorted(self.files.glob("file-*.json"), reverse=True))
@@ -79,18 +79,18 @@ class Store:
         if self.file_meta(file_id) is None:
             return False
         self.file_path(file_id).unlink(missing_ok=True)
-        (self.files / f"{file_id}.json").unlink(missing_ok=True)
+        self.layout.api_upload_meta(file_id).unlink(missing_ok=True)
         fsync_dir(self.files)
         return True
 
     # -- batches -------------------------------------------------------------------------------------
     def save_batch(self, record: dict[str, Any]) -> None:
-        write_json(self.batches / f"{record['id']}.json", record)
+        write_json(self.layout.api_batch(record["id"]), record)
 
     def batch(self, batch_id: str) -> dict[str, Any] | None:
         if SAFE_NAME.sub("", batch_id) != batch_id:
             return None
-        return read_json_or_none(self.batches / f"{batch_id}.json")
+        return read_json_or_none(self.layout.api_batch(batch_id))
 
     def list_batches(self) -> list[dict[str, Any]]:
         records = (read_json_or_none(p) for p in sorted(self.batches.glob("batch*.json"), reverse=True))
