@@ -97,14 +97,27 @@ def test_a_model_with_dashes_keeps_them() -> None:
     assert (key.job_id, key.model, key.rank) == ("batch_ab", "tiny-llama-2.q4", 500_000 - 3)
 
 
-def test_a_stray_file_in_the_queue_is_not_an_entry(tmp_path: Path) -> None:
-    """Before QueueKey, a JSON file of another name was an entry, and the scheduler failed on its name."""
+def _journal(tmp_path: Path) -> Journal:
     layout = Layout(tmp_path)
     layout.make(["echo"])
-    journal = Journal(layout)
-    spec = JobSpec(
-        id=new_job_id(), name="a", outbox="a", source="a.jsonl", models=["echo"], created_at=time.time()
+    return Journal(layout)
+
+
+def _spec(name: str) -> JobSpec:
+    return JobSpec(
+        id=new_job_id(),
+        name=name,
+        outbox=name,
+        source=f"{name}.jsonl",
+        models=["echo"],
+        created_at=time.time(),
     )
+
+
+def test_a_stray_file_in_the_queue_is_not_an_entry(tmp_path: Path) -> None:
+    """Before QueueKey, a JSON file of another name was an entry, and the scheduler failed on its name."""
+    journal = _journal(tmp_path)
+    layout, spec = journal.layout, _spec("a")
     (task,) = journal.create(spec)
     (layout.queue / "notes").write_text('{"job_id": "x", "model": "echo"}')
     assert journal.queued() == [(task.queue_key, spec.id, "echo")]
@@ -125,15 +138,8 @@ def test_only_queue_keys_parse_queue_keys() -> None:
 
 
 def test_dequeues_go_through_the_journal(tmp_path: Path) -> None:
-    layout = Layout(tmp_path)
-    layout.make(["echo"])
-    journal = Journal(layout)
-    specs = [
-        JobSpec(
-            id=new_job_id(), name=n, outbox=n, source=f"{n}.jsonl", models=["echo"], created_at=time.time()
-        )
-        for n in ("a", "b")
-    ]
+    journal = _journal(tmp_path)
+    layout, specs = journal.layout, [_spec("a"), _spec("b")]
     (a,), (b,) = (journal.create(s) for s in specs)
     assert not journal.dequeue_if_stale(a.queue_key, a.job_id, a.model)  # its record is there: kept
     journal.forget(a.job_id)
@@ -173,12 +179,8 @@ def test_a_task_whose_publishing_fails_ends_failed_through_the_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: bool
 ) -> None:
     """The job boundary's last resort (publishing itself fails) used to set `task.status` directly."""
-    layout = Layout(tmp_path)
-    layout.make(["echo"])
-    journal = Journal(layout)
-    spec = JobSpec(
-        id=new_job_id(), name="p", outbox="p", source="p.jsonl", models=["echo"], created_at=time.time()
-    )
+    journal = _journal(tmp_path)
+    layout, spec = journal.layout, _spec("p")
     (task,) = journal.create(spec)
     jobs = Jobs(journal, hooks=[])
     if running:

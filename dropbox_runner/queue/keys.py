@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 PRIORITY_SPAN = 500_000
 MAX_RANK = 2 * PRIORITY_SPAN
@@ -46,10 +47,7 @@ class QueueKey:
     @classmethod
     def parse(cls, key: str) -> QueueKey:
         """The key an entry's name spells; raises BadQueueKey for any other name."""
-        m = _KEY.fullmatch(key)
-        if m is None:
-            raise BadQueueKey(f"{key[:200]!r} is not a queue key (<rank>-<created_ns>-<job id>-<model>)")
-        return cls(int(m[1]), int(m[2]), m[3], m[4])
+        return _parse(key)
 
     def __str__(self) -> str:
         return f"{self.rank:0{RANK_DIGITS}d}-{self.created_ns:0{CREATED_DIGITS}d}-{self.job_id}-{self.model}"
@@ -58,3 +56,12 @@ class QueueKey:
     def queued_at(self) -> float:
         """The arrival, in Unix seconds."""
         return self.created_ns / 1e9
+
+
+@lru_cache(maxsize=16384)
+def _parse(key: str) -> QueueKey:
+    """Cached: the scheduler reads the rank and arrival of every queued key on each turn of the loop."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        raise BadQueueKey(f"{key[:200]!r} is not a queue key (<rank>-<created_ns>-<job id>-<model>)")
+    return QueueKey(int(m[1]), int(m[2]), m[3], m[4])
