@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dropbox_runner import plainyaml
 from dropbox_runner.errors import ConfigError
+from dropbox_runner.layout import Layout
 from dropbox_runner.lines.fields import check_defaults
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -209,7 +210,7 @@ def resolve_model_path(root: Path, model: ModelConfig) -> str | None:
 def is_embedded_path(root: Path, path: str) -> bool:
     """Paths of the models this package builds on first use (models/tiny-llama, models/smollm2, ...)."""
     p = (root / path).resolve()
-    return p.parent == (root / "models").resolve() and p.name in EMBEDDED_MODELS
+    return p.parent == Layout(root).embedded_models.resolve() and p.name in EMBEDDED_MODELS
 
 
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
@@ -220,7 +221,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
 
 
 def load_registry(root: Path) -> Registry:
-    path = root / "models.yaml"
+    path = Layout(root).models_yaml
     if not path.exists():
         raise ConfigError(f"{path}: not found; run `dropbox-runner init` to create a starter file.")
     try:

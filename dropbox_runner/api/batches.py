@@ -173,8 +173,8 @@ def get_record(ctx: Context, batch_id: str) -> dict[str, Any]:
 def openai_batch(ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
     """The batch object, from the record, its job's batch.json and the output files there now."""
     batch = ctx.records.batch_json(record)
-    has_output = ctx.records.output(record, batch, ".jsonl") is not None
-    has_errors = ctx.records.output(record, batch, ".errors.jsonl") is not None
+    has_output = ctx.records.output(record, batch, "out") is not None
+    has_errors = ctx.records.output(record, batch, "err") is not None
     return to_openai_batch(record, batch, has_output=has_output, has_errors=has_errors)
 
 

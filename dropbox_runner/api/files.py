@@ -14,7 +14,7 @@ from dropbox_runner.api.context import Context, Ctx
 from dropbox_runner.api.envelope import ApiError
 
 router = APIRouter(prefix="/v1/files")
-SUFFIXES = {"out": ".jsonl", "err": ".errors.jsonl"}  # file-out-<batch>, file-err-<batch>
+KINDS = ("out", "err")  # file-out-<batch>, file-err-<batch>
 
 
 @router.post("")
@@ -64,10 +64,10 @@ def find_file(ctx: Context, file_id: str) -> tuple[dict[str, Any], Path]:
 def output_file(ctx: Context, file_id: str) -> tuple[dict[str, Any], Path] | None:
     """An output or error file of a batch, while its job's outbox folder holds it."""
     kind, _, batch_id = file_id.partition("-")[2].partition("-")
-    record = ctx.records.batch(batch_id) if kind in SUFFIXES else None
+    record = ctx.records.batch(batch_id) if kind in KINDS else None
     if record is None:
         return None
-    path = ctx.records.output(record, ctx.records.batch_json(record), SUFFIXES[kind])
+    path = ctx.records.output(record, ctx.records.batch_json(record), kind)
     if path is None:  # not taken or not ended yet, or removed by retention
         return None
     st = path.stat()

@@ -75,7 +75,7 @@ def batch_usage(used: dict[str, Any]) -> dict[str, Any]:
 
 
 def batch_errors(errors: dict[str, Any] | None) -> dict[str, Any] | None:
-    """batch.json's `errors` (job-level: a rejected file, an internal error, line errors) as OpenAI's."""
+    """The job's `errors` in batch.json (job-level: a rejected file, an internal error, line errors) as OpenAI's."""
     if not errors:
         return None
     return {

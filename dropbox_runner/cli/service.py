@@ -96,6 +96,6 @@ def service(layout: Layout, user: str | None) -> None:
     if not layout.models_yaml.exists():
         raise RunnerError(f"{layout.models_yaml} does not exist; run `dropbox-runner init` first.")
     registry = load_registry(layout.root)
-    inboxes = [layout.inbox, *(layout.inbox / m for m in registry.models)]
+    inboxes = [layout.inbox, *(layout.model_inbox(m) for m in registry.models)]
     watchdog = watchdog_seconds(inboxes, layout.state, registry.settings.max_file_bytes)
     click.echo(unit_text(layout.root, watchdog=watchdog, user=user), nl=False)

@@ -271,8 +271,7 @@ class Daemon:
         )
         if choice is None:
             return False
-        if not (self.layout.jobs / choice.job_id / f"{choice.model}.task.json").exists():
-            (self.layout.queue / choice.key).unlink(missing_ok=True)
+        if self.journal.dequeue_if_stale(choice.key, choice.job_id, choice.model):
             return True
         self._guarded(choice.job_id, self.execution.start, choice)
         return True
@@ -315,8 +314,7 @@ class Daemon:
             ex.evict(decision.evict, decision.reason)
         elif decision.admit is not None:
             choice = decision.admit
-            if not (self.layout.jobs / choice.job_id / f"{choice.model}.task.json").exists():
-                (self.layout.queue / choice.key).unlink(missing_ok=True)
+            if self.journal.dequeue_if_stale(choice.key, choice.job_id, choice.model):
                 return
             self._guarded(choice.job_id, ex.start, choice)
         elif decision.reason:

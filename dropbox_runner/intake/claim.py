@@ -68,10 +68,11 @@ class Claimer:
         write_json(self._intent(job_id), record)
         _crash_point("after_intent")
         try:
-            job_dir = self.journal.make_dir(job_id)
+            self.journal.make_dir(job_id)
+            job_dir = self.layout.active_job(job_id)
             if drop.manifest is not None:
-                move_into(drop.manifest, job_dir / f"manifest{drop.manifest.suffix}")
-            move_into(drop.path, job_dir / "input.jsonl", after_copy=lambda: _crash_point("after_copy"))
+                move_into(drop.manifest, job_dir.manifest(drop.manifest.suffix))
+            move_into(drop.path, job_dir.input, after_copy=lambda: _crash_point("after_copy"))
         except (FileNotFoundError, NotRegularFile) as exc:
             log.info("%s was not taken: %s", shown(drop.path), shown(str(exc)))
             self._abandon(job_id, record)
@@ -89,11 +90,10 @@ class Claimer:
         self._finish_guarded(job_id)
 
     def _intent(self, job_id: str) -> Path:
-        return self.layout.claims / f"{job_id}.json"
+        return self.layout.claim(job_id)
 
     def _abandon(self, job_id: str, record: dict[str, Any]) -> None:
-        job_dir = self.layout.jobs / job_id
-        manifest = next(job_dir.glob("manifest.*"), None)
+        manifest = self.layout.active_job(job_id).taken_manifest()
         back = from_record(record.get("manifest_raw"), record.get("manifest"))
         if manifest is not None and back is not None:  # give the manifest back with its file
             move_into(manifest, back)
@@ -108,7 +108,7 @@ class Claimer:
             job_id = new_job_id()
             self.jobs.quarantine(job_id, f"{where} could not be moved out of the inbox: {shown(str(exc))}")
             try:
-                move_into(drop.path, self.layout.quarantine / job_id / drop.path.name)
+                move_into(drop.path, self.layout.quarantined_job(job_id).path / drop.path.name)
             except OSError as again:
                 log.error("%s stays in the inbox; the daemon ignores it until restarted (%s)", where, again)
 
@@ -133,7 +133,7 @@ class Claimer:
 
     def _resume(self, record: dict[str, Any]) -> None:
         job_id = record["job_id"]
-        taken = self.layout.jobs / job_id / "input.jsonl"
+        taken = self.layout.active_job(job_id).input
         if not taken.exists():
             log.info("claim %s had not moved its file yet; it stays in the inbox", job_id)
             self._abandon(job_id, record)
@@ -171,7 +171,7 @@ class Claimer:
 
     def finish(self, job_id: str) -> None:
         record = read_json(self._intent(job_id))
-        job_dir = self.layout.jobs / job_id
+        job_dir = self.layout.active_job(job_id)
         source = from_record(record.get("source_raw"), record["source"])
         stem = source.name[: -len(".jsonl")]
         rel_source = shown(os.path.relpath(source, self.layout.inbox))
@@ -184,7 +184,7 @@ class Claimer:
             created_at=record["created_at"],
         )
         reasons = [record["reject"]] if record.get("reject") else []
-        manifest = next(job_dir.glob("manifest.*"), None)
+        manifest = job_dir.taken_manifest()
         if manifest is not None:
             parsed = read_manifest(manifest)
             if isinstance(parsed, str):
@@ -195,7 +195,7 @@ class Claimer:
             spec.models = [record["model_folder"]]
         fault_point("claim", spec.name)
         if not reasons:
-            reasons += self._summarize(spec, job_dir / "input.jsonl")
+            reasons += self._summarize(spec, job_dir.input)
         spec.rejected = reasons
         spec.fingerprints = (
             {} if reasons else dedupe.fingerprints(self.registry, self.layout.root, spec.models)
@@ -264,14 +264,15 @@ class Claimer:
         n = 1
         while True:
             folder = name if n == 1 else f"{name}.{n}"
-            path = self.layout.outbox / folder
+            published = self.layout.outbox_folder(folder)
+            path = published.path
             try:
                 path.mkdir()
                 fsync_dir(self.layout.outbox)
                 return folder
             except FileExistsError:
                 if path.is_dir() and not path.is_symlink():
-                    existing = read_json_or_none(path / "batch.json")
+                    existing = read_json_or_none(published.batch)
                     if (existing is None and not any(path.iterdir())) or (
                         isinstance(existing, dict) and existing.get("id") == job_id
                     ):

@@ -14,7 +14,7 @@ from typing import Any
 
 from dropbox_runner.fsutil import staged, write_json
 from dropbox_runner.intake.names import MAX_STEM_BYTES, outbox_stem
-from dropbox_runner.layout import Layout
+from dropbox_runner.layout import Layout, OutboxFolder, drop_file, drop_manifest
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 POLL_SECONDS = 0.5
@@ -25,7 +25,7 @@ def free_stem(folder: Path, stem: str) -> str:
     """A stem no drop in `folder` has; UTF-8 and short enough for its manifest and a `-N`."""
     stem = outbox_stem(stem, MAX_STEM_BYTES - 8)
     candidate, n = stem, 1
-    while (folder / f"{candidate}.jsonl").exists() or (folder / f"{candidate}.manifest.json").exists():
+    while drop_file(folder, candidate).exists() or drop_manifest(folder, candidate).exists():
         n += 1
         candidate = f"{stem}-{n}"
     return candidate
@@ -49,7 +49,7 @@ def submit_file(
     output_expires_seconds: int | None = None,
 ) -> Path:
     """Drop `src` for `models`; returns the path it has in the inbox."""
-    folder = layout.inbox / models[0] if one_model_folder else layout.inbox
+    folder = layout.model_inbox(models[0]) if one_model_folder else layout.inbox
     folder.mkdir(parents=True, exist_ok=True)
     stem = free_stem(folder, stem.lstrip(".") or "batch")
     extras = {
@@ -65,8 +65,8 @@ def submit_file(
         if not one_model_folder:
             manifest["models"] = models
         manifest.update({k: v for k, v in extras.items() if v})
-        write_json(folder / f"{stem}.manifest.json", manifest)
-    target = folder / f"{stem}.jsonl"
+        write_json(drop_manifest(folder, stem), manifest)
+    target = drop_file(folder, stem)
     with open(src, "rb") as fin, staged(target) as fout:  # a hidden name until it is whole
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
@@ -89,7 +89,7 @@ def find_batch(layout: Layout, name: str, submit_id: str) -> tuple[str, dict[str
     except OSError:
         return None
     for folder in folders:
-        doc = _read(folder / "batch.json")
+        doc = _read(OutboxFolder(folder).batch)
         if doc and isinstance(doc.get("metadata"), dict) and doc["metadata"].get("submit_id") == submit_id:
             return folder.name, doc
     return None
@@ -133,7 +133,7 @@ class Followed:
             if found:
                 self.folder, self.doc = found
         else:
-            self.doc = _read(layout.outbox / self.folder / "batch.json") or self.doc
+            self.doc = _read(layout.outbox_folder(self.folder).batch) or self.doc
 
     def state(self) -> tuple:
         models = (self.doc or {}).get("models") or {}

@@ -32,15 +32,11 @@ def safe_filename(name: str | None) -> str:
     return SAFE_NAME.sub("_", base).lstrip(".")[:200] or "upload.jsonl"
 
 
-def batches_folder(layout: Layout) -> Path:
-    return layout.state / "api" / "batches"
-
-
 class ApiRecords:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.files = layout.state / "api" / "files"
-        self.batches = batches_folder(layout)
+        self.files = layout.api_files
+        self.batches = layout.api_batches
         self.files.mkdir(parents=True, exist_ok=True)
         self.batches.mkdir(parents=True, exist_ok=True)
 
@@ -51,7 +47,7 @@ class ApiRecords:
         """Stream an upload to disk; raises ValueError('too large') past `limit` bytes."""
         file_id = new_id("file")
         size = 0
-        with staged(self.files / f"{file_id}.jsonl") as f:
+        with staged(self.layout.api_upload(file_id)) as f:
             for chunk in chunks:
                 size += len(chunk)
                 if size > limit:
@@ -66,16 +62,16 @@ class ApiRecords:
             "purpose": purpose,
             "status": "processed",
         }
-        write_json(self.files / f"{file_id}.json", meta)
+        write_json(self.layout.api_upload_meta(file_id), meta)
         return meta
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
         if not SAFE_NAME.sub("", file_id) == file_id or not file_id.startswith("file-"):
             return None
-        return read_json_or_none(self.files / f"{file_id}.json")
+        return read_json_or_none(self.layout.api_upload_meta(file_id))
 
     def file_path(self, file_id: str) -> Path:
-        return self.files / f"{file_id}.jsonl"
+        return self.layout.api_upload(file_id)
 
     def list_files(self) -> list[dict[str, Any]]:
         metas = (read_json_or_none(p) for p in sorted(self.files.glob("file-*.json"), reverse=True))
@@ -85,18 +81,18 @@ class ApiRecords:
         if self.file_meta(file_id) is None:
             return False
         self.file_path(file_id).unlink(missing_ok=True)
-        (self.files / f"{file_id}.json").unlink(missing_ok=True)
+        self.layout.api_upload_meta(file_id).unlink(missing_ok=True)
         fsync_dir(self.files)
         return True
 
     # -- batches -------------------------------------------------------------------------------------
     def save_batch(self, record: dict[str, Any]) -> None:
-        write_json(self.batches / f"{record['id']}.json", record)
+        write_json(self.layout.api_batch(record["id"]), record)
 
     def batch(self, batch_id: str) -> dict[str, Any] | None:
         if SAFE_NAME.sub("", batch_id) != batch_id:
             return None
-        return read_json_or_none(self.batches / f"{batch_id}.json")
+        return read_json_or_none(self.layout.api_batch(batch_id))
 
     def list_batches(self) -> list[dict[str, Any]]:
         records = (read_json_or_none(p) for p in sorted(self.batches.glob("batch*.json"), reverse=True))
@@ -108,26 +104,28 @@ class ApiRecords:
         if isinstance(record.get("final"), dict):
             return record["final"]
         return (
-            read_json_or_none(self.layout.outbox / record["outbox"] / "batch.json")
+            read_json_or_none(self.layout.outbox_folder(record["outbox"]).batch)
             if record.get("outbox")
             else None
         )
 
-    def output(self, record: dict[str, Any], batch: dict[str, Any] | None, suffix: str) -> Path | None:
-        """The batch's model's `.jsonl` or `.errors.jsonl` in its job's outbox folder (`batch` is
-        the job's batch.json), if it is there: not before the model's run ends, nor after retention."""
+    def output(self, record: dict[str, Any], batch: dict[str, Any] | None, kind: str) -> Path | None:
+        """The batch's model's output (`kind` "out") or errors file ("err") in its job's outbox
+        folder (`batch` is the job's batch.json), if it is there: not before the model's run ends,
+        nor after retention."""
         folder = (batch or {}).get("output_folder")
-        path = self.layout.outbox / folder / f"{record['model']}{suffix}" if folder else None
-        return path if path is not None and path.exists() else None
+        if not folder:
+            return None
+        published = self.layout.outbox_folder(folder)
+        path = (published.output if kind == "out" else published.errors)(record["model"])
+        return path if path.exists() else None
 
 
 def retire(layout: Layout, metadata: dict[str, Any], final: dict[str, Any]) -> None:
     """Retention removes a job: its API batches keep its final batch.json (outputs gone), and the
     uploaded input goes once no batch still running needs it."""
     ids = metadata.get("api_batches")
-    if (
-        not isinstance(ids, str) or not batches_folder(layout).is_dir()
-    ):  # not an API job, or a root never served
+    if not isinstance(ids, str) or not layout.api_batches.is_dir():  # not an API job, or never served
         return
     records = ApiRecords(layout)
     inputs = set()

@@ -188,7 +188,7 @@ class Jobs:
         return marker is None or marker.failed > 0 or marker.count < spec.total
 
     def _retry_intent(self, job_id: str) -> Path:
-        return self.layout.jobs / job_id / "retry.json"
+        return self.layout.active_job(job_id).retry
 
     def _apply_retry(self, spec: JobSpec, again: dict[str, int]) -> None:
         """Each step idempotent: a task already at its new retry count is not re-queued twice."""
@@ -233,24 +233,25 @@ class Jobs:
             self._finalize(spec, task, Status.FAILED, message, INTERNAL_ERROR)
         except Exception:  # publishing is what fails: the status still ends failed
             log.exception("publishing %s/%s failed", spec.id, task.model)
-            task.status, task.error, task.error_code = Status.FAILED, message, INTERNAL_ERROR
+            if not task.status.final:  # queued or running: through finalizing, as the table says
+                task.move(Status.FINALIZING)
+            task.move(Status.FAILED)
+            task.error, task.error_code = message, INTERNAL_ERROR
             task.completed_at = time.time()
             self.journal.save_task(task)
             self.journal.dequeue(task)
 
     def quarantine(self, job_id: str, reason: str) -> None:
         """Move a job's folder to state/quarantine/<id>/ with reason.txt; it is never replayed."""
-        target = self.layout.quarantine / job_id
-        target.mkdir(parents=True, exist_ok=True)
-        folder = self.layout.jobs / job_id
+        target = self.layout.quarantined_job(job_id)
+        target.path.mkdir(parents=True, exist_ok=True)
+        folder = self.layout.active_job(job_id).path
         if folder.is_dir():
             for entry in os.listdir(folder):
-                os.replace(folder / entry, target / entry)
+                os.replace(folder / entry, target.path / entry)
             shutil.rmtree(folder, ignore_errors=True)
-        write_atomic(target / "reason.txt", reason.encode("utf-8", "replace") + b"\n")
-        for key, queued_job, _ in self.journal.queued():
-            if queued_job == job_id:
-                (self.layout.queue / key).unlink(missing_ok=True)
+        write_atomic(target.reason, reason.encode("utf-8", "replace") + b"\n")
+        self.journal.dequeue_job(job_id)
         fsync_dir(self.layout.quarantine)
         log.error("quarantined %s in state/quarantine/%s/: %s", job_id, job_id, reason)
 
@@ -271,8 +272,7 @@ class Jobs:
                     raise
                 self.failed_internal(job_id, f"recovery at start failed: {exc}")
         for key, job_id, model in self.journal.queued():
-            if not (self.layout.jobs / job_id / f"{model}.task.json").exists():
-                (self.layout.queue / key).unlink(missing_ok=True)
+            self.journal.dequeue_if_stale(key, job_id, model)
 
     def _recover_job(self, job_id: str, queued_keys: set[str]) -> None:
         spec = self.journal.spec(job_id)
@@ -306,9 +306,7 @@ class Jobs:
 
 # -- requests from the CLI and the API ---------------------------------------------------------------
 def request(journal: Journal, op: str, job_id: str) -> None:
-    write_json(
-        journal.layout.control / f"{op}-{job_id}.json", {"op": op, "job_id": job_id, "at": time.time()}
-    )
+    write_json(journal.layout.control_request(op, job_id), {"op": op, "job_id": job_id, "at": time.time()})
 
 
 def operate(journal: Journal, spec: JobSpec, op: str) -> tuple[bool, list[str]]:

@@ -67,27 +67,25 @@ def _remove(journal: Journal, job_id: str) -> str | None:
     final = batch_document(journal, spec, [] if spec.rejected else journal.tasks(spec))
     api_records.retire(layout, spec.metadata, final)
     dedupe.forget(journal, spec)
-    outbox = layout.outbox / spec.outbox
-    owner = read_json_or_none(outbox / "batch.json") if not outbox.is_symlink() else None
+    published = layout.outbox_folder(spec.outbox)
+    outbox = published.path
+    owner = read_json_or_none(published.batch) if not outbox.is_symlink() else None
     mine = isinstance(owner, dict) and owner.get("id") == job_id
     if mine:
         shutil.rmtree(outbox, ignore_errors=True)
-    shutil.rmtree(layout.archive / job_id, ignore_errors=True)
+    shutil.rmtree(layout.archived_job(job_id).path, ignore_errors=True)
     return spec.outbox if mine else None
-
-
-OUTPUT_EXPIRY_FLAG = "output-expiry-used"  # in state/: some job asked for output_expires_after
 
 
 def note_output_expiry(layout: Layout) -> None:
     """Retention then runs without keep_finished_days too (it reads the whole archive once a minute)."""
-    flag = layout.state / OUTPUT_EXPIRY_FLAG
+    flag = layout.output_expiry_flag
     if not flag.exists():
         write_atomic(flag, b"")
 
 
 def retention_due(layout: Layout, keep_days: float | None) -> bool:
-    return keep_days is not None or (layout.state / OUTPUT_EXPIRY_FLAG).exists()
+    return keep_days is not None or layout.output_expiry_flag.exists()
 
 
 def retention_seconds(keep_days: float | None, output_expires_seconds: int | None) -> float | None:

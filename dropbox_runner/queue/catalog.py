@@ -28,7 +28,7 @@ def job_ids(folder: Path) -> list[str]:
 
 
 def active_ids(layout: Layout) -> list[str]:
-    return [j for j in job_ids(layout.jobs) if (layout.jobs / j / "spec.json").exists()]
+    return [j for j in job_ids(layout.jobs) if layout.active_job(j).spec.exists()]
 
 
 def _load(path: Path) -> Any:
@@ -51,13 +51,13 @@ def read_job(layout: Layout, job_id: str) -> JobFiles | None:
     A job can move to the archive while it is read: then it is read again from there.
     """
     for _ in range(3):
-        folder = layout.job_dir(job_id)
+        files = layout.job(job_id)
         try:
-            spec = _load(folder / "spec.json")
+            spec = _load(files.spec)
             models = [] if spec.get("rejected") else spec["models"]
-            tasks = [_load(folder / f"{m}.task.json") for m in models]
-            markers = {m: _load_or_none(folder / f"{m}.marker") for m in models}
-            return JobFiles(folder, spec, tasks, markers)
+            tasks = [_load(files.task(m)) for m in models]
+            markers = {m: _load_or_none(files.marker(m)) for m in models}
+            return JobFiles(files.path, spec, tasks, markers)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -77,9 +77,9 @@ def find_job(layout: Layout, ref: str) -> str | None:
     if ref.startswith(JOB_PREFIX) and "/" not in ref and _is_dir(layout.job_dir(ref)):
         return ref
     best: tuple[int, float, str] | None = None
-    for folder in (layout.jobs, layout.archive):
+    for folder, files in ((layout.jobs, layout.active_job), (layout.archive, layout.archived_job)):
         for job_id in job_ids(folder):
-            spec = _load_or_none(folder / job_id / "spec.json")
+            spec = _load_or_none(files(job_id).spec)
             if not isinstance(spec, dict):
                 continue
             if ref in (spec.get("outbox"), spec.get("name")):
@@ -100,9 +100,10 @@ def quarantined(layout: Layout) -> list[dict[str, Any]]:
     """Drops set aside because taking them failed twice: id, source and reason."""
     out = []
     for job_id in job_ids(layout.quarantine):
-        folder = layout.quarantine / job_id
         try:
-            reason = (folder / "reason.txt").read_text(encoding="utf-8", errors="replace").strip()
+            reason = (
+                layout.quarantined_job(job_id).reason.read_text(encoding="utf-8", errors="replace").strip()
+            )
         except OSError:
             reason = "(no reason.txt)"
         out.append({"id": job_id, "folder": f"state/quarantine/{job_id}/", "reason": reason})
@@ -112,6 +113,6 @@ def quarantined(layout: Layout) -> list[dict[str, Any]]:
 def undelivered_events(layout: Layout) -> int:
     """Webhook events journaled and not yet delivered to every URL."""
     try:
-        return len([n for n in os.listdir(layout.state / "webhooks") if n.startswith("evt_")])
+        return len([n for n in os.listdir(layout.webhooks) if n.startswith("evt_")])
     except FileNotFoundError:
         return 0

@@ -19,9 +19,8 @@ from dropbox_runner.errors import JobNotFound
 from dropbox_runner.fsutil import fsync_dir, read_json, write_json
 from dropbox_runner.layout import Layout
 from dropbox_runner.queue import catalog
+from dropbox_runner.queue.keys import BadQueueKey, QueueKey
 from dropbox_runner.queue.lifecycle import Status, transition
-
-PRIORITY_SPAN = 500_000
 
 
 class JobSpec(BaseModel):
@@ -72,7 +71,14 @@ class TaskRecord(BaseModel):
     ending: Status | None = None  # cancelled or expired, once asked while it ran: the first one asked
 
     def move(self, status: Status) -> None:
-        self.status = transition(self.status, status)
+        self.status = status
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every change of `status` goes through the transition table; an illegal one raises
+        BadTransition (reading a record from disk does not pass here)."""
+        if name == "status":
+            value = transition(self.status, Status(value))
+        super().__setattr__(name, value)
 
 
 def new_job_id() -> str:
@@ -80,8 +86,7 @@ def new_job_id() -> str:
 
 
 def queue_key(priority: int, created_ns: int, job_id: str, model: str) -> str:
-    rank = min(max(PRIORITY_SPAN - priority, 0), 2 * PRIORITY_SPAN)
-    return f"{rank:07d}-{created_ns:020d}-{job_id}-{model}"
+    return str(QueueKey.of(priority, created_ns, job_id, model))
 
 
 class Journal:
@@ -93,13 +98,13 @@ class Journal:
         return self.layout.job_dir(job_id)
 
     def input_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "input.jsonl"
+        return self.layout.job(job_id).input
 
     def log_path(self, job_id: str, model: str) -> Path:
-        return self.job_dir(job_id) / f"{model}.log"
+        return self.layout.job(job_id).log(model)
 
     def spec(self, job_id: str) -> JobSpec:
-        return JobSpec.model_validate(read_json(self.job_dir(job_id) / "spec.json"))
+        return JobSpec.model_validate(read_json(self.layout.job(job_id).spec))
 
     def create(self, spec: JobSpec) -> list[TaskRecord]:
         """Write the spec and every task record, then the queue entries: the job is queued."""
@@ -119,14 +124,14 @@ class Journal:
         return tasks
 
     def make_dir(self, job_id: str) -> Path:
-        d = self.layout.jobs / job_id
+        d = self.layout.active_job(job_id).path
         if not d.is_dir():
             d.mkdir()
             fsync_dir(self.layout.jobs)
         return d
 
     def save_spec(self, spec: JobSpec) -> None:
-        write_json(self.job_dir(spec.id) / "spec.json", spec.model_dump())
+        write_json(self.layout.job(spec.id).spec, spec.model_dump())
 
     def find(self, ref: str) -> JobSpec:
         """A job by id, by outbox folder name or by drop name (the newest of that name)."""
@@ -136,24 +141,24 @@ class Journal:
         return self.spec(job_id)
 
     def archive(self, job_id: str) -> None:
-        self._move(job_id, self.layout.jobs, self.layout.archive)
+        self._move(self.layout.active_job(job_id).path, self.layout.archived_job(job_id).path)
 
     def unarchive(self, job_id: str) -> None:
-        self._move(job_id, self.layout.archive, self.layout.jobs)
+        self._move(self.layout.archived_job(job_id).path, self.layout.active_job(job_id).path)
 
     @staticmethod
-    def _move(job_id: str, src: Path, dst: Path) -> None:
-        if (src / job_id).exists():
-            os.replace(src / job_id, dst / job_id)
-            fsync_dir(src)
-            fsync_dir(dst)
+    def _move(src: Path, dst: Path) -> None:
+        if src.exists():
+            os.replace(src, dst)
+            fsync_dir(src.parent)
+            fsync_dir(dst.parent)
 
     def forget(self, job_id: str) -> None:
-        shutil.rmtree(self.layout.jobs / job_id, ignore_errors=True)
+        shutil.rmtree(self.layout.active_job(job_id).path, ignore_errors=True)
 
     # -- tasks --------------------------------------------------------------------------------------
     def task_path(self, job_id: str, model: str) -> Path:
-        return self.job_dir(job_id) / f"{model}.task.json"
+        return self.layout.job(job_id).task(model)
 
     def task(self, job_id: str, model: str) -> TaskRecord:
         return TaskRecord.model_validate(read_json(self.task_path(job_id, model)))
@@ -164,25 +169,45 @@ class Journal:
     def save_task(self, task: TaskRecord) -> None:
         write_json(self.task_path(task.job_id, task.model), task.model_dump(mode="json"))
 
+    # -- queue entries: only these methods write or remove them -----------------------------------
     def enqueue(self, task: TaskRecord) -> None:
-        write_json(self.layout.queue / task.queue_key, {"job_id": task.job_id, "model": task.model})
+        write_json(self.layout.queue_entry(task.queue_key), {"job_id": task.job_id, "model": task.model})
 
     def dequeue(self, task: TaskRecord) -> None:
+        self.dequeue_key(task.queue_key)
+
+    def dequeue_key(self, key: str) -> None:
+        """Remove one queue entry (gone already: nothing to do)."""
         try:
-            (self.layout.queue / task.queue_key).unlink()
+            self.layout.queue_entry(key).unlink()
             fsync_dir(self.layout.queue)
         except FileNotFoundError:
             pass
 
+    def dequeue_job(self, job_id: str) -> None:
+        """Remove every queue entry of a job (one set aside in quarantine)."""
+        for key, queued_job, _ in self.queued():
+            if queued_job == job_id:
+                self.dequeue_key(key)
+
+    def dequeue_if_stale(self, key: str, job_id: str, model: str) -> bool:
+        """Remove an entry whose task record is gone from the active jobs; True if it was."""
+        if self.layout.active_job(job_id).task(model).exists():
+            return False
+        self.dequeue_key(key)
+        return True
+
     def queued(self) -> list[tuple[str, str, str]]:
-        """(queue key, job id, model) of every queue entry, in queue order."""
+        """(queue key, job id, model) of every queue entry, in queue order; names that are no
+        queue key (a stray file) are not entries."""
         out = []
         for key in sorted(os.listdir(self.layout.queue)):
             if key.startswith("."):
                 continue
             try:
-                entry = read_json(self.layout.queue / key)
-            except (FileNotFoundError, ValueError):
+                QueueKey.parse(key)
+                entry = read_json(self.layout.queue_entry(key))
+            except (FileNotFoundError, BadQueueKey, ValueError):
                 continue
             out.append((key, entry["job_id"], entry["model"]))
         return out

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dropbox_runner.queue.keys import QueueKey
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -24,7 +26,7 @@ class Choice:
 
 def queued_at(key: str) -> float:
     """Arrival time encoded in a queue key (`<rank>-<created_ns>-...`)."""
-    return int(key.split("-", 2)[1]) / 1e9
+    return QueueKey.parse(key).queued_at
 
 
 def pick(
@@ -43,9 +45,9 @@ def pick(
     waited = now - queued_at(head[0])
     if waited >= max_delay:
         return Choice(*head, reason=f"{head[1]}/{head[2]} has waited {waited:.0f}s, the most allowed")
-    rank = head[0].split("-", 1)[0]
+    top = rank(head[0])
     for entry in entries[1:]:
-        if entry[0].split("-", 1)[0] != rank:
+        if rank(entry[0]) != top:
             break
         if base_of(entry[2]) == loaded:
             return Choice(
@@ -61,7 +63,7 @@ def model_of(held: Held) -> str:
 
 def rank(key: str) -> int:
     """The priority part of a queue key: lower is served first."""
-    return int(key.split("-", 1)[0])
+    return QueueKey.parse(key).rank
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from dropbox_runner.fsutil import write_json
+from dropbox_runner.layout import OutboxFolder
 from dropbox_runner.queue.counts import shown_job_status, task_counts
 from dropbox_runner.queue.journal import JobSpec, Journal, TaskRecord
 from dropbox_runner.queue.lifecycle import Status
@@ -24,8 +25,8 @@ def model_entry(spec: JobSpec, task: TaskRecord, marker: Marker | None) -> dict[
     return {
         "status": task.status.value,
         "request_counts": {"total": spec.total, "completed": counts["succeeded"], "failed": counts["failed"]},
-        "output_file": f"{task.model}.jsonl",
-        "error_file": f"{task.model}.errors.jsonl",
+        "output_file": OutboxFolder.output_name(task.model),
+        "error_file": OutboxFolder.errors_name(task.model),
         "usage": usage_block(usage["prompt_tokens"], usage["completion_tokens"], usage["cached_tokens"]),
         "tokens_per_second": counts["tokens_per_second"],
         "load_seconds": task.load_seconds,
@@ -114,7 +115,7 @@ def write_batch_json(journal: Journal, spec: JobSpec, tasks: list[TaskRecord]) -
 
 
 def write_document(journal: Journal, spec: JobSpec, document: dict[str, Any]) -> dict[str, Any]:
-    out_dir = journal.layout.outbox / spec.outbox
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "batch.json", document)
+    out_dir = journal.layout.outbox_folder(spec.outbox)
+    out_dir.path.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir.batch, document)
     return document

@@ -38,11 +38,11 @@ def answer_of(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def publish_compare(journal: Journal, spec: JobSpec) -> None:
-    out_dir = journal.layout.outbox / spec.outbox
-    paths = {m: out_dir / f"{m}.jsonl" for m in spec.models}
+    out_dir = journal.layout.outbox_folder(spec.outbox)
+    paths = {m: out_dir.output(m) for m in spec.models}
     if not all(p.exists() for p in paths.values()):
         return
-    with ExitStack() as stack, staged(out_dir / "compare.jsonl") as out:
+    with ExitStack() as stack, staged(out_dir.compare) as out:
         files = {m: stack.enter_context(open(p, "rb")) for m, p in paths.items()}
         for rows in zip(*files.values(), strict=False):
             parsed = [orjson.loads(r) for r in rows]

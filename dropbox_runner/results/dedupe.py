@@ -15,6 +15,7 @@ import orjson
 
 from dropbox_runner.config import Registry
 from dropbox_runner.fsutil import copy_atomic, folder_digest, read_json_or_none, write_json
+from dropbox_runner.layout import JobFolder
 from dropbox_runner.queue.journal import JobSpec, Journal
 
 log = logging.getLogger("dropbox_runner.results.dedupe")
@@ -48,15 +49,15 @@ def dedupe_key(spec: JobSpec) -> str:
 
 def reuse(journal: Journal, spec: JobSpec) -> bool:
     """Copy a completed twin's committed results into this job's folder; True if there was one."""
-    earlier = read_json_or_none(journal.layout.dedupe / f"{dedupe_key(spec)}.json")
+    earlier = read_json_or_none(journal.layout.dedupe_entry(dedupe_key(spec)))
     if not isinstance(earlier, dict) or not isinstance(earlier.get("job_id"), str):
         return False
-    source = journal.layout.job_dir(earlier["job_id"])
-    files = [f"{m}{suffix}" for m in spec.models for suffix in (".log", ".marker")]
-    if not all((source / name).is_file() for name in files):
+    source, target = journal.layout.job(earlier["job_id"]), journal.layout.job(spec.id)
+    files = [(f(source, m), f(target, m)) for m in spec.models for f in (JobFolder.log, JobFolder.marker)]
+    if not all(src.is_file() for src, _ in files):
         return False
-    for name in files:  # each log before its marker, so a marker never points past its log
-        copy_atomic(source / name, journal.job_dir(spec.id) / name)
+    for src, dst in files:  # each log before its marker, so a marker never points past its log
+        copy_atomic(src, dst)
     spec.dedupe_of = earlier["job_id"]
     log.info(
         "%s is byte-identical to %s, for the same models, defaults and model entries; its results are "
@@ -69,12 +70,12 @@ def reuse(journal: Journal, spec: JobSpec) -> bool:
 
 def remember(journal: Journal, spec: JobSpec) -> None:
     """Index a completed job for dedupe."""
-    write_json(journal.layout.dedupe / f"{dedupe_key(spec)}.json", {"job_id": spec.id})
+    write_json(journal.layout.dedupe_entry(dedupe_key(spec)), {"job_id": spec.id})
 
 
 def forget(journal: Journal, spec: JobSpec) -> None:
     """Drop the index entry of a job that is removed, if it points to it."""
-    path = journal.layout.dedupe / f"{dedupe_key(spec)}.json"
+    path = journal.layout.dedupe_entry(dedupe_key(spec))
     entry = read_json_or_none(path)
     if isinstance(entry, dict) and entry.get("job_id") == spec.id:
         path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dropbox_runner.fsutil import staged, write_atomic
+from dropbox_runner.layout import fed_mark_of, marker_of
 
 
 class Marker(BaseModel):
@@ -37,7 +38,7 @@ class Marker(BaseModel):
 
 
 def marker_path(log_path: Path) -> Path:
-    return log_path.with_suffix(".marker")
+    return marker_of(log_path)
 
 
 def read_marker(log_path: Path) -> Marker | None:
@@ -48,7 +49,7 @@ def read_marker(log_path: Path) -> Marker | None:
 
 
 def fed_mark_path(log_path: Path) -> Path:
-    return log_path.with_suffix(".fed")
+    return fed_mark_of(log_path)
 
 
 def read_fed_mark(log_path: Path) -> int:

@@ -46,15 +46,15 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
     for r in committed_records(log_path):
         offsets[r.index] = r.offset
         present += 1
-    out_dir = journal.layout.outbox / spec.outbox
-    err_path = out_dir / f"{task.model}.errors.jsonl"
+    out_dir = journal.layout.outbox_folder(spec.outbox)
+    err_path = out_dir.errors(task.model)
     code, message = MISSING_REASON.get(final, ("engine_lost", "this request was not run"))
     if task.error and final == Status.FAILED:
         code, message = task.error_code or code, task.error
     failures = 0
     with ExitStack() as stack:
         logf = stack.enter_context(open(log_path, "rb")) if present else None
-        out = stack.enter_context(staged(out_dir / f"{task.model}.jsonl"))
+        out = stack.enter_context(staged(out_dir.output(task.model)))
         err = stack.enter_context(staged(err_path))
         # The input is read only when some line has no result: its custom_id goes on the failure line.
         inputs = (
@@ -79,7 +79,7 @@ def publish_task(journal: Journal, spec: JobSpec, task: TaskRecord, final: Statu
         err.discard = not failures
     if not failures and err_path.exists():  # a retry left no failed line
         err_path.unlink()
-        fsync_dir(out_dir)
+        fsync_dir(out_dir.path)
 
 
 def _line_at(f: BinaryIO, offset: int) -> bytes:

@@ -40,7 +40,7 @@ POST_TIMEOUT_SECONDS = 10.0  # the whole attempt: connect, send, and the answer'
 
 
 def folder(layout: Layout) -> Path:
-    return layout.state / "webhooks"
+    return layout.webhooks
 
 
 def announce(
@@ -58,7 +58,7 @@ def announce(
         return
     digest = hashlib.blake2b(f"{batch['id']}/{kind}/{generation}".encode(), digest_size=12).hexdigest()
     event_id = f"evt_{digest}"
-    path = folder(layout) / f"{event_id}.json"
+    path = layout.webhook_event(event_id)
     if path.exists():  # journaled before a crash: its delivery state stays as it is
         return
     event = {

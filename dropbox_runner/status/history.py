@@ -24,7 +24,7 @@ MAX_EVENTS = 200  # loads and swaps kept
 
 class History:
     def __init__(self, layout: Layout, clock: Any = time.time, every: float = POINT_SECONDS) -> None:
-        self.path = layout.state / "history.json"
+        self.path = layout.history
         self.clock, self.every = clock, every
         saved = read_json_or_none(self.path)
         saved = saved if isinstance(saved, dict) else {}
@@ -112,7 +112,7 @@ def recent_rates(history: dict[str, Any], seconds: float = 60.0) -> dict[str, fl
 
 def read_history(layout: Layout) -> dict[str, Any]:
     """The saved history as plain JSON (for status and the API), empty if there is none."""
-    saved = read_json_or_none(layout.state / "history.json")
+    saved = read_json_or_none(layout.history)
     if not isinstance(saved, dict):
         return {"points": [], "loads": [], "swaps": [], "totals": {}}
     return saved

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dropbox_runner.layout import OutboxFolder
+
 
 def _fmt_eta(s: float | None) -> str:
     if s is None:
@@ -88,9 +90,9 @@ def render_detail(job: dict[str, Any]) -> str:
             f"{m['tokens_per_second']} tok/s, ETA {_fmt_eta(m['eta_seconds'])}, "
             f"load {m['load_seconds'] if m['load_seconds'] is not None else '-'}s"
         )
-        lines.append(f"    output: {job['outbox']}{m['model']}.jsonl")
+        lines.append(f"    output: {job['outbox']}{OutboxFolder.output_name(m['model'])}")
         if m["failed"]:
-            lines.append(f"    errors: {job['outbox']}{m['model']}.errors.jsonl")
+            lines.append(f"    errors: {job['outbox']}{OutboxFolder.errors_name(m['model'])}")
         if m.get("group") is not None:
             share = f"{m['share']:.0%}" if m.get("share") is not None else "-"
             lines.append(

@@ -16,6 +16,7 @@ from dropbox_runner.fsutil import read_json_or_none
 from dropbox_runner.layout import Layout, daemon_running
 from dropbox_runner.queue import catalog
 from dropbox_runner.queue.counts import shown_job_status, task_counts
+from dropbox_runner.queue.keys import QueueKey
 from dropbox_runner.status.history import read_history, recent_rates
 
 RECENT_FINISHED = 20
@@ -153,12 +154,13 @@ def job_detail(layout: Layout, job_id: str) -> dict[str, Any] | None:
     job = job_view(layout, job_id, time.time(), live_tasks(daemon_state(layout)))
     if job is None:
         return None
-    folder = layout.outbox / job["outbox"].split("/")[1]
-    batch = read_json_or_none(folder / "batch.json") or {}
+    published = layout.outbox_folder(job["outbox"].split("/")[1])
+    folder = published.path
+    batch = read_json_or_none(published.batch) or {}
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     failed: dict[str, list[dict[str, Any]]] = {}
     for m in job["models"]:
-        failed[m["model"]] = _first_failed(folder / f"{m['model']}.errors.jsonl")
+        failed[m["model"]] = _first_failed(published.errors(m["model"]))
     return {
         **job,
         "batch": {k: batch.get(k) for k in ("status", "request_counts", "errors", "expires_at", "metadata")},
@@ -209,17 +211,17 @@ def queue_view(layout: Layout, now: float) -> list[dict[str, Any]]:
     out = []
     names: dict[str, dict[str, Any] | None] = {}
     for key in keys:
-        entry = read_json_or_none(layout.queue / key)
+        entry = read_json_or_none(layout.queue_entry(key))
         if not isinstance(entry, dict):
             continue
         job_id, model = entry.get("job_id"), entry.get("model")
-        task = read_json_or_none(layout.job_dir(job_id) / f"{model}.task.json") or {}
+        task = read_json_or_none(layout.job(job_id).task(model)) or {}
         if task.get("status") != "queued":
             continue  # running (its entry goes when it ends), or already ended
         if job_id not in names:
-            names[job_id] = read_json_or_none(layout.job_dir(job_id) / "spec.json")
+            names[job_id] = read_json_or_none(layout.job(job_id).spec)
         spec = names[job_id] or {}
-        queued_at = int(key.split("-", 2)[1]) / 1e9
+        queued_at = QueueKey.parse(key).queued_at
         out.append(
             {
                 "job_id": job_id,
