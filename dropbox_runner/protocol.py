@@ -58,6 +58,7 @@ class TaskOrder:
     trials: list[list[int]] = field(default_factory=list)  # a culprit hunt's parts, run alone in turn
     shard: list[int] | None = None  # [start, end): run only these lines and send results back (copies)
     shard_at: list[int] | None = None  # offset, physical line and index of a line at or before the start
+    shard_done: list[int] = field(default_factory=list)  # lines of the shard with a result already: skipped
     task_id: str = ""  # names the task in every event about it (several tasks share one process)
     priority: int = 0
     group: str = ""  # the fair-share group (section 12): tasks of one group share its turn

@@ -8,6 +8,7 @@ signal, or needs its own environment.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ ECHO_MODELS = ("echo", "echo2", "slow", "crashy", "paced", "gated")
 # it runs at `paced`'s pace, and its gated line is answered only once the gate file exists. A test
 # that needs a job still running holds it so, instead of counting on the CPU being slow.
 GATE = "GATE"
+HARD_STOP_GRACE_SECONDS = 120  # after run_once's SIGTERM, before the suite gives up on it
 
 
 # -- lines and files ------------------------------------------------------------------------------
@@ -185,17 +187,23 @@ def run_once(
     from dropbox_runner.cli import main
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    level = logging.getLogger("dropbox_runner").level
     main_thread = threading.get_ident()
     timer = _Timer(timeout, signal.pthread_kill, (main_thread, signal.SIGTERM))
     timer.start()
+    # a daemon that ignores the SIGTERM (stuck in a step) must not hang the suite: past a grace
+    # period every thread's stack is printed and the test run ends, failing
+    faulthandler.dump_traceback_later(timeout + HARD_STOP_GRACE_SECONDS, exit=True)
     try:
         result = CliRunner().invoke(main, ["run", "--root", str(root), "--once", *args])
     finally:
+        faulthandler.cancel_dump_traceback_later()
         timer.cancel()
         timer.join()  # a SIGTERM it sent lands while the daemon's handler is still there
         for s, handler in previous.items():
             signal.signal(s, handler)
         _drop_log_handlers()
+        logging.getLogger("dropbox_runner").setLevel(level)
     said = result.stderr + result.stdout
     if timer.fired:
         raise AssertionError(f"run --once still running after {timeout}s; it said:\n{said[-4000:]}")

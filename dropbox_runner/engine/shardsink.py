@@ -15,9 +15,11 @@ from dropbox_runner.results.log import Marker, Recovery
 
 
 class ShardSink:
-    def __init__(self, total: int, start: int, end: int, send, task_id: str = "") -> None:
+    def __init__(self, total: int, start: int, end: int, send, task_id: str = "", done=()) -> None:
         self.done = bytearray(b"\x01") * total  # lines outside the shard are not this copy's
         self.done[start:end] = bytes(end - start)
+        for index in done:  # a shard given back: what the daemon has already is not run again
+            self.done[index] = 1
         self.marker = Marker()
         self.path = f"shard {start}-{end}"
         self._send = send

@@ -46,7 +46,9 @@ class TaskRun:
         if order.shard is None:
             self.log = ResultLog(Path(order.log), order.total)
         else:  # a copy running a shard for the daemon: results go back up the pipe
-            self.log = ShardSink(order.total, order.shard[0], order.shard[1], send, order.task_id)
+            self.log = ShardSink(
+                order.total, order.shard[0], order.shard[1], send, order.task_id, order.shard_done
+            )
         recovery = self.log.recover()
         self.log.mark_started()
         self._lines = self._requests()

@@ -18,7 +18,7 @@ from dropbox_runner import protocol as p
 class ModelHandle(Protocol):
     name: str
     started_at: float
-    alone: dict[str, int]  # task id -> the line running by itself while a culprit is hunted
+    trials: dict[str, list[int]]  # task id -> the part of its culprit hunt running alone
 
     @property
     def loaded(self) -> bool: ...

@@ -61,7 +61,7 @@ class Copies:
             raycopies.ensure_ray(settings.ray_address)  # ConnectionError: Ray cannot be reached
             self.ray = raycopies
         self.started_at = time.monotonic()
-        self.alone: dict[str, int] = {}  # the copies hunt their culprits themselves (shards.py)
+        self.trials: dict[str, list[int]] = {}  # the copies hunt their culprits themselves (shards.py)
         self.tasks: dict[str, ShardedTask] = {}
         self.out: list[p.Message] = []  # events for the slot, given by `events`
         self.load_deaths = 0  # copies that died while loading, since one last loaded
@@ -103,7 +103,7 @@ class Copies:
         elif isinstance(command, p.Cancel | p.Stop) and command.task_id in self.tasks:
             task = self.tasks[command.task_id]  # its shards are withdrawn by `_maybe_end`
             task.leaving = task.leaving or ("cancelled" if isinstance(command, p.Cancel) else "interrupted")
-        elif isinstance(command, p.Stop):  # every task commits and goes; the copies end after
+        elif isinstance(command, p.Stop) and not command.task_id:  # every task commits and goes
             self.stopping = True
             for task in self.tasks.values():
                 task.leaving = task.leaving or "interrupted"
@@ -177,8 +177,12 @@ class Copies:
         shards = ", ".join(f"{t.key} {s.start}-{s.end}" for t, s in held.values()) or "none"
         say = log.info if self.stopping else log.error  # while stopping, copies end as told
         say("copy %d of %s %s (shards: %s)", copy.index, self.name, why, shards)
-        for task, shard in held.values():
-            task.copy_died(shard)
+        if not self.stopping:  # while stopping, copies end as told: no death counts, no line is a suspect
+            by_task: dict[str, tuple[ShardedTask, list[Shard]]] = {}
+            for task, shard in held.values():
+                by_task.setdefault(task.key, (task, []))[1].append(shard)
+            for task, shards in by_task.values():
+                task.copy_died(shards)  # one death per task, however many of its shards the copy held
         if not copy.proc.loaded and not self.stopping:
             self.load_deaths += 1
         if self.stopping:

@@ -4,7 +4,7 @@ writer of state/; outputs are the same files as with one copy. The copies themse
 slot (`pool.Copies`); a task only borrows them.
 
 Faults: a copy that dies gives its shards back (what it sent is kept, the rest runs again); a shard
-that was on a dead copy is a suspect and runs alone on a copy, so a second death is its own: a
+that was on a dead copy is a suspect and runs alone on its copy, so a second death is its own: a
 suspect of several lines is halved (crashes.halves), and a line that kills a copy alone fails with
 `engine_crash`. Another task's line never fails a task.
 """
@@ -40,10 +40,6 @@ class Shard:
     start: int
     end: int
     crashes: int = 0  # deaths of copies that held it; a suspect (> 0) runs alone on a copy
-
-    @property
-    def alone(self) -> bool:
-        return self.end - self.start == 1
 
 
 class ShardedTask:
@@ -168,6 +164,7 @@ class ShardedTask:
             request_timeout_seconds=o.request_timeout_seconds,
             shard=[shard.start, shard.end],
             shard_at=self._start_of(shard.start),
+            shard_done=self._done_in(shard),
             task_id=shard_id,
             priority=o.priority,
             group=o.group,
@@ -191,11 +188,12 @@ class ShardedTask:
         if not self.leaving and self._skip_done(shard):
             self.queue.appendleft(shard)
 
-    def copy_died(self, shard: Shard) -> None:
-        """A copy that held this shard died: its lines without a result run again, the culprit is
-        hunted among them; too many deaths and the task gives up."""
+    def copy_died(self, shards: list[Shard]) -> None:
+        """A copy that held these shards of the task died (one death): their lines without a result
+        run again, the culprit is hunted among them; too many deaths and the task gives up."""
         self.deaths += 1
-        self.give_back(shard)
+        for shard in shards:
+            self.give_back(shard)
         if self.deaths > MAX_COPY_DEATHS + len(self.poison) + self.narrowings:
             self.give_up(f"copies of {self.order.model} died {self.deaths} times with shards of {self.key}")
 
@@ -204,17 +202,22 @@ class ShardedTask:
         if not self._skip_done(shard):  # what the copy sent is kept: the shard resumes after it
             return
         shard.crashes += 1
-        verdict = crashes.after_shard_crash(shard.crashes, shard.alone)
+        missing = [i for i in range(shard.start, shard.end) if not self.log.done[i]]
+        verdict = crashes.after_shard_crash(shard.crashes, len(missing) == 1)
         if verdict == "poison":
-            self._poison(shard.start)
+            self._poison(missing[0])
         elif verdict == "split":
             log.warning("lines %d-%d killed two copies; halving them", shard.start, shard.end - 1)
             self.narrowings += 1  # a death that narrows the hunt is not given up for
-            done = self.log.done
-            missing = [i for i in range(shard.start, shard.end) if not done[i]]
             self.queue.extendleft(reversed([Shard(a, b + 1, crashes=1) for a, b in crashes.halves(missing)]))
         else:
             self.queue.appendleft(shard)
+
+    def _done_in(self, shard: Shard) -> list[int]:
+        """Lines of a given-back shard that have a result (a copy answers out of order): the copy
+        that takes the shard skips them, so a committed result is never computed again."""
+        done = self.log.done
+        return [i for i in range(shard.start, shard.end) if done[i]]
 
     def _poison(self, index: int) -> None:
         self.poison.append(index)
