@@ -12,7 +12,18 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
+from conftest import (
+    Daemon,
+    batch_json,
+    chat_line,
+    finished,
+    gated_job,
+    open_gate,
+    read_jsonl,
+    run_once,
+    wait_for,
+    write_jsonl,
+)
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -131,3 +142,46 @@ def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Pat
     finally:
         d.kill(signal.SIGTERM)
     assert peak < 150, f"the daemon's peak memory was {peak:.0f} MB"
+
+
+def test_a_daemon_started_on_a_full_disk_waits_for_space_then_finishes_the_job(
+    root: Path, tmp_path: Path
+) -> None:
+    # Found by the nemesis (seed 202, 28 minutes): a daemon restarted while the disk was full
+    # exited by itself with "No space left on device ()" (its info file, before any recovery).
+    full = tmp_path / "disk-full"
+    env = {fsutil.TEST_ENOSPC_ENV: str(full)}
+    write_jsonl(root / "inbox/gated/job.jsonl", gated_job(200))  # held open by its last line
+    log = root / "state/daemon.log"
+    first = Daemon(root, env=env)
+    try:
+        wait_for(lambda: list(root.glob("state/jobs/*/gated.marker")), what="a first commit")
+    finally:
+        first.kill(signal.SIGKILL)  # a crash mid-job: the next start has a task to recover
+    full.touch()
+    d = Daemon(root, env=env)
+    try:
+        wait_for(lambda: "paused for" in log.read_text() or not d.alive(), what="the pause at start")
+        assert d.alive(), d.output()[-2000:]
+        full.unlink()
+        open_gate(root)
+        wait_for(lambda: finished(root, "job") or not d.alive(), timeout=120, what="the job to finish")
+        assert d.alive(), d.output()[-2000:]
+    finally:
+        if d.alive():
+            d.kill(signal.SIGTERM)
+    assert log.read_text().count("paused for") == 1, "the pause at start is logged once"
+    assert batch_json(root, "job")["status"] == "completed", batch_json(root, "job")["errors"]
+    assert [x["custom_id"] for x in read_jsonl(root / "outbox/job/gated.jsonl")] == [
+        f"q-{i}" for i in range(200)
+    ]
+
+
+def test_a_daemon_stopped_while_it_waits_for_space_at_start_stops_cleanly(root: Path, tmp_path: Path) -> None:
+    full = tmp_path / "disk-full"
+    full.touch()
+    d = Daemon(root, env={fsutil.TEST_ENOSPC_ENV: str(full)})
+    log = root / "state/daemon.log"
+    wait_for(lambda: log.exists() and "paused for" in log.read_text() or not d.alive(), what="the pause")
+    assert d.kill(signal.SIGTERM) == 0, d.output()[-2000:]
+    assert "Traceback" not in d.output(), d.output()[-2000:]
