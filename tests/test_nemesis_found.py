@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from dropbox_runner import fsutil
 
@@ -57,7 +61,7 @@ def test_a_drop_named_255_bytes_in_a_model_folder_leaves_the_daemon_up(root: Pat
 def test_a_receiver_answering_garbage_does_not_stop_the_next_receivers_delivery(tmp_path: Path) -> None:
     # Found by the nemesis's flapping receiver in its `garbage` mode: BadStatusLine is not an
     # OSError, so it escapes the delivery loop before the attempt is recorded.
-    from nemesis_kit import WEBHOOK_SECRET, Receiver
+    from nemesis_receiver import WEBHOOK_SECRET, Receiver
 
     from dropbox_runner.config import Webhook
     from dropbox_runner.layout import Layout
@@ -185,3 +189,39 @@ def test_a_daemon_stopped_while_it_waits_for_space_at_start_stops_cleanly(root: 
     wait_for(lambda: log.exists() and "paused for" in log.read_text() or not d.alive(), what="the pause")
     assert d.kill(signal.SIGTERM) == 0, d.output()[-2000:]
     assert "Traceback" not in d.output(), d.output()[-2000:]
+
+
+def test_the_nemesis_skips_a_write_the_full_disk_has_no_room_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the nemesis (seed 202, 28 minutes): it died itself writing a hostile drop into a full
+    # inbox. Its writes now find no room as on a full disk (each staged file is made, its data goes
+    # to /dev/full, which answers ENOSPC): the fault is skipped and counted, nothing is left behind.
+    import nemesis_faults
+    import nemesis_kit
+
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        real_open(path, mode).close()
+        return real_open("/dev/full", mode)
+
+    monkeypatch.setattr(nemesis_kit, "open", full_open, raising=False)
+    monkeypatch.setattr(nemesis_faults, "HOSTILE_KINDS", ("bad_json", "bad_manifest", "unknown_model"))
+
+    class Thrower(nemesis_faults.Faults):
+        skipped = {k for k in nemesis_faults.FAULTS if k != "hostile_drop"}
+        rng = random.Random(1)
+        root, outside = tmp_path / "root", tmp_path / "outside"
+        faults, disk_skips = collections.Counter(), collections.Counter()
+        rejects: list = []
+
+    n = Thrower()
+    (n.root / "inbox/e1").mkdir(parents=True)
+    for _ in range(6):
+        n.throw()
+    assert (n.disk_skips["hostile_drop"], n.faults["hostile_drop"], n.rejects) == (6, 0, [])
+    job = nemesis_kit.Job("j0001", "manifest", ["e1"], ['{"custom_id": "j0001-0"}'], b"j0001.jsonl")
+    with pytest.raises(nemesis_kit.DiskFull):
+        nemesis_kit.drop_file(n.root / "inbox", job)
+    assert [p for p in (n.root / "inbox").rglob("*") if p.is_file()] == [], "a write left a file behind"
