@@ -16,18 +16,7 @@ from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from conftest import (
-    Daemon,
-    batch_json,
-    chat_line,
-    finished,
-    gated_job,
-    open_gate,
-    read_jsonl,
-    run_once,
-    wait_for,
-    write_jsonl,
-)
+from conftest import Daemon, batch_json, chat_line, finished, read_jsonl, run_once, wait_for, write_jsonl
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -153,6 +142,8 @@ def test_a_daemon_started_on_a_full_disk_waits_for_space_then_finishes_the_job(
 ) -> None:
     # Found by the nemesis (seed 202, 28 minutes): a daemon restarted while the disk was full
     # exited by itself with "No space left on device ()" (its info file, before any recovery).
+    from conftest import gated_job, open_gate
+
     full = tmp_path / "disk-full"
     env = {fsutil.TEST_ENOSPC_ENV: str(full)}
     write_jsonl(root / "inbox/gated/job.jsonl", gated_job(200))  # held open by its last line
