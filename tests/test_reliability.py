@@ -298,3 +298,36 @@ def test_a_wall_clock_set_back_a_day_does_not_stall_retention(
     clocks.run(61)
     core._prune()
     assert not (root / "outbox/p").exists() and not (root / "state/archive" / spec.id).exists()
+
+
+def test_a_wall_clock_set_forward_past_a_deadline_expires_the_job_at_the_next_check(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decision (docs/reliability.md): expires_at is the deadline the user wrote, in Unix seconds;
+    # once the wall clock says it has passed, the job expires, however little time the daemon saw.
+    clocks = Clocks(monkeypatch)
+    core = core_for(root)
+    take(core, "echo/f.jsonl", [chat_line(0)], {"completion_window": "1h"})
+    clocks.run(2)
+    core._expire()
+    assert batch_json(root, "f")["status"] != "expired"
+    clocks.wall += 3600  # the clock is set forward an hour
+    clocks.mono += 2
+    core._expire()
+    assert batch_json(root, "f")["status"] == "expired"
+
+
+def test_the_history_keeps_its_cadence_when_the_wall_clock_jumps(tmp_path: Path) -> None:
+    from dropbox_runner.status.history import History
+
+    layout = Layout(tmp_path)
+    layout.state.mkdir()
+    wall, mono = [1000.0], [0.0]
+    history = History(layout, clock=lambda: wall[0], every=10, ticker=lambda: mono[0])
+    taken = []
+    for step, jump in enumerate([0, 0, -3600, 0, 0, 86400, 0]):
+        wall[0] += 10 + jump
+        mono[0] += 10 if step != 5 else 1  # a jump forward a day, one second after the last point
+        taken.append(history.tick())
+    assert taken == [True, True, True, True, True, False, True], "set back: no stall; forward: no extra"
+    assert [p["t"] for p in history.points][2:4] == [1030.0 - 3600, 1040.0 - 3600], "t stays the wall's"
