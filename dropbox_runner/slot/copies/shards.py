@@ -82,7 +82,7 @@ class ShardedRun:
                 ray as raycopies,  # Ray is imported only when a model asks for it
             )
 
-            raycopies.ensure_ray(settings.ray_address)
+            raycopies.ensure_ray(settings.ray_address, layout.state)
             self.ray = raycopies
         self.log = ResultLog(journal.log_path(spec.id, task.model), spec.total, blocking_lock=False)
         recovery = self.log.recover()
