@@ -216,3 +216,31 @@ def test_the_nemesis_skips_a_write_the_full_disk_has_no_room_for(
     with pytest.raises(nemesis_kit.DiskFull):
         nemesis_kit.drop_file(n.root / "inbox", job)
     assert [p for p in (n.root / "inbox").rglob("*") if p.is_file()] == [], "a write left a file behind"
+
+
+def test_a_full_disk_as_copies_start_leaves_the_tasks_result_log_unlocked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the nemesis (seed 202, 30 minutes, on trust2 at 003c19a): the fat-ids job on two
+    # copies ended `failed: BlockingIOError: [Errno 11] Resource temporarily unavailable`. A full
+    # disk while the copies' run starts (its recovery, its marker, the duplicates it commits) left
+    # the result log open with its lock held, so the task's next start could not take it (EAGAIN).
+    import errno
+
+    from test_reliability import core_for, take
+
+    from dropbox_runner.results.log import ResultLog
+
+    models = root / "models.yaml"
+    models.write_text(models.read_text() + "  two: {engine: echo, replicas: 2}\n")
+    core = core_for(root)
+    spec = take(core, "two/job.jsonl", [chat_line(i) for i in range(10)])
+
+    def full(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ResultLog, "mark_started", full)
+    with pytest.raises(OSError):
+        core._start_next()
+    monkeypatch.undo()
+    ResultLog(core.journal.log_path(spec.id, "two"), spec.total, blocking_lock=False).close()

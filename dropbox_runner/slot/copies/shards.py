@@ -85,25 +85,23 @@ class ShardedRun:
             raycopies.ensure_ray(settings.ray_address, layout.state)
             self.ray = raycopies
         self.log = ResultLog(journal.log_path(spec.id, task.model), spec.total, blocking_lock=False)
-        recovery = self.log.recover()
-        for note in recovery.notes:
-            log.warning("recovery of %s/%s: %s", spec.id, task.model, note)
-        self.log.mark_started()
-        self.answered = recovery.kept  # lines with a result, committed or not
-        self.checkpoints = self._plan()
+        try:  # a full disk here must not leave the log's lock held (the next start would get EAGAIN)
+            recovery = self.log.recover()
+            for note in recovery.notes:
+                log.warning("recovery of %s/%s: %s", spec.id, task.model, note)
+            self.log.mark_started()
+            self.answered = recovery.kept  # lines with a result, committed or not
+            self.checkpoints = self._plan()
+        except BaseException:
+            self.log.close()
+            raise
         self.queue: deque[Shard] = deque(self._shards(config.replicas))
         self.deaths = 0
         self.failed: str | None = None  # why the task cannot go on
         self.last_commit = time.monotonic()
         self.copies = [self._start_copy(i) for i in range(config.replicas)]
-        log.info(
-            "%s/%s on %d copies: %d shards, %d results already committed",
-            spec.id,
-            task.model,
-            config.replicas,
-            len(self.queue),
-            recovery.kept,
-        )
+        what = (spec.id, task.model, config.replicas, len(self.queue), recovery.kept)
+        log.info("%s/%s on %d copies: %d shards, %d results already committed", *what)
 
     # -- shards and copies -------------------------------------------------------------------------
     def _shards(self, copies: int) -> list[Shard]:
@@ -309,12 +307,14 @@ class ShardedRun:
         return self.answered >= self.spec.total
 
     def close(self) -> None:
-        """Commit what arrived and end every copy."""
-        self.commit()
-        for copy in self.copies:
-            copy.proc.end(self.settings.stop_timeout_seconds)
-        self.copies = []
-        self.log.close()
+        """Commit what arrived and end every copy (on a full disk too: then close the log, as above)."""
+        try:
+            self.commit()
+        finally:
+            for copy in self.copies:
+                copy.proc.end(self.settings.stop_timeout_seconds)
+            self.copies = []
+            self.log.close()
 
     def describe(self) -> dict:
         first = self.copies[0].proc if self.copies else None
