@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import shutil
 import signal
@@ -26,14 +27,13 @@ from nemesis_kit import (  # noqa: E402
     MARKER,
     MODELS,
     Api,
+    DiskFull,
     Job,
     Poller,
-    Receiver,
     daemon_cmd,
     describe,
     drop_file,
     fat_lines,
-    free_port,
     hostile_name,
     make_lines,
     marked_processes,
@@ -41,6 +41,7 @@ from nemesis_kit import (  # noqa: E402
     peak_rss_mb,
     start_process,
 )
+from nemesis_receiver import Receiver, free_port  # noqa: E402
 
 
 class Nemesis(Faults):
@@ -54,6 +55,7 @@ class Nemesis(Faults):
         self.skipped = {} if include_pending else dict(PENDING)
         self.root, self.outside = work / "root", work / "outside"
         self.faults: collections.Counter = collections.Counter()
+        self.disk_skips: collections.Counter = collections.Counter()  # not thrown: no space for it
         self.failures: list[str] = []
         self.jobs: list[Job] = []
         self.rejects: list[str] = []  # outbox names that must end `failed`
@@ -68,6 +70,7 @@ class Nemesis(Faults):
         self.enospc_flag: Path | None = None
         self.unexpected_exits = 0
         self.tmpfs = False
+        self.tmpfs_size, self.root_peak = TMPFS_SIZE, 0
         self.disk_freed_at = 0.0
         self.want_tmpfs = tmpfs
 
@@ -133,12 +136,18 @@ class Nemesis(Faults):
         job = Job(tag, kind, models, lines, name)
         if kind == "api":
             refused = self.api.submit(job)
+            if refused and self.root_full():
+                raise DiskFull(refused)
             if refused:
                 self.failures.append(f"the API refused {tag}: {refused}")
                 return
         else:
             drop_file(self.root / "inbox", job)
         self.jobs.append(job)
+
+    def root_full(self) -> bool:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize < 1 << 20
 
     def open_jobs(self) -> int:
         return sum(1 for j in self.jobs if not self.verifier.is_final(j))
@@ -177,6 +186,8 @@ class Nemesis(Faults):
                 raise RuntimeError("the daemon stopped by itself three times; giving up")
             self.start_daemon()
         self.sample_memory()
+        if self.tmpfs:
+            self.grow_tmpfs()
 
     def run(self) -> bool:
         self.verifier = Verifier(self)
@@ -185,8 +196,11 @@ class Nemesis(Faults):
             deadline = time.monotonic() + self.seconds
             next_fault = time.monotonic() + 2
             while time.monotonic() < deadline:
-                while self.open_jobs() < OPEN_JOBS:
-                    self.new_job()
+                try:
+                    while self.open_jobs() < OPEN_JOBS:
+                        self.new_job()
+                except DiskFull:  # no space for the job: tried again on the next turn
+                    self.disk_skips["job"] += 1
                 if time.monotonic() >= next_fault:
                     self.throw()
                     next_fault = time.monotonic() + self.rng.uniform(0.5, 4)
@@ -233,6 +247,13 @@ class Nemesis(Faults):
             f"  jobs {len(self.jobs)} ({len(v.api_jobs())} through the API), lines {v.total_lines()}, "
             f"hostile drops {len(self.rejects) + len(self.symlinks)}, daemon starts {self.incarnation}"
         )
+        if self.disk_skips:
+            self.say(
+                "  not thrown, no space for the nemesis's own write: "
+                + ", ".join(f"{k} {n}" for k, n in sorted(self.disk_skips.items()))
+            )
+        if self.tmpfs:
+            self.say(f"  root peak usage {self.root_peak / 2**20:.0f} MB (tmpfs {self.tmpfs_size >> 20} MB)")
         calls = self.poller.calls if getattr(self, "poller", None) else 0
         self.say(
             f"  webhooks: {v.webhook_summary}; API reads {calls}; daemon peak memory {self.peak_mb:.0f} MB"

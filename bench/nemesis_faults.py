@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from nemesis_kit import HOSTILE_KINDS, hostile_drop, marked_processes
+from nemesis_kit import HOSTILE_KINDS, DiskFull, hostile_drop, marked_processes
 
 FAULTS = {  # kind -> weight
     "daemon_kill9": 3,
@@ -26,7 +26,7 @@ FAULTS = {  # kind -> weight
 PENDING: dict[str, str] = {}  # fault kinds held back while their fix is pending: none now
 DISK_FULL_GAP = 8.0  # seconds of space between two full disks when long ones are skipped
 OPEN_JOBS = 4  # jobs kept in flight, so the load does not depend on the machine's speed
-TMPFS_SIZE = 1 << 30
+TMPFS_SIZE = 1 << 30  # at first; grown while the run's results fill it (a full disk is a fault)
 OUTLIVE_SECONDS = 10.0  # a model process notices its daemon died "within a few seconds"
 
 
@@ -34,8 +34,11 @@ class Faults:
     def throw(self) -> None:
         kinds = [k for k in FAULTS if k not in self.skipped]
         kind = self.rng.choices(kinds, [FAULTS[k] for k in kinds])[0]
-        if getattr(self, kind)():
-            self.faults[kind] += 1
+        try:
+            if getattr(self, kind)():
+                self.faults[kind] += 1
+        except DiskFull:  # the root had no space for the nemesis's own write: that fault is not thrown
+            self.disk_skips[kind] += 1
 
     def daemon_kill9(self) -> bool:
         if self.daemon.poll() is not None:
@@ -120,9 +123,17 @@ class Faults:
         else:
             return False
         self.hold(hold)
-        if not self.remount(TMPFS_SIZE):
+        if not self.remount(self.tmpfs_size):
             raise RuntimeError("could not give the tmpfs its space back")
         return True
+
+    def grow_tmpfs(self) -> None:
+        """Double the tmpfs once it is three quarters used: only the disk_full fault fills it."""
+        st = os.statvfs(self.root)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        self.root_peak = max(self.root_peak, used)
+        if used > self.tmpfs_size * 3 // 4 and self.remount(self.tmpfs_size * 2):
+            self.tmpfs_size *= 2
 
     def remount(self, size: int) -> bool:
         cmd = ["mount", "-o", f"remount,size={size}", str(self.root)]

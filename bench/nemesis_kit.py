@@ -1,25 +1,25 @@
-"""The nemesis's parts: the jobs it drops, its hostile drops, the API client, the flapping webhook
-receiver, and the process and memory probes. `bench/nemesis.py` drives them.
+"""The nemesis's parts: the jobs it drops, its hostile drops, the API client, and the process and
+memory probes (the flapping webhook receiver is in `nemesis_receiver`). `bench/nemesis.py` drives them.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
+import errno
 import hashlib
-import hmac
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nemesis_receiver import WEBHOOK_SECRET
 
 # One echo model per pace; `rep` runs on two copies. The reference run uses the same names with no
 # delay and one copy: the contract says the files are the same.
@@ -30,7 +30,6 @@ MODELS = {
     "rep": {"delay_ms": 20, "max_in_flight": 8, "replicas": 2},
 }
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
-WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"nemesis-secret-0123456789abcdef").decode()
 
 
 def models_yaml(webhook_url: str | None, reference: bool = False) -> str:
@@ -100,17 +99,40 @@ def hostile_name(rng: random.Random, tag: str) -> bytes:
     return f"{tag}-caf".encode() + bytes([0xE9, 0xFF]) + b"-\xc3(.jsonl"
 
 
+class DiskFull(Exception):
+    """The nemesis could not write into the root: the disk is full (nothing of the write is left)."""
+
+
+def put_files(files: list[tuple[bytes, bytes]]) -> None:
+    """Write each (path, data) under a hidden name in its folder, then rename them in order, as
+    `submit` does; on a full disk remove what was staged and raise DiskFull."""
+    staged = []
+    try:
+        for path, data in files:
+            folder, _, name = path.rpartition(b"/")
+            tmp = folder + b"/.nemesis-" + hashlib.blake2b(name, digest_size=6).hexdigest().encode() + b".tmp"
+            staged.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except OSError as exc:
+        for tmp in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(str(exc)) from exc
+        raise
+    for tmp, (path, _) in zip(staged, files, strict=True):
+        os.rename(tmp, path)
+
+
 def drop_file(inbox: Path, job: Job) -> None:
-    """Put a job into the inbox as `submit` would: staged under a hidden name, then renamed."""
+    """Put a job into the inbox as `submit` would (a root-level job's manifest first)."""
     folder = os.fsencode(inbox / job.models[0]) if job.kind == "folder" else os.fsencode(inbox)
+    files = [(folder + b"/" + job.name, job.data())]
     if job.kind == "manifest":
         manifest = folder + b"/" + job.name.removesuffix(b".jsonl") + b".manifest.json"
-        with open(manifest, "wb") as f:
-            f.write(json.dumps({"models": job.models}).encode())
-    tmp = folder + b"/.nemesis-" + job.tag.encode() + b".tmp"
-    with open(tmp, "wb") as f:
-        f.write(job.data())
-    os.rename(tmp, folder + b"/" + job.name)
+        files.insert(0, (manifest, json.dumps({"models": job.models}).encode()))
+    put_files(files)
 
 
 # -- hostile drops that must be rejected (or ignored) with the daemon staying up -------------------
@@ -118,20 +140,31 @@ HOSTILE_KINDS = ("bad_json", "bad_manifest", "unknown_model", "symlink")
 
 
 def hostile_drop(inbox: Path, outside: Path, kind: str, tag: str) -> str | None:
-    """Drop one hostile file; returns the outbox name whose batch.json must end `failed` (None: ignored)."""
+    """Drop one hostile file; returns the outbox name whose batch.json must end `failed` (None: ignored).
+    Raises DiskFull, leaving nothing behind, when the root has no space for it."""
     name = f"{tag}-{kind}"
+    line = json.dumps({"custom_id": "x", "body": {"prompt": "a"}}).encode() + b"\n"
+    at = os.fsencode(inbox)
     if kind == "bad_json":
-        (inbox / "e1" / f"{name}.jsonl").write_bytes(b'{"custom_id": \n\xff\xfe garbage\n[1,2\n')
-    elif kind == "bad_manifest":
-        (inbox / f"{name}.manifest.json").write_text("{models: [e1")
-        (inbox / f"{name}.jsonl").write_text(json.dumps({"custom_id": "x", "body": {"prompt": "a"}}) + "\n")
-    elif kind == "unknown_model":
-        (inbox / f"{name}.manifest.json").write_text(json.dumps({"models": ["e1", "no-such-model"]}))
-        (inbox / f"{name}.jsonl").write_text(json.dumps({"custom_id": "x", "body": {"prompt": "a"}}) + "\n")
+        put_files([(at + f"/e1/{name}.jsonl".encode(), b'{"custom_id": \n\xff\xfe garbage\n[1,2\n')])
+    elif kind in ("bad_manifest", "unknown_model"):
+        manifest = (
+            b"{models: [e1"
+            if kind == "bad_manifest"
+            else json.dumps({"models": ["e1", "no-such-model"]}).encode()
+        )
+        put_files(
+            [(at + f"/{name}.manifest.json".encode(), manifest), (at + f"/{name}.jsonl".encode(), line)]
+        )
     elif kind == "symlink":
         target = outside / f"{name}.jsonl"
         target.write_text(json.dumps({"custom_id": "x", "url": "/v1/completions", "body": {"prompt": "a"}}))
-        (inbox / "e2" / f"{name}.jsonl").symlink_to(target)
+        try:
+            (inbox / "e2" / f"{name}.jsonl").symlink_to(target)
+        except OSError as exc:  # a long target takes a block of the root
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(exc)) from exc
+            raise
         return None
     return name
 
@@ -207,102 +240,6 @@ class Poller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- a webhook receiver that flaps -----------------------------------------------------------------
-class Receiver:
-    """Standard Webhooks receiver on 127.0.0.1: `mode` is ok, error (500), down (refuses) or garbage."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.mode = "ok"
-        self.events: dict[str, dict] = {}  # event id -> event, once answered 2xx with a good signature
-        self.bad_signatures = 0
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._listen()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def _listen(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(16)
-        s.settimeout(0.2)
-        self._sock = s
-
-    def set_mode(self, mode: str) -> None:
-        with self._lock:
-            if mode == "down" and self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            elif mode != "down" and self._sock is None:
-                self._listen()
-            self.mode = mode
-
-    def _serve(self) -> None:
-        while True:
-            with self._lock:
-                sock = self._sock
-            if sock is None:
-                time.sleep(0.1)
-                continue
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data and len(data) < 65536:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            headers = dict(
-                line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line
-            )
-            headers = {k.lower(): v for k, v in headers.items()}
-            length = int(headers.get("content-length", 0))
-            while len(body) < length:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                body += chunk
-            mode = self.mode
-            if mode == "garbage":
-                conn.sendall(b"this is not HTTP\r\n\r\n")
-                return
-            if mode == "error":
-                conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
-                return
-            if self._signed(headers, body):
-                event = json.loads(body)
-                self.events[event["id"]] = event
-            else:
-                self.bad_signatures += 1
-            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
-
-    @staticmethod
-    def _signed(headers: dict[str, str], body: bytes) -> bool:
-        key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
-        msg = f"{headers.get('webhook-id')}.{headers.get('webhook-timestamp')}.".encode() + body
-        want = "v1," + base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode()
-        return hmac.compare_digest(want, headers.get("webhook-signature", ""))
 
 
 # -- processes ---------------------------------------------------------------------------------------

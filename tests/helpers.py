@@ -332,3 +332,43 @@ def served_together(root: Path, ids: list[str]) -> bool:
 
 def expected(n: int) -> list[tuple]:
     return [(f"q-{i}", f"echo: question number {i}" if i < n - 1 else "echo: GATE") for i in range(n)]
+
+
+# -- an in-process daemon whose steps a test calls (tests/test_reliability.py) ------------------
+def core_for(root: Path) -> Any:
+    """A daemon, in-process and not looping: a test calls its steps (a new one is a restart)."""
+    from dropbox_runner.config import load_registry
+    from dropbox_runner.daemon.loop import Daemon as Core
+    from dropbox_runner.layout import Layout
+
+    registry = load_registry(root)
+    registry.settings.settle_seconds = 0
+    core = Core(Layout(root), registry)
+    core.layout.make(list(registry.models))
+    return core
+
+
+def take(core: Any, rel: str, lines: list, manifest: dict | None = None) -> Any:
+    """A drop taken by the in-process daemon (`core_for`), as the loop would; its JobSpec."""
+    from dropbox_runner.intake.scanner import Drop
+
+    path = write_jsonl(core.layout.inbox / rel, lines)
+    sidecar = None
+    if manifest is not None:
+        sidecar = path.with_name(path.name[: -len(".jsonl")] + ".manifest.json")
+        sidecar.write_text(json.dumps(manifest))
+    folder = rel.split("/")[0] if "/" in rel else None
+    core.claimer.claim(Drop(path, folder, sidecar))
+    return core.journal.find(path.name[: -len(".jsonl")])
+
+
+# -- Ray copies (tests/test_ray.py, tests/test_ray_files.py) ----------------------------------------
+def ray_models(root: Path, address: str) -> None:
+    models_yaml(
+        root,
+        settings={"ray_address": f"'{address}'"},
+        models={
+            "rr": "{engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}"
+        },
+    )
+    (root / "inbox/rr").mkdir()

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dropbox_runner import fsutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from helpers import batch_json, chat_line, finished, models_yaml, read_jsonl, run_once, wait_for, write_jsonl
+from helpers import (
+    batch_json,
+    chat_line,
+    core_for,
+    finished,
+    gated_job,
+    models_yaml,
+    open_gate,
+    read_jsonl,
+    run_once,
+    take,
+    wait_for,
+    write_jsonl,
+)
 
 
 def outbox_folders(root: Path) -> list[str]:
@@ -46,7 +63,7 @@ def test_a_drop_named_255_bytes_in_a_model_folder_leaves_the_daemon_up(root: Pat
 def test_a_receiver_answering_garbage_does_not_stop_the_next_receivers_delivery(tmp_path: Path) -> None:
     # Found by the nemesis's flapping receiver in its `garbage` mode: BadStatusLine is not an
     # OSError, so it escapes the delivery loop before the attempt is recorded.
-    from nemesis_kit import WEBHOOK_SECRET, Receiver
+    from nemesis_receiver import WEBHOOK_SECRET, Receiver
 
     from dropbox_runner.config import Webhook
     from dropbox_runner.layout import Layout
@@ -132,3 +149,109 @@ def test_long_duplicate_ids_on_two_copies_keep_the_daemon_under_150_mb(root: Pat
     finally:
         d.kill(signal.SIGTERM)
     assert peak < 150, f"the daemon's peak memory was {peak:.0f} MB"
+
+
+def test_a_daemon_started_on_a_full_disk_waits_for_space_then_finishes_the_job(
+    root: Path, tmp_path: Path, daemon
+) -> None:
+    # Found by the nemesis (seed 202, 28 minutes): a daemon restarted while the disk was full
+    # exited by itself with "No space left on device ()" (its info file, before any recovery).
+    full = tmp_path / "disk-full"
+    env = {fsutil.TEST_ENOSPC_ENV: str(full)}
+    write_jsonl(root / "inbox/gated/job.jsonl", gated_job(200))  # held open by its last line
+    log = root / "state/daemon.log"
+    first = daemon(root, env=env)
+    try:
+        wait_for(lambda: list(root.glob("state/jobs/*/gated.marker")), what="a first commit")
+    finally:
+        first.kill(signal.SIGKILL)  # a crash mid-job: the next start has a task to recover
+    full.touch()
+    d = daemon(root, env=env)
+    try:
+        wait_for(lambda: "paused for" in log.read_text() or not d.alive(), what="the pause at start")
+        assert d.alive(), d.output()[-2000:]
+        full.unlink()
+        open_gate(root)
+        wait_for(lambda: finished(root, "job") or not d.alive(), timeout=120, what="the job to finish")
+        assert d.alive(), d.output()[-2000:]
+    finally:
+        if d.alive():
+            d.kill(signal.SIGTERM)
+    assert log.read_text().count("paused for") == 1, "the pause at start is logged once"
+    assert batch_json(root, "job")["status"] == "completed", batch_json(root, "job")["errors"]
+    assert [x["custom_id"] for x in read_jsonl(root / "outbox/job/gated.jsonl")] == [
+        f"q-{i}" for i in range(200)
+    ]
+
+
+def test_a_daemon_stopped_while_it_waits_for_space_at_start_stops_cleanly(
+    root: Path, tmp_path: Path, daemon
+) -> None:
+    full = tmp_path / "disk-full"
+    full.touch()
+    d = daemon(root, env={fsutil.TEST_ENOSPC_ENV: str(full)})
+    log = root / "state/daemon.log"
+    wait_for(lambda: log.exists() and "paused for" in log.read_text() or not d.alive(), what="the pause")
+    assert d.kill(signal.SIGTERM) == 0, d.output()[-2000:]
+    assert "Traceback" not in d.output(), d.output()[-2000:]
+
+
+def test_the_nemesis_skips_a_write_the_full_disk_has_no_room_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the nemesis (seed 202, 28 minutes): it died itself writing a hostile drop into a full
+    # inbox. Its writes now find no room as on a full disk (each staged file is made, its data goes
+    # to /dev/full, which answers ENOSPC): the fault is skipped and counted, nothing is left behind.
+    import nemesis_faults
+    import nemesis_kit
+
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        real_open(path, mode).close()
+        return real_open("/dev/full", mode)
+
+    monkeypatch.setattr(nemesis_kit, "open", full_open, raising=False)
+    monkeypatch.setattr(nemesis_faults, "HOSTILE_KINDS", ("bad_json", "bad_manifest", "unknown_model"))
+
+    class Thrower(nemesis_faults.Faults):
+        skipped = {k for k in nemesis_faults.FAULTS if k != "hostile_drop"}
+        rng = random.Random(1)
+        root, outside = tmp_path / "root", tmp_path / "outside"
+        faults, disk_skips = collections.Counter(), collections.Counter()
+        rejects: list = []
+
+    n = Thrower()
+    (n.root / "inbox/e1").mkdir(parents=True)
+    for _ in range(6):
+        n.throw()
+    assert (n.disk_skips["hostile_drop"], n.faults["hostile_drop"], n.rejects) == (6, 0, [])
+    job = nemesis_kit.Job("j0001", "manifest", ["e1"], ['{"custom_id": "j0001-0"}'], b"j0001.jsonl")
+    with pytest.raises(nemesis_kit.DiskFull):
+        nemesis_kit.drop_file(n.root / "inbox", job)
+    assert [p for p in (n.root / "inbox").rglob("*") if p.is_file()] == [], "a write left a file behind"
+
+
+def test_a_full_disk_as_copies_start_leaves_the_tasks_result_log_unlocked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the nemesis (seed 202, 30 minutes, on trust2 at 003c19a): the fat-ids job on two
+    # copies ended `failed: BlockingIOError: [Errno 11] Resource temporarily unavailable`. A full
+    # disk while the copies' run starts (its recovery, its marker, the duplicates it commits) left
+    # the result log open with its lock held, so the task's next start could not take it (EAGAIN).
+    import errno
+
+    from dropbox_runner.results.log import ResultLog
+
+    models_yaml(root, models={"two": "{engine: echo, replicas: 2}"})
+    core = core_for(root)
+    spec = take(core, "two/job.jsonl", [chat_line(i) for i in range(10)])
+
+    def full(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ResultLog, "mark_started", full)
+    with pytest.raises(OSError):
+        core._start_next()
+    monkeypatch.undo()
+    ResultLog(core.journal.log_path(spec.id, "two"), spec.total, blocking_lock=False).close()

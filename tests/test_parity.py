@@ -308,7 +308,7 @@ def test_history_stays_bounded_over_ten_thousand_points(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     layout.state.mkdir()
     clock = iter(range(0, 10**9, 10))
-    history = History(layout, clock=lambda: next(clock))
+    history = History(layout, ticker=lambda: next(clock))
     sizes = []
     for i in range(10_000):
         history.done("tiny-llama", 3, 96)

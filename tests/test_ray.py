@@ -22,6 +22,7 @@ from helpers import (  # noqa: E402
     gated_job,
     models_yaml,
     open_gate,
+    ray_models,
     read_jsonl,
     run_once,
     served_together,
@@ -41,17 +42,6 @@ def cluster():
     c.wait_for_nodes()
     yield c, node_b
     c.shutdown()
-
-
-def ray_models(root: Path, address: str) -> None:
-    models_yaml(
-        root,
-        settings={"ray_address": f"'{address}'"},
-        models={
-            "rr": "{engine: echo, replicas: 3, executor: ray, engine_args: {delay_ms: 5, max_in_flight: 16}}"
-        },
-    )
-    (root / "inbox/rr").mkdir()
 
 
 def test_three_ray_copies_on_two_nodes_give_the_same_file_as_one_local_copy(cluster, root: Path) -> None:
@@ -97,33 +87,39 @@ def test_a_copy_killed_and_a_node_removed_mid_job_lose_nothing(cluster, root: Pa
     assert "lost its Ray actor" in (root / "state/daemon.log").read_text()
 
 
-def ray_processes() -> set[int]:
+def ray_processes(mark: str = "") -> set[int]:
+    """Ray's processes on the machine; with `mark`, only those started under that TEST_MARK (other
+    sessions start Ray of their own meanwhile)."""
     found = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes() + b"\0" if mark else b""
         except OSError:
             continue
         if b"raylet" in cmd or b"gcs_server" in cmd or b"ray::" in cmd or b"default_worker" in cmd:
-            found.add(int(pid))
+            if f"TEST_MARK={mark}\0".encode() in env or not mark:
+                found.add(int(pid))
     return found
 
 
 def test_kill_9_of_the_daemon_ends_its_private_ray_and_the_restart_resumes(root: Path, daemon) -> None:
     ray_models(root, "local")
     write_jsonl(root / "inbox/rr/k.jsonl", [chat_line(i) for i in range(30000)])
-    before = ray_processes()
-    d = daemon(root)
+    mark = f"kill9-{os.getpid()}-{root.parent.name}"
+    d = daemon(root, env={"TEST_MARK": mark})
     wait_for(lambda: len([x for x in snapshot(root).get("copies") or [] if x["loaded"]]) == 3, timeout=120)
-    ours = ray_processes() - before
+    ours = ray_processes(mark)
     assert ours, "the daemon started its own Ray"
     d.kill(signal.SIGKILL)
     try:
-        wait_for(lambda: not (ray_processes() & ours), timeout=60, what="the daemon's Ray processes to end")
+        wait_for(
+            lambda: not (ray_processes(mark) & ours), timeout=60, what="the daemon's Ray processes to end"
+        )
     except AssertionError:
-        left = [Path(f"/proc/{x}/cmdline").read_bytes()[:200] for x in ray_processes() & ours]
+        left = [Path(f"/proc/{x}/cmdline").read_bytes()[:200] for x in ray_processes(mark) & ours]
         raise AssertionError(f"left behind: {left}") from None
     run_once(root, timeout=240, subprocess=True)  # Ray stays out of the test process
     assert [x["custom_id"] for x in read_jsonl(root / "outbox/k/rr.jsonl")] == [

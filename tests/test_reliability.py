@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from dropbox_runner.config import load_registry
-from dropbox_runner.daemon.loop import Daemon as Core
 from dropbox_runner.intake.scanner import Drop
 from dropbox_runner.jobs.operations import request
 from dropbox_runner.layout import Layout
-from dropbox_runner.queue.journal import JobSpec, Journal
+from dropbox_runner.queue.journal import Journal
 from dropbox_runner.results import batchfile, webhooks
 
-from helpers import batch_json, chat_line, models_yaml, run_once, wait_for, write_jsonl
+from helpers import batch_json, chat_line, core_for, models_yaml, run_once, take, wait_for, write_jsonl
 from servers import free_port
 
 FINAL = ("completed", "failed", "cancelled", "expired")
@@ -49,26 +47,6 @@ def hooks_yaml(root: Path, events: str = "") -> None:
 
 def events(root: Path) -> list[dict]:
     return [json.loads(p.read_text())["event"] for p in sorted((root / "state/webhooks").glob("evt_*.json"))]
-
-
-def core_for(root: Path) -> Core:
-    """A daemon, in-process and not looping: a test calls its steps (a new one is a restart)."""
-    registry = load_registry(root)
-    registry.settings.settle_seconds = 0
-    core = Core(Layout(root), registry)
-    core.layout.make(list(registry.models))
-    return core
-
-
-def take(core: Core, rel: str, lines: list, manifest: dict | None = None) -> JobSpec:
-    path = write_jsonl(core.layout.inbox / rel, lines)
-    sidecar = None
-    if manifest is not None:
-        sidecar = path.with_name(path.name[: -len(".jsonl")] + ".manifest.json")
-        sidecar.write_text(json.dumps(manifest))
-    folder = rel.split("/")[0] if "/" in rel else None
-    core.claimer.claim(Drop(path, folder, sidecar))
-    return core.journal.find(path.name[: -len(".jsonl")])
 
 
 def crash_after_final_batch_json(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,3 +273,36 @@ def test_a_wall_clock_set_back_a_day_does_not_stall_retention(
     clocks.run(61)
     core._prune()
     assert not (root / "outbox/p").exists() and not (root / "state/archive" / spec.id).exists()
+
+
+def test_a_wall_clock_set_forward_past_a_deadline_expires_the_job_at_the_next_check(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decision (docs/reliability.md): expires_at is the deadline the user wrote, in Unix seconds;
+    # once the wall clock says it has passed, the job expires, however little time the daemon saw.
+    clocks = Clocks(monkeypatch)
+    core = core_for(root)
+    take(core, "echo/f.jsonl", [chat_line(0)], {"completion_window": "1h"})
+    clocks.run(2)
+    core._expire()
+    assert batch_json(root, "f")["status"] != "expired"
+    clocks.wall += 3600  # the clock is set forward an hour
+    clocks.mono += 2
+    core._expire()
+    assert batch_json(root, "f")["status"] == "expired"
+
+
+def test_the_history_keeps_its_cadence_when_the_wall_clock_jumps(tmp_path: Path) -> None:
+    from dropbox_runner.status.history import History
+
+    layout = Layout(tmp_path)
+    layout.state.mkdir()
+    wall, mono = [1000.0], [0.0]
+    history = History(layout, clock=lambda: wall[0], every=10, ticker=lambda: mono[0])
+    taken = []
+    for step, jump in enumerate([0, 0, -3600, 0, 0, 86400, 0]):
+        wall[0] += 10 + jump
+        mono[0] += 10 if step != 5 else 1  # a jump forward a day, one second after the last point
+        taken.append(history.tick())
+    assert taken == [True, True, True, True, True, False, True], "set back: no stall; forward: no extra"
+    assert [p["t"] for p in history.points][2:4] == [1030.0 - 3600, 1040.0 - 3600], "t stays the wall's"

@@ -194,7 +194,9 @@ def test_history_keeps_a_series_per_running_task(tmp_path: Path) -> None:
     from dropbox_runner.status.history import History
 
     clock = iter(range(0, 1000, 10))
-    history = History(SimpleNamespace(history=tmp_path / "history.json"), clock=lambda: next(clock), every=10)
+    history = History(
+        SimpleNamespace(history=tmp_path / "history.json"), ticker=lambda: next(clock), every=10
+    )
     history.task_progress("j1/m", "a", 5, 50)
     history.task_progress("j2/m", "b", 1, 4)
     history.tick()

@@ -65,27 +65,51 @@ class Daemon:
     def run(self) -> int:
         lock = acquire_root(self.layout)
         try:
-            self.layout.make(list(self.registry.models))
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
-            write_json(self.layout.daemon_info, info)
             self._install_signals()
             self._check_models()
-            try:
-                self._recover()
-            except OSError as exc:  # a full disk at start: pause, and the loop recovers after it
-                if not is_environmental(exc):
-                    raise
-                self._pause(f"{exc.strerror or exc} ({exc.filename or 'state'})")
-            poll = should_poll(self.settings.poll, self.layout.inbox)
-            self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
-            self.watcher.start()
-            self.sender.start()
+            if not self._until_space(self._start):  # stopped while the disk was full
+                return 0
             self.notifier.ready(f"watching {self.layout.inbox} ({self.watcher.mode})")
             self._loop()
             return 0
         finally:
             self._shutdown()
             lock.release()
+
+    def _start(self) -> None:
+        """Everything before the loop; each step may be repeated (after a full disk at start)."""
+        self.layout.make(list(self.registry.models))
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
+        write_json(self.layout.daemon_info, info)
+        self._recover()
+        if self.watcher is None:
+            poll = should_poll(self.settings.poll, self.layout.inbox)
+            self.watcher = Watcher(self.layout.inbox, poll, self.settings.poll_interval)
+            self.watcher.start()
+            self.sender.start()
+
+    def _until_space(self, step: Callable[[], None]) -> bool:
+        """Run `step`; on a full disk (any failure of the machine) log it once, wait out the loop's
+        pause, and try again until it passes (True) or the daemon is told to stop (False)."""
+        waited = False
+        while not self.stopping:
+            try:
+                step()
+            except OSError as exc:
+                if not is_environmental(exc):
+                    raise
+                if not waited:
+                    self._pause(f"{exc.strerror or exc} ({exc.filename or 'state'}), at start")
+                waited, self.paused_until = True, time.monotonic() + IO_RETRY_SECONDS
+                while not self.stopping and time.monotonic() < self.paused_until:
+                    self.notifier.alive()
+                    time.sleep(0.2)
+                continue
+            if waited:
+                log.info("the disk has space again: starting")
+            self.paused_until = 0.0
+            return True
+        return False
 
     def _install_signals(self) -> None:
         def handler(signum: int, frame: object) -> None:
@@ -118,15 +142,28 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.execution.stop()
+        self._unless_full(self.execution.stop, fallback=self.execution.abort_after_disk_error)
         if "dropbox_runner.slot.copies.ray" in sys.modules:  # imported only if a model used Ray
             sys.modules["dropbox_runner.slot.copies.ray"].stop()
-        self.history.tick(force=True)
+        self._unless_full(self.history.tick, True)
         if self.watcher:
             self.watcher.stop()
         self.sender.stop()
-        self._snapshot(force=True, stopped=True)
+        self._unless_full(self._snapshot, True, True)  # forced, stopped
         log.info("stopped")
+
+    @staticmethod
+    def _unless_full(step: Callable[..., object], *args: object, fallback: Callable | None = None) -> None:
+        """A step of the stop that a full disk must not keep from the next ones (nothing is lost:
+        the next start recovers from the logs, as after a crash)."""
+        try:
+            step(*args)
+        except OSError as exc:
+            if not is_environmental(exc):
+                raise
+            log.error("stopping on a full disk: %s", exc)
+            if fallback is not None:
+                fallback()
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:

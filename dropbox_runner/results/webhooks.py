@@ -304,9 +304,7 @@ class Sender:
             record = read_json_or_none(path)
             if not _well_formed(record):
                 return
-            state = record["deliveries"].setdefault(
-                self.keys[i], {"attempts": 0, "next_at": 0, "done": False}
-            )
+            state = record["deliveries"].setdefault(self.keys[i], {"attempts": 0, "done": False})
             state["attempts"] = state.get("attempts", 0) + 1
             if failure is None:
                 state["done"] = True

@@ -23,9 +23,17 @@ MAX_EVENTS = 200  # loads and swaps kept
 
 
 class History:
-    def __init__(self, layout: Layout, clock: Any = time.time, every: float = POINT_SECONDS) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        clock: Any = time.time,
+        every: float = POINT_SECONDS,
+        ticker: Any = time.monotonic,
+    ) -> None:
+        """`clock` gives a point's `t` (Unix seconds, as saved); `ticker` times the points' cadence
+        (monotonic: a wall-clock jump neither stalls the points nor bunches them)."""
         self.path = layout.history
-        self.clock, self.every = clock, every
+        self.clock, self.every, self.ticker = clock, every, ticker
         saved = read_json_or_none(self.path)
         saved = saved if isinstance(saved, dict) else {}
         self.points: deque[dict[str, Any]] = deque(saved.get("points") or [], maxlen=MAX_POINTS)
@@ -66,10 +74,10 @@ class History:
 
     def tick(self, force: bool = False, save: bool = True) -> bool:
         """Add a point every POINT_SECONDS (and save it); True if it did."""
-        now = self.clock()
-        if not force and now - self.last_point < self.every:
+        tick = self.ticker()
+        if not force and tick - self.last_point < self.every:
             return False
-        self.last_point = now
+        self.last_point, now = tick, self.clock()
         models = {
             m: {"requests": int(t["requests"]), "tokens": int(t["tokens"])} for m, t in self.totals.items()
         }

@@ -2,7 +2,7 @@
 group of its own, ended whole, agents included, as soon as the daemon is gone (its stdin closes,
 even after `kill -9`). Prints the head's address once it is up.
 
-`python -m dropbox_runner.slot.copies.lifeline` (started by `raycopies.ensure_ray`).
+`python -m dropbox_runner.slot.copies.lifeline <temp folder>` (started by `ray.ensure_ray`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> int:
             "--include-dashboard=false",
             "--disable-usage-stats",
             f"--num-cpus={os.cpu_count() or 1}",
+            f"--temp-dir={sys.argv[1]}",  # under the root where the socket paths allow (ray.py)
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -58,7 +58,7 @@ class Copies:
                 ray as raycopies,  # Ray is imported only when a model asks for it
             )
 
-            raycopies.ensure_ray(settings.ray_address)  # ConnectionError: Ray cannot be reached
+            raycopies.ensure_ray(settings.ray_address, layout.state)  # ConnectionError: Ray cannot be reached
             self.ray = raycopies
         self.started_at = time.monotonic()
         self.trials: dict[str, list[int]] = {}  # the copies hunt their culprits themselves (shards.py)

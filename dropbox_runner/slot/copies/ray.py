@@ -3,21 +3,28 @@ model process, driven through the same shard protocol (see pool.py and shards.py
 asks for Ray.
 
 The daemon is the Ray driver: actors are not detached, so they end with it; with `ray_address:
-local` the Ray instance is its own (loopback only) and ends with it too.
+local` the Ray instance is its own (loopback only) and ends with it too; its files (sessions,
+logs, spilled objects, the actors' shard files) live under `state/ray` where the socket paths allow
+(docs/replicas.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
+import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,8 +38,8 @@ from dropbox_runner.slot.supervisor import start_message, trouble
 log = logging.getLogger("dropbox_runner.daemon")
 
 
-def ensure_ray(address: str) -> None:
-    """Start (local) or join (auto, host:port) Ray once per daemon."""
+def ensure_ray(address: str, state: Path | None = None) -> None:
+    """Start (local, its files under `state`) or join (auto, host:port) Ray once per daemon."""
     if ray.is_initialized():
         return
     t0 = time.monotonic()
@@ -44,7 +51,7 @@ def ensure_ray(address: str) -> None:
     }
     options.pop("include_dashboard")
     if address == "local":
-        address = _start_private_ray()
+        address = _start_private_ray(state)
     elif ":" in address:  # host:port: say at once if nothing listens there (ray.init would retry long)
         host, _, port = address.rpartition(":")
         try:
@@ -56,15 +63,47 @@ def ensure_ray(address: str) -> None:
 
 
 _lifeline: subprocess.Popen | None = None
+_shards: str | None = None  # where the private head's actors stage their shards' lines
+# What Ray adds to its temp folder (`<ours>/t`) for its longest socket path (a pid of up to 7
+# digits), and AF_UNIX's limit on such a path (108 bytes with the NUL): Ray refuses to start past it.
+SOCKET_TAIL = len("/t/session_2026-12-01_11-34-10_123456_4194304/sockets/plasma_store.99")
+SOCKET_PATH_MAX = 107
 
 
-def _start_private_ray() -> str:
+def ray_folder(state: Path | None) -> Path:
+    """The private head's folder: `state/ray` when Ray's socket paths fit under it, else a short
+    folder of this root's own in /tmp (a fresh one if someone else made that name first). It is
+    this user's, mode 0700: Ray makes its temp folder `t` inside it open to all (0777), this keeps
+    other users out. Only one daemon runs per root, so what an earlier one left is removed."""
+    if state is not None and len(os.fsencode(state / "ray")) + SOCKET_TAIL <= SOCKET_PATH_MAX:
+        folder = state / "ray"
+    else:
+        digest = hashlib.blake2b(os.fsencode(state or ""), digest_size=5).hexdigest()
+        folder = Path("/tmp") / f"dropbox-runner-ray-{os.getuid()}-{digest}"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        st = folder.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            folder = Path(tempfile.mkdtemp(prefix="drr-ray-", dir="/tmp"))
+    for old in folder.iterdir():  # the sessions of earlier daemons of this root: all ended
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return folder
+
+
+def _start_private_ray(state: Path | None) -> str:
     """A Ray head of this daemon's own, in a process group that ends when the daemon does."""
-    global _lifeline
+    global _lifeline, _shards
     # Loopback only and owned by this daemon: no token (Ray would keep one in ~/.ray, outside the root).
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    folder = ray_folder(state)
+    (folder / "shards").mkdir()
+    _shards = str(folder / "shards")
     _lifeline = subprocess.Popen(
-        [sys.executable, "-m", "dropbox_runner.slot.copies.lifeline"],
+        [sys.executable, "-m", "dropbox_runner.slot.copies.lifeline", str(folder / "t")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,
@@ -82,6 +121,9 @@ def stop() -> None:
     if _lifeline is not None:
         _lifeline.stdin.close()
         _lifeline.wait(timeout=30)
+    if _shards is not None:  # state/ray keeps Ray's logs until the next start; a folder in /tmp goes whole
+        folder = Path(_shards).parent
+        shutil.rmtree(folder if folder.name != "ray" else _shards, ignore_errors=True)
 
 
 class _Outbox:
@@ -122,12 +164,12 @@ class CopyActor:
     def ready(self) -> list:
         return [self.load_seconds, self.engine.capacity, os.getpid()]
 
-    def command(self, line: bytes, lines: bytes | None = None) -> None:
+    def command(self, line: bytes, lines: bytes | None = None, folder: str | None = None) -> None:
         cmd = p.decode(line, p.COMMANDS)
-        if isinstance(cmd, p.Run) and lines is not None:  # the shard's lines: read from a file of this host
-            import tempfile
-
-            with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+        if isinstance(cmd, p.Run) and lines is not None:  # the shard's lines: read from a file of this host,
+            # under the private head's folder (the root), else this host's temp folder
+            folder = folder if folder and os.path.isdir(folder) else None
+            with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False, dir=folder) as f:
                 f.write(lines)
             order = cmd.task
             self.outbox.files[order.task_id] = f.name
@@ -178,7 +220,7 @@ class RayCopy:
         return True
 
     def send_with_lines(self, command: p.Run, lines: bytes) -> bool:
-        self.actor.command.remote(command.encode(), lines)
+        self.actor.command.remote(command.encode(), lines, _shards)
         return True
 
     def refs(self) -> list:

@@ -48,8 +48,12 @@ class ShardedTask:
     def __init__(self, order: p.TaskOrder, root: str, replicas: int) -> None:
         self.order, self.key, self.total = order, order.task_id, order.total
         self.log = ResultLog(Path(order.log), order.total, blocking_lock=False)
-        recovery = self.log.recover()
-        self.log.mark_started()
+        try:  # a full disk here must not leave the log's lock held (the next start would get EAGAIN)
+            recovery = self.log.recover()
+            self.log.mark_started()
+        except BaseException:
+            self.log.close()
+            raise
         self.resumed = p.Resumed(recovery.kept, recovery.notes, self.key)
         self.answered = recovery.kept  # lines with a result, committed or not: counted in `append` only
         missing = self.total - recovery.kept
