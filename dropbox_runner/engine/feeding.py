@@ -155,7 +155,7 @@ class Worker:
         self.lifeline.logs.discard(task.log)
         task.log.close()
         if task.order.shard is None:
-            self.channel.send(task.progress())
+            self.channel.send(task.progress(self.engine.preemptions))
         self.channel.send(p.TaskDone(outcome, task.key))
 
     # -- commits -----------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class Worker:
                 tasks = list(self.tasks.values())
             for task in tasks:
                 if self._commit(task) and task.order.shard is None:
-                    self.channel.offer(task.progress())
+                    self.channel.offer(task.progress(self.engine.preemptions))
 
     # -- feeding -----------------------------------------------------------------------------------
     def _fill(self) -> None:

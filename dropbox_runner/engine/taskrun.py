@@ -61,9 +61,11 @@ class TaskRun:
     def finished(self) -> bool:
         return self.exhausted and not self.in_flight
 
-    def progress(self) -> p.Progress:
+    def progress(self, engine_preemptions: int | None = None) -> p.Progress:
         m = self.log.marker
-        return p.Progress(m.count, m.failed, m.completion_tokens, m.started_at, m.updated_at, self.key)
+        return p.Progress(
+            m.count, m.failed, m.completion_tokens, m.started_at, m.updated_at, self.key, engine_preemptions
+        )
 
     def _requests(self):
         """The task's lines still to run, in input order; bad lines and known poison fail on the way."""

@@ -118,6 +118,25 @@ class VllmEngine(ScoringMixin, SamplingMixin):
         }
         self._refused: dict[str, str] = {}
         self._added: set[str] = set()
+        self.preemptions: int | None = None  # vLLM's own, when the KV cache is full
+        self._count_preemptions()
+
+    def _count_preemptions(self) -> None:
+        """Count the requests vLLM's scheduler preempts (their KV blocks freed, recomputed later).
+        vLLM counts them only with log_stats, which LLM turns off (a stats object each step); with
+        its engine core in this process, count them at the scheduler instead: nothing per step.
+        None where the engine core runs in its own process (vLLM's default on GPU builds)."""
+        scheduler = getattr(getattr(self.engine.engine_core, "engine_core", None), "scheduler", None)
+        preempt = getattr(scheduler, "_preempt_request", None)
+        if preempt is None:
+            return
+        self.preemptions = 0
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.preemptions += 1
+            return preempt(*args, **kwargs)
+
+        scheduler._preempt_request = counted
 
     def refuses(self, model: str) -> str | None:
         """Load an adapter the first time a task needs it: vLLM's reason if it cannot serve it."""

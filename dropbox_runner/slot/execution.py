@@ -399,6 +399,7 @@ class Execution(SlotFailures):
             "loading_model": proc.name if proc and not proc.loaded else None,
             "model_pid": proc.pid if proc else None,
             "load_seconds": proc.load_seconds if proc else None,
+            "engine_preemptions": proc.engine_preemptions if proc else None,  # vLLM's own (KV cache full)
             "model_rss_mb": round(group_rss_bytes(proc.pid) / 2**20, 1) if proc else None,
             "running": [r.describe(self.running.values()) for r in self.running.values()],
             "preempting": self.preempting,

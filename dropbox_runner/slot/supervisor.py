@@ -47,6 +47,7 @@ class ModelProcess:
         self.loaded = False
         self.load_seconds: float | None = None
         self.capacity = 0
+        self.engine_preemptions: int | None = None  # vLLM's own (KV cache full), from Progress events
         self.alone: dict[str, int] = {}  # task id -> the line running by itself while a culprit is hunted
         self.started_at = time.monotonic()
         self.last_event_at = self.started_at
@@ -130,6 +131,8 @@ class ModelProcess:
     def _note(self, ev: p.Message) -> None:
         if isinstance(ev, p.Loaded):
             self.loaded, self.load_seconds, self.capacity = True, ev.load_seconds, ev.capacity
+        elif isinstance(ev, p.Progress) and ev.engine_preemptions is not None:
+            self.engine_preemptions = ev.engine_preemptions
         elif isinstance(ev, p.Running) and ev.index is None:
             self.alone.pop(ev.task_id, None)
         elif isinstance(ev, p.Running):
@@ -187,6 +190,10 @@ class ModelProcess:
         except OSError:
             pass
         self._events.close()
+        if self.engine_preemptions is not None:
+            log.info(
+                "%s (pid %d): the engine preempted %d requests", self.name, self.pid, self.engine_preemptions
+            )
         return time.monotonic() - t0
 
     def _signal_group(self, sig: int) -> None:
