@@ -96,7 +96,7 @@ class Worker:
             elif isinstance(cmd, p.Stop):
                 if cmd.grace_seconds > 0 and self.engine.in_flight:
                     self.draining_until = time.monotonic() + cmd.grace_seconds
-                    self.staged.clear()
+                    self._unstage(lambda task: True)
                     continue
                 self._stop_all()
                 return False
@@ -144,7 +144,7 @@ class Worker:
             task.started.clear()
             task.exhausted = True
             self.fair.forget(task.share)
-            self.staged = deque(s for s in self.staged if s[0] is not task)
+            self._unstage(lambda t: t is task)
         with self._tasks_lock:
             self.tasks.pop(task.key, None)
         if self.ahead is not None:
@@ -190,9 +190,17 @@ class Worker:
             if self.engine.in_flight >= window:
                 return
             self.staged.popleft()
+            task.waiting -= 1
             if window == 1:
                 self.channel.send(p.Running(req.index, task.key))
             self._submit(task, req, ids)
+
+    def _unstage(self, whose) -> None:
+        """Drop the staged lines of the tasks `whose` says (they will not be fed)."""
+        for task, *_ in self.staged:
+            if whose(task):
+                task.waiting -= 1
+        self.staged = deque(s for s in self.staged if not whose(s[0]))
 
     def _compose(self) -> bool:
         """Stage the next lines; False if none can be staged now."""

@@ -30,6 +30,7 @@ class TaskRun:
         self.timeout = order.request_timeout_seconds
         self.started: dict[int, tuple[float, str]] = {}  # timed requests in flight: start, custom_id
         self.in_flight: set[int] = set()
+        self.waiting = 0  # lines taken for the window and not yet handed to the engine
         self.outcome = "completed"
         self.alone = order.isolate_until >= 0  # lines up to isolate_until run one at a time
         self._lines = None
@@ -55,11 +56,13 @@ class TaskRun:
 
     def take(self) -> Request:
         req, self._next = self._next, None
+        self.waiting += 1
         return req
 
     @property
     def finished(self) -> bool:
-        return self.exhausted and not self.in_flight
+        """Every line ran: none left to read, none waiting in the window, none in the engine."""
+        return self.exhausted and not self.waiting and not self.in_flight
 
     def progress(self, engine_preemptions: int | None = None) -> p.Progress:
         m = self.log.marker
