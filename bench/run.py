@@ -147,7 +147,13 @@ def race_once(runner: str, model: str, args: dict, inp: Path, tmp: Path, tag: st
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if runner.endswith("inproc") else None
         printed = run_alone([*cmd, str(tmp / f"{tag}.out"), json.dumps(args)], tmp, env).splitlines()
         r = json.loads(next(x for x in printed if x.startswith('{"load_s"')))
-        return {"tokens": r["tokens"], "wall_s": time.time() - t0, "gen_tps": r["tokens"] / r["gen_s"]}
+        wall = time.time() - t0
+        return {
+            "tokens": r["tokens"],
+            "wall_s": wall,
+            "gen_tps": r["tokens"] / r["gen_s"],
+            "load_s": r["load_s"],
+        }
     if runner == "run_batch":
         run_alone(run_batch_cmd(model, args, inp, tmp / f"{tag}.out"), tmp)
         wall = time.time() - t0
@@ -621,6 +627,7 @@ def main() -> None:
     ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per compared pair")
     ap.add_argument("--models", default=",".join(RACE_MODELS), help="the models of the speed race")
+    ap.add_argument("--scale", type=float, help="of section 9's line counts (default 1, 0.25 with --quick)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     for name in ("tiny-llama", "tiny-qwen", "smollm2"):  # built once, kept in models/
@@ -656,11 +663,19 @@ def main() -> None:
             results["7"] = bench_scaling(tmp, args.quick)
         if "8" in only:
             results["8"] = bench_prefix(tmp, args.quick, args.rounds)
-        if "9" in only:
+        if "9" in only:  # issue 22's targets: noisy neighbours, preemption, memory, KV, the race's levers
             sys.path.insert(0, str(REPO / "bench"))
             from noisy import bench_noisy
+            from race_levers import bench_levers
+            from sharing_targets import bench_targets
 
-            results["9"] = bench_noisy(tmp, args.quick)
+            scale = args.scale if args.scale is not None else (0.25 if args.quick else 1.0)
+            results["9"] = bench_noisy(tmp, scale, args.rounds)
+            results["9-targets"] = bench_targets(tmp, scale, {"preempt", "memory", "kv"})
+            n = RACE_MODELS["tiny-llama"][1]
+            results["9-race"] = bench_levers(
+                tmp, round(n * scale), args.rounds, ("generate-inproc", "d", "d8")
+            )
         if "10" in only:
             from lorabench import bench_lora  # bench/ is this script's folder
 

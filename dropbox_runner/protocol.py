@@ -139,6 +139,7 @@ class Progress(Message):
     started_at: float | None
     updated_at: float | None
     task_id: str = ""
+    engine_preemptions: int | None = None  # the engine's own since it loaded, for the whole process
 
 
 @dataclass(slots=True)

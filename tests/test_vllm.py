@@ -75,6 +75,10 @@ models:
     defaults: {{temperature: 0}}
     feed_order: input
   badhead: {{path: {bad}, engine_args: {ARGS}}}
+  tiny-llama-kv:  # a KV cache of about 4 requests of 512 tokens: vLLM preempts to fit 16
+    path: {models_dir}/tiny-llama
+    engine_args: {{dtype: float32, max_model_len: 512, kv_cache_memory_bytes: 4194304, enforce_eager: true}}
+    defaults: {{temperature: 0}}
   tiny-llama-ray:
     path: {models_dir}/tiny-llama
     replicas: 2
@@ -608,3 +612,30 @@ def test_smollm2_greedy_text_equals_vllm_run_batch_line_by_line(
         assert mine["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
     paris = ours[0]["response"]["body"]["choices"][0]["message"]["content"]
     assert "Paris" in paris, paris  # a real model: real answers
+
+
+def test_vllm_own_preemptions_when_its_kv_cache_is_full_reach_the_status(vroot) -> None:
+    """16 requests of 400 tokens on a KV cache that holds about 4: vLLM preempts some (recomputes
+    them later), the process counts them, and the status snapshot and line say how many."""
+    root = vroot.root
+    lines = [chat_line(i, f"story {i}", max_tokens=400, ignore_eos=True) for i in range(16)]
+    name = drop(root, "tiny-llama-kv/kvfull.jsonl", lines)
+    batch = wait_done(root, name)
+    assert batch["request_counts"]["completed"] == 16
+    out = read_jsonl(root / f"outbox/{name}/tiny-llama-kv.jsonl")
+    assert all(x["response"]["body"]["usage"]["completion_tokens"] == 400 for x in out)
+    # the last Progress of the task carries the process's final count; the snapshot follows within 1 s
+    snap = wait_for(
+        lambda: (
+            (s := snapshot(root)).get("loaded_model") == "tiny-llama-kv" and s.get("engine_preemptions") and s
+        ),
+        timeout=30,
+        what="a count of vLLM's preemptions in the snapshot",
+    )
+    assert snap["engine_preemptions"] > 0
+    shown = subprocess.run(
+        [sys.executable, "-m", "dropbox_runner", "status", "--root", str(root)],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert f"{snap['engine_preemptions']} requests preempted by vLLM" in shown

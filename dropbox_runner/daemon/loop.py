@@ -200,11 +200,12 @@ class Daemon:
                 log.info("--once: inbox and queue are empty; exiting")
                 return False
             busy = self.scanner.pending or self.scanner.waiting
-            self.watcher.changed.wait(FAST_SCAN_SECONDS if busy else 1.0)
+            self.watcher.changed.wait(self._until_settled(FAST_SCAN_SECONDS if busy else 1.0))
         elif execution.busy:
             self._share()
             if execution.task is not None:  # an error in one task's event fails that task's job
-                self._guarded(lambda: execution.event_job or execution.task.job_id, execution.pump, 0.2)
+                wait = self._until_settled(0.2)
+                self._guarded(lambda: execution.event_job or execution.task.job_id, execution.pump, wait)
             else:  # preempting: the last tasks have left, the process ends
                 execution.pump(0.2)
         if execution.pause_reason:
@@ -236,11 +237,18 @@ class Daemon:
             and not any(self.layout.claims.iterdir())
         )
 
+    def _until_settled(self, wait: float) -> float:
+        """`wait`, or less: until the first candidate settles, so that it is claimed right then."""
+        if self.scanner.settles_at is None:
+            return wait
+        return min(wait, max(0.0, self.scanner.settles_at - time.monotonic()))
+
     def _intake(self) -> None:
         now = time.monotonic()
         busy = bool(self.scanner.pending or self.scanner.waiting)
+        settled = self.scanner.settles_at is not None and now >= self.scanner.settles_at
         if not scan_due(
-            self.watcher.changed.is_set(), busy, now - self.last_scan, self.settings.rescan_seconds
+            self.watcher.changed.is_set(), busy, now - self.last_scan, self.settings.rescan_seconds, settled
         ):
             return
         self.watcher.changed.clear()

@@ -39,6 +39,7 @@ class RequestRejected(Exception):
 class Engine(Protocol):
     model_name: str
     capacity: int
+    preemptions: int | None  # requests the engine preempted (its KV cache full); None: not known
 
     def submit(
         self,

@@ -82,6 +82,7 @@ class EchoEngine:
         self.adapters = dict(adapters or {})
         self.delay = float(engine_args.get("delay_ms", 0)) / 1000
         self.capacity = int(engine_args.get("max_in_flight", 256))
+        self.preemptions: int | None = None  # no KV cache: it never preempts
         # Test hooks that imitate engine faults: a request that kills the process (a CUDA fault, an
         # OOM kill), one that raises in the engine, one that hangs the engine.
         self.crash_on = engine_args.get("crash_on")

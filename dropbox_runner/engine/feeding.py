@@ -82,7 +82,7 @@ class Worker:
             elif isinstance(cmd, p.Stop):
                 if cmd.grace_seconds > 0 and self.engine.in_flight:
                     self.draining_until = time.monotonic() + cmd.grace_seconds
-                    self.staged.clear()
+                    self._unstage(lambda task: True)
                     continue
                 self._stop_all()
                 return False
@@ -130,7 +130,7 @@ class Worker:
             task.started.clear()
             task.exhausted = True
             self.fair.forget(task.share)
-            self.staged = deque(s for s in self.staged if s[0] is not task)
+            self._unstage(lambda t: t is task)
         with self._tasks_lock:
             self.tasks.pop(task.key, None)
         if self.ahead is not None:
@@ -141,7 +141,7 @@ class Worker:
         self.lifeline.logs.discard(task.log)
         task.log.close()
         if task.order.shard is None:
-            self.channel.send(task.progress())
+            self.channel.send(task.progress(self.engine.preemptions))
         self.channel.send(p.TaskDone(outcome, task.key))
 
     # -- commits -----------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Worker:
                 tasks = list(self.tasks.values())
             for task in tasks:
                 if self._commit(task) and task.order.shard is None:
-                    self.channel.offer(task.progress())
+                    self.channel.offer(task.progress(self.engine.preemptions))
 
     # -- feeding -----------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -176,7 +176,15 @@ class Worker:
             if self.engine.in_flight >= window:
                 return
             self.staged.popleft()
+            task.waiting -= 1
             self._submit(task, req, ids)
+
+    def _unstage(self, whose) -> None:
+        """Drop the staged lines of the tasks `whose` says (they will not be fed)."""
+        for task, *_ in self.staged:
+            if whose(task):
+                task.waiting -= 1
+        self.staged = deque(s for s in self.staged if not whose(s[0]))
 
     def _compose(self) -> bool:
         """Stage the next lines; False if none can be staged now."""

@@ -32,6 +32,7 @@ class TaskRun:
         self.timeout = order.request_timeout_seconds
         self.started: dict[int, tuple[float, str]] = {}  # timed requests in flight: start, custom_id
         self.in_flight: set[int] = set()
+        self.waiting = 0  # lines taken for the window and not yet handed to the engine
         self.outcome = "completed"
         self.trials = deque(order.trials)  # a culprit hunt's parts still to run: [first, last] lines
         self.trial: list[int] | None = None  # the part running now: only its lines are given
@@ -60,6 +61,8 @@ class TaskRun:
         return self._held[0] if self._held else self._read()
 
     def take(self) -> Request:
+        """The next line, taken for the window: it waits there until the engine has it."""
+        self.waiting += 1
         if self.trial is not None:
             return self._part.popleft()
         if self._held:
@@ -90,11 +93,17 @@ class TaskRun:
 
     @property
     def finished(self) -> bool:
-        return self.exhausted and not self.in_flight and not self.hunting and not self._held
+        """Every line ran: none left to read, none waiting in the window or held back by a hunt,
+        none in the engine."""
+        return (
+            self.exhausted and not self.waiting and not self.in_flight and not self.hunting and not self._held
+        )
 
-    def progress(self) -> p.Progress:
+    def progress(self, engine_preemptions: int | None = None) -> p.Progress:
         m = self.log.marker
-        return p.Progress(m.count, m.failed, m.completion_tokens, m.started_at, m.updated_at, self.key)
+        return p.Progress(
+            m.count, m.failed, m.completion_tokens, m.started_at, m.updated_at, self.key, engine_preemptions
+        )
 
     def _requests(self):
         """The task's lines still to run, in input order; bad lines and known poison fail on the way."""

@@ -78,6 +78,7 @@ class Scanner:
         self._told: set[Path] = set()
         self.pending = 0  # candidates not yet settled: `run --once` waits for them
         self.waiting = 0  # root-level files waiting for their manifest's grace to end
+        self.settles_at: float | None = None  # when the first pending candidate settles (clock's time)
 
     def _tell_once(self, path: Path, why: str) -> None:
         if path not in self._told:
@@ -133,6 +134,7 @@ class Scanner:
         ready: list[Drop] = []
         alive: set[Path] = set()
         self.pending = self.waiting = 0
+        self.settles_at = None
         for path, folder in self.candidates():
             try:
                 self._scan_one(path, folder, now, ready, alive)
@@ -160,6 +162,8 @@ class Scanner:
             w.signature, w.stable_since = sig, now
         if now - w.stable_since < self.settings.settle_seconds:
             self.pending += 1
+            due = w.stable_since + self.settings.settle_seconds
+            self.settles_at = due if self.settles_at is None else min(self.settles_at, due)
             return
         marker = beside(path, ".ready")
         if self.settings.require_ready_marker and marker is not None and not marker.exists():

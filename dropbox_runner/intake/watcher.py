@@ -41,9 +41,17 @@ def filesystem_type(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str:
     return best_type
 
 
-def scan_due(changed: bool, busy_intake: bool, since_last: float, rescan_seconds: float) -> bool:
-    """Scan the inbox when the watcher saw a change, while candidates settle, or every rescan_seconds."""
-    return changed or (busy_intake and since_last >= FAST_SCAN_SECONDS) or since_last >= rescan_seconds
+def scan_due(
+    changed: bool, busy_intake: bool, since_last: float, rescan_seconds: float, settled: bool = False
+) -> bool:
+    """Scan the inbox when the watcher saw a change, when a candidate settles, every FAST_SCAN_SECONDS
+    while candidates settle or wait, or every rescan_seconds."""
+    return (
+        changed
+        or settled
+        or (busy_intake and since_last >= FAST_SCAN_SECONDS)
+        or since_last >= rescan_seconds
+    )
 
 
 def should_poll(setting: str | bool, path: Path) -> bool:

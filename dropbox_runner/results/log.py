@@ -151,7 +151,10 @@ class ResultLog:
         self.marker = Marker()
         self._pending: list[bytes] = []
         self._pending_stats = [0, 0, 0, 0, 0]  # count, failed, prompt, completion, cached
-        self._io_lock = threading.Lock()
+        # Two locks, so that the feeding loop's append never waits for a commit's write and fsync
+        # (it did: every commit interval stalled the engine for one fsync, eight with eight tasks).
+        self._io_lock = threading.Lock()  # one commit at a time; freeze and close wait for it
+        self._buffer_lock = threading.Lock()  # the results not yet committed
         self.closed = False
         # The highest line fed to the engine, in a shared page: one memory store per request, no
         # system call, and the daemon can still read it after this process is killed.
@@ -217,7 +220,7 @@ class ResultLog:
     ) -> None:
         """Buffer one result; it becomes durable at the next commit."""
         data = encode_record(index, ok, prompt_tokens, completion_tokens, payload, cached)
-        with self._io_lock:
+        with self._buffer_lock:
             self._pending.append(data)
             s = self._pending_stats
             s[0] += 1
@@ -232,8 +235,9 @@ class ResultLog:
         with self._io_lock:
             if self.closed:
                 return False
-            pending, self._pending = self._pending, []
-            stats, self._pending_stats = self._pending_stats, [0, 0, 0, 0, 0]
+            with self._buffer_lock:
+                pending, self._pending = self._pending, []
+                stats, self._pending_stats = self._pending_stats, [0, 0, 0, 0, 0]
             if not pending:
                 return False
             data = b"".join(pending)

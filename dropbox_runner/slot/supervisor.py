@@ -48,6 +48,7 @@ class ModelProcess:
         self.load_seconds: float | None = None
         self.capacity = 0
         self.trials: dict[str, list[int]] = {}  # task id -> the part of its culprit hunt running alone
+        self.engine_preemptions: int | None = None  # vLLM's own (KV cache full), from Progress events
         self.started_at = time.monotonic()
         self.last_event_at = self.started_at
         read_fd, write_fd = os.pipe()
@@ -130,6 +131,8 @@ class ModelProcess:
     def _note(self, ev: p.Message) -> None:
         if isinstance(ev, p.Loaded):
             self.loaded, self.load_seconds, self.capacity = True, ev.load_seconds, ev.capacity
+        elif isinstance(ev, p.Progress) and ev.engine_preemptions is not None:
+            self.engine_preemptions = ev.engine_preemptions
         elif isinstance(ev, p.Running) and ev.index is not None:
             self.trials[ev.task_id] = [ev.index, ev.index if ev.last is None else ev.last]
         elif isinstance(ev, (p.Running, p.TaskDone)):
@@ -157,7 +160,11 @@ class ModelProcess:
 
     def describe(self) -> dict:
         """For the status snapshot."""
-        return {"model_pid": self.pid, "model_rss_mb": round(group_rss_bytes(self.pid) / 2**20, 1)}
+        return {
+            "model_pid": self.pid,
+            "model_rss_mb": round(group_rss_bytes(self.pid) / 2**20, 1),
+            "engine_preemptions": self.engine_preemptions,  # vLLM's own (its KV cache full)
+        }
 
     def exit_description(self) -> str:
         code = self.proc.poll()
@@ -191,6 +198,10 @@ class ModelProcess:
         except OSError:
             pass
         self._events.close()
+        if self.engine_preemptions is not None:
+            log.info(
+                "%s (pid %d): the engine preempted %d requests", self.name, self.pid, self.engine_preemptions
+            )
         return time.monotonic() - t0
 
     def _signal_group(self, sig: int) -> None:

@@ -35,6 +35,7 @@ def daemon_line(state: dict[str, Any]) -> str:
         parts.append(
             f"model {snap['loaded_model']} loaded in {snap.get('load_seconds') or 0:.1f}s, "
             f"{snap.get('model_rss_mb') or 0:.0f} MB resident"
+            + (f", {n} requests preempted by vLLM" if (n := snap.get("engine_preemptions")) else "")
         )
     elif snap.get("loading_model"):
         parts.append(f"loading {snap['loading_model']}")
