@@ -171,6 +171,10 @@ def test_two_tasks_share_the_ray_copies_with_one_load_per_copy(cluster, root: Pa
             timeout=120,
         )
         wait_for(lambda: served_together(root, ids), timeout=120, what="both tasks on the Ray copies")
+        loaded = lambda: [c for c in snapshot(root).get("copies") or [] if c.get("loaded")]  # noqa: E731
+        wait_for(
+            lambda: len(loaded()) == 2, timeout=120, what="both copies loaded (one may serve both tasks)"
+        )
         open_gate(root)
         wait_for(lambda: finished(root, "a") and finished(root, "b"), timeout=120, what="both jobs")
     finally:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dropbox_runner.config import Settings
-from dropbox_runner.intake.watcher import scan_due
 from dropbox_runner.intake.scanner import Scanner
+from dropbox_runner.intake.watcher import scan_due
 
 
 class Clock:
