@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from dropbox_runner.config import Registry
 from dropbox_runner.daemon import systemd
+from dropbox_runner.daemon.sharing import Sharing
 from dropbox_runner.daemon.snapshot import Snapshots
 from dropbox_runner.errors import RunnerError, is_environmental
 from dropbox_runner.fsutil import read_json_or_none, write_json
@@ -30,8 +31,7 @@ from dropbox_runner.queue.journal import Journal
 from dropbox_runner.queue.lifecycle import Status
 from dropbox_runner.results import webhooks
 from dropbox_runner.slot.execution import Execution
-from dropbox_runner.slot.loadable import model_problem
-from dropbox_runner.slot.task import group_of
+from dropbox_runner.slot.loadable import model_problems
 from dropbox_runner.status.history import History
 
 log = logging.getLogger("dropbox_runner.daemon")
@@ -59,7 +59,7 @@ class Daemon:
         self.model_problems: dict[str, str] = {}
         self.notifier = systemd.Notifier()
         self.snapshots = Snapshots(layout, self.notifier)
-        self.groups: dict[str, str] = {}  # job id -> fair-share group (a spec never changes)
+        self.sharing = Sharing(self.journal, registry)
 
     # -- start and stop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -126,13 +126,7 @@ class Daemon:
 
     def _check_models(self) -> None:
         """Say which models cannot run here, and why (the packaged ones are built when first loaded)."""
-        for name, model in self.registry.models.items():
-            problem = model_problem(self.layout.root, name, model, self.registry)
-            if problem:
-                self.model_problems[name] = problem
-                log.warning(
-                    "model %s cannot run here: %s; its drops will fail with this reason", name, problem
-                )
+        self.model_problems.update(model_problems(self.layout.root, self.registry))
 
     def _recover(self) -> None:
         """Finish interrupted claims; put tasks whose owner died back in line; republish."""
@@ -323,56 +317,7 @@ class Daemon:
 
     def _share(self) -> None:
         """While a model process runs: admit, take a slot back, or preempt (CONTRACT section 12)."""
-        ex = self.execution
-        if not ex.running or ex.preempting or ex.proc is None:
-            return
-        held_keys = ex.running_keys()
-        queued = [e for e in self.journal.queued() if e[0] not in held_keys]
-        if not queued:
-            return
-        solo = bool(ex.solo & set(ex.running))  # a task suspected by a crash runs alone
-        queued = [
-            e
-            for e in queued
-            if self.registry.base_of(e[2]) != ex.proc.name or f"{e[1]}/{e[2]}" not in ex.solo
-        ]
-        held = [
-            scheduler.Held(r.task.queue_key, r.key, r.group, bool(r.leaving)) for r in ex.running.values()
-        ]
-        decision = scheduler.admission(
-            queued,
-            held,
-            ex.proc.name,
-            {e[0]: self._group(e[1]) for e in queued},
-            max_shared=1 if solo else self.settings.max_shared_tasks,
-            max_delay=self.settings.max_swap_delay_seconds,
-            preempt_after=self.settings.preempt_after_seconds,
-            loaded_for=time.monotonic() - ex.proc.started_at,
-            runnable=set(self.registry.models) - set(self.model_problems),
-            back_since=ex.back_since,
-            # an adapter the process was started with joins it; one made since needs a new process
-            base_of=lambda m: self.registry.base_of(m) if m in ex.answers_for else m,
-        )
-        if decision.preempt:
-            ex.preempt(decision.preempt, decision.admit)
-        elif decision.evict:
-            ex.evict(decision.evict, decision.reason)
-        elif decision.admit is not None:
-            choice = decision.admit
-            if self.journal.dequeue_if_stale(choice.key, choice.job_id, choice.model):
-                return
-            self._guarded(choice.job_id, ex.start, choice)
-        elif decision.reason:
-            log.debug("no admission: %s", decision.reason)
-
-    def _group(self, job_id: str) -> str:
-        if job_id not in self.groups:
-            try:
-                spec = self.journal.spec(job_id)
-            except (OSError, ValueError):
-                return ""
-            self.groups[job_id] = group_of(self.journal, spec, self.settings.fair_share_key)
-        return self.groups[job_id]
+        self.sharing.turn(self.execution, self.model_problems, self._guarded)
 
     def _snapshot(self, force: bool = False, stopped: bool = False) -> None:
         proc = self.execution.proc

@@ -6,11 +6,14 @@ and its folder. Only that model's work waits or fails.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from dropbox_runner.config import EngineKind, ModelConfig, Registry, is_embedded_path, resolve_model_path
 from dropbox_runner.slot.adapters import own_problem
 from dropbox_runner.slot.memory import fit_problem
+
+log = logging.getLogger("dropbox_runner.daemon")
 
 
 def model_problem(root: Path, name: str, model: ModelConfig, registry: Registry | None = None) -> str | None:
@@ -55,3 +58,15 @@ def adapter_problem(root: Path, registry: Registry, name: str) -> str | None:
     base = registry.models[name].base
     problem = model_problem(root, base, registry.models[base])
     return f"its base {base} cannot run here: {problem}" if problem else None
+
+
+def model_problems(root: Path, registry: Registry) -> dict[str, str]:
+    """Which models of the file cannot run here, and why, each said once in the log (the packaged
+    ones are built when first loaded)."""
+    problems = {}
+    for name, model in registry.models.items():
+        problem = model_problem(root, name, model, registry)
+        if problem:
+            problems[name] = problem
+            log.warning("model %s cannot run here: %s; its drops will fail with this reason", name, problem)
+    return problems
