@@ -36,19 +36,16 @@ class RequestRejected(Exception):
         self.param = param
 
 
+Ids = list[list[int]] | None  # a request's prompts as token ids, when the feed-ahead made them
+
+
 class Engine(Protocol):
     model_name: str
     capacity: int
     preemptions: int | None  # requests the engine preempted (its KV cache full); None: not known
 
     def submit(
-        self,
-        req: Request,
-        prompts: list[list[int]] | None = None,
-        *,
-        tag: str = "",
-        priority: int = 0,
-        model: str | None = None,
+        self, req: Request, prompts: Ids = None, *, tag: str = "", priority: int = 0, model: str | None = None
     ) -> None:
         """`tag`: the task's, unique in the process; `model`: the engine's own model (None) or one of
         the LoRA adapters it was started with."""

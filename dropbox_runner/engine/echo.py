@@ -18,6 +18,7 @@ import orjson
 
 from dropbox_runner.engine.base import (
     Finished,
+    Ids,
     check_task,
     embedding_body,
     generation_body,
@@ -112,13 +113,7 @@ class EchoEngine:
         return f"this process serves {self.model_name} and no adapter named {model}"
 
     def submit(
-        self,
-        req: Request,
-        prompts: list[list[int]] | None = None,
-        *,
-        tag: str = "",
-        priority: int = 0,
-        model: str | None = None,
+        self, req: Request, prompts: Ids = None, *, tag: str = "", priority: int = 0, model: str | None = None
     ) -> None:
         if model is not None and self.refuses(model):
             raise RuntimeError(self.refuses(model))

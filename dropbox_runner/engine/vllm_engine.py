@@ -15,6 +15,7 @@ from typing import Any
 
 from dropbox_runner.engine.base import (
     Finished,
+    Ids,
     RequestRejected,
     check_task,
     embedding_body,
@@ -159,13 +160,7 @@ class VllmEngine(ScoringMixin, SamplingMixin):
 
     # -- requests -> engine ---------------------------------------------------------------------
     def submit(
-        self,
-        req: Request,
-        prompts: list[list[int]] | None = None,
-        *,
-        tag: str = "",
-        priority: int = 0,
-        model: str | None = None,
+        self, req: Request, prompts: Ids = None, *, tag: str = "", priority: int = 0, model: str | None = None
     ) -> None:
         """Add a request; `prompts` are its token ids when the feed-ahead already made them; `model`
         the base (None) or one of the adapters; `tag` the task's."""
