@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from dropbox_runner.cli import main
 from dropbox_runner.config import parse_registry
 from dropbox_runner.errors import ConfigError
+from dropbox_runner.queue.keys import QueueKey
 from dropbox_runner.queue.scheduler import pick
 from dropbox_runner.results.log import read_fed_mark
 from dropbox_runner.slot import adapters, loadable
@@ -147,8 +148,13 @@ def test_dedupe_runs_an_adapter_again_when_its_weights_change(lroot: Path) -> No
     assert batch_json(lroot, "same.3")["status"] == "completed"
 
 
+def key(rank: int, created_ns: int, job_id: str, model: str) -> str:
+    """A queue entry's name, as the journal writes it."""
+    return str(QueueKey(rank, created_ns, job_id, model))
+
+
 def test_an_adapter_never_swaps_out_its_own_base() -> None:
-    queue = [("5-1000-a-other", "a", "other"), ("5-2000-b-sql", "b", "sql")]
+    queue = [(key(5, 1000, "a", "other"), "a", "other"), (key(5, 2000, "b", "sql"), "b", "sql")]
     base_of = {"sql": "base"}.get
     choice = pick(queue, "base", 600, now=1.5, base_of=lambda m: base_of(m, m))
     assert choice.model == "sql" and "base is loaded" in choice.reason
@@ -288,9 +294,12 @@ def test_base_and_adapter_tasks_take_turns_in_admission() -> None:
     from dropbox_runner.queue.scheduler import Held, admission
 
     base_of = {"sql": "base", "chat": "base"}.get
-    queued = [("0-2000000000-j2-base", "j2", "base"), ("0-3000000000-j3-chat", "j3", "chat")]
+    queued = [
+        (key(0, 2000000000, "j2", "base"), "j2", "base"),
+        (key(0, 3000000000, "j3", "chat"), "j3", "chat"),
+    ]
     kw = dict(max_shared=8, max_delay=600, preempt_after=None, loaded_for=0, runnable={"base"}, now=10)
-    held = [Held("0-1000000000-j1-sql", "j1/sql", "a")]
+    held = [Held(key(0, 1000000000, "j1", "sql"), "j1/sql", "a")]
     got = admission(queued, held, "base", {}, base_of=lambda m: base_of(m) or m, **kw)
     assert got.admit is None and "take turns" in got.reason  # the base's task is first: it waits
     got = admission(queued[1:], held, "base", {}, base_of=lambda m: base_of(m) or m, **kw)
