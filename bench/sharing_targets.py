@@ -102,8 +102,8 @@ def preempt_once(root: Path, age: float) -> dict:
 def bench_preempt(tmp: Path) -> list[dict]:
     print(
         f"\n## 9b. Preemption across models (preempt_after_seconds {PREEMPT_AFTER:g}; echo paced 20 ms, "
-        "8 in flight, each model's load 1 s + process start; settle 0.5 s; first result = first commit, "
-        "every 200 ms)\n"
+        "8 in flight, each model's load 1 s + process start; settle 0.5 s; first result = first commit (at once; "
+        "later commits every 200 ms)\n"
     )
     out = []
     print("| drop at age s | first result s | wait s | unload s | load s (engine) | bound s | load avg |")

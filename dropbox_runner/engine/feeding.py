@@ -3,7 +3,8 @@
 Each task keeps its own log (or a copy's shard sink), its own timeouts, cancel and outcome. Lines
 are chosen for the window by `fairness` (strict priority, then completion tokens group by group),
 and a window's worth is fed ordered by priority, adapter and prompt prefix. One committer thread
-makes every task's results durable each commit interval.
+makes every task's results durable each commit interval, and a task's first result at once (a job's
+first result, after a preemption say, does not wait up to an interval for it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Worker:
         self.interval = 0.2
         self.draining_until: float | None = None  # a stop with grace: no new line, in flight may end
         self._stop = threading.Event()
+        self._firsts: queue.SimpleQueue[TaskRun] = queue.SimpleQueue()  # first results, to commit now
+        self._wake = threading.Event()  # set with each of them, and at the stop
         self._tasks_lock = threading.Lock()
         self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
         self._committer.start()
@@ -61,6 +64,7 @@ class Worker:
                     self._end(task, task.outcome)
         finally:
             self._stop.set()
+            self._wake.set()
 
     def _commands(self, block: bool = True) -> bool:
         """Carry out the commands that arrived; False once the process is to stop."""
@@ -155,14 +159,35 @@ class Worker:
 
     def _commit_loop(self) -> None:
         deadline = time.monotonic() + self.interval
-        # The next commit is due one interval after the start of the last, not after its end.
-        while not self._stop.wait(max(0.0, deadline - time.monotonic())):
+        # The next commit is due one interval after the start of the last, not after its end; a
+        # task's first result is committed when it comes, and leaves the interval as it was.
+        while True:
+            woken = self._wake.wait(max(0.0, deadline - time.monotonic()))
+            if self._stop.is_set():
+                return
+            if woken:
+                self._wake.clear()
+                self._commit_each(self._first_results())
+                if time.monotonic() < deadline:
+                    continue
             deadline = time.monotonic() + self.interval
             with self._tasks_lock:
                 tasks = list(self.tasks.values())
-            for task in tasks:
-                if self._commit(task) and task.order.shard is None:
-                    self.channel.offer(task.progress(self.engine.preemptions))
+            self._commit_each(tasks)
+
+    def _first_results(self) -> list[TaskRun]:
+        """The tasks whose first result came since the last look, still held (an ended task's log is
+        committed and closed by `_end`)."""
+        firsts = []
+        while not self._firsts.empty():
+            firsts.append(self._firsts.get())
+        with self._tasks_lock:
+            return [t for t in firsts if self.tasks.get(t.key) is t]
+
+    def _commit_each(self, tasks: list[TaskRun]) -> None:
+        for task in tasks:
+            if self._commit(task) and task.order.shard is None:
+                self.channel.offer(task.progress(self.engine.preemptions))
 
     # -- feeding -----------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -251,6 +276,15 @@ class Worker:
         task.in_flight.discard(fin.index)
         self.fair.finished(task.share, fin.index, fin.completion_tokens)
         task.record(fin)
+        self._first_result(task)
+
+    def _first_result(self, task: TaskRun) -> None:
+        """The task's first result in this process goes to the committer now; the later ones wait
+        for the interval, so the commits' rate does not grow with the results'."""
+        if not task.answered:
+            task.answered = True
+            self._firsts.put(task)
+            self._wake.set()
 
     def _collect(self) -> None:
         for fin in self.engine.step():
@@ -273,3 +307,4 @@ class Worker:
             self.fair.finished(task.share, index, 0)
             message = f"the request ran longer than request_timeout_seconds ({task.timeout:g} s)"
             task.record_failure(index, custom_id, "request_timeout", message)
+            self._first_result(task)

@@ -32,6 +32,7 @@ class TaskRun:
         self.timeout = order.request_timeout_seconds
         self.started: dict[int, tuple[float, str]] = {}  # timed requests in flight: start, custom_id
         self.in_flight: set[int] = set()
+        self.answered = False  # a result came in this process (the first is committed at once)
         self.waiting = 0  # lines taken for the window and not yet handed to the engine
         self.outcome = "completed"
         self.trials = deque(order.trials)  # a culprit hunt's parts still to run: [first, last] lines

@@ -161,6 +161,8 @@ class Execution(SlotFailures):
             self._event(ev)
             if self.proc is not proc:
                 return
+        for run in self.running.values():  # progress held back by the 2 s throttle, once it is due
+            self._write_progress(run)
         busy = any(r.sent for r in self.running.values())
         why = proc.trouble(self.settings, busy=busy)
         if why is not None:
@@ -234,8 +236,8 @@ class Execution(SlotFailures):
         self.history.done(run.task.model, max(0, ev.count - requests), max(0, ev.completion_tokens - tokens))
         run.progressed(ev)
         self.history.task_progress(run.key, run.group, ev.count, ev.completion_tokens)
-        if run.due_batch_json():
-            self.jobs.progressed(run.spec, run.task)
+        run.unwritten = True
+        self._write_progress(run)
         if run.due_progress_log():
             log.info(
                 "progress %s/%s: %d/%d done, %d failed, %.0f tok/s over the last minute (group %s)",
@@ -249,6 +251,13 @@ class Execution(SlotFailures):
             )
 
     # -- ending a task -----------------------------------------------------------------------------
+    def _write_progress(self, run: SlotTask) -> None:
+        """batch.json gets the task's progress at most every 2 s, and the last of a burst too (the
+        task may commit nothing more for long: a request that hangs, a job waiting on a gate)."""
+        if run.unwritten and run.due_batch_json():
+            run.unwritten = False
+            self.jobs.progressed(run.spec, run.task)
+
     def finish(self, run: SlotTask, outcome: Status, error: str | None = None) -> None:
         self.running.pop(run.key, None)
         self.history.task_ended(run.key)

@@ -55,6 +55,7 @@ class SlotTask:
     counted: tuple[int, int] = (0, 0)  # requests and completion tokens already in history
     done: int = 0
     samples: deque = field(default_factory=deque)  # (time, requests, completion tokens), last minute
+    unwritten: bool = False  # progress came that batch.json does not show yet
     _last_batch_json: float = 0.0
     _last_progress_log: float = 0.0
 
