@@ -12,6 +12,7 @@ import faulthandler
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess as sp
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
+
+from dropbox_runner import protocol as p
 
 ECHO_YAML = """
 settings:
@@ -372,3 +375,55 @@ def ray_models(root: Path, address: str) -> None:
         },
     )
     (root / "inbox/rr").mkdir()
+
+
+# -- an in-process model process (tests/test_window_staging.py, tests/test_first_commit.py) --------
+class Events:
+    """The pipe to the daemon, as a list."""
+
+    def __init__(self) -> None:
+        self.seen: list[p.Message] = []
+
+    def send(self, ev: p.Message) -> None:
+        self.seen.append(ev)
+
+    offer = send
+
+
+class Commands:
+    """The daemon's side of stdin."""
+
+    def __init__(self) -> None:
+        self.commands: queue.Queue[p.Message] = queue.Queue()
+        self.logs: set = set()
+
+    def die(self) -> None:
+        raise AssertionError("the model process was to die")
+
+
+def task_order(tmp: Path, name: str, texts: list[str]) -> p.TaskOrder:
+    inp = tmp / f"{name}.jsonl"
+    inp.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"{name}{i}",
+                    "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": t}]},
+                }
+            )
+            + "\n"
+            for i, t in enumerate(texts)
+        )
+    )
+    return p.TaskOrder(
+        job_id=name,
+        model="m",
+        input=str(inp),
+        log=str(tmp / f"{name}.log"),
+        total=len(texts),
+        defaults=[],
+        commit_interval_ms=50,
+        task_id=f"{name}/m",
+        group=name,
+    )

@@ -10,12 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-from test_window_staging import Commands, Events, order, wait
-
 from dropbox_runner import protocol as p
 from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.engine.feeding import Worker
 from dropbox_runner.results.log import ResultLog, read_marker
+
+from helpers import Commands, Events, task_order, wait_for
 
 INTERVAL_MS = 60_000  # far longer than the test: a commit before it is the first result's own
 
@@ -41,8 +41,8 @@ def test_a_first_result_is_committed_at_once_and_the_later_ones_at_the_interval(
     events, lifeline = Events(), Commands()
     created = time.monotonic()
     worker = Worker(engine, events, lifeline, None)
-    hold = dataclasses.replace(order(tmp_path, "hold", ["GATE hold"]), commit_interval_ms=INTERVAL_MS)
-    job = order(tmp_path, "a", ["first"] + [f"GATE {i}" for i in range(20)])
+    hold = dataclasses.replace(task_order(tmp_path, "hold", ["GATE hold"]), commit_interval_ms=INTERVAL_MS)
+    job = task_order(tmp_path, "a", ["first"] + [f"GATE {i}" for i in range(20)])
     job = dataclasses.replace(job, commit_interval_ms=INTERVAL_MS)
     started = time.monotonic()
     lifeline.commands.put(p.Run(hold))
@@ -52,14 +52,14 @@ def test_a_first_result_is_committed_at_once_and_the_later_ones_at_the_interval(
         # The committer's first turn comes 0.2 s after its start (before it knows the interval), the
         # next an interval later: a's first result must not fall into that first turn, so a starts
         # after it. If the held task started before the turn, the turn commits its log: wait for it.
-        wait(lambda: any(isinstance(e, p.Resumed) for e in events.seen), "the held task to start")
+        wait_for(lambda: any(isinstance(e, p.Resumed) for e in events.seen), what="the held task to start")
         if time.monotonic() < created + 0.2:
-            wait(lambda: commits, "the committer's first turn")
+            wait_for(lambda: commits, what="the committer's first turn")
         lifeline.commands.put(p.Run(job))
-        wait(lambda: committed(job.log) == 1, "the first result's commit", timeout=20)
+        wait_for(lambda: committed(job.log) == 1, timeout=20, what="the first result's commit")
         assert any(isinstance(e, p.Progress) and e.count == 1 for e in events.seen), "its progress was sent"
         gate.write_text("")  # the 20 other results come together, and the task ends
-        wait(lambda: sum(isinstance(e, p.TaskDone) for e in events.seen) == 2, "both tasks to end")
+        wait_for(lambda: sum(isinstance(e, p.TaskDone) for e in events.seen) == 2, what="both tasks to end")
     finally:
         lifeline.commands.put(p.Stop())
         thread.join(30)

@@ -5,8 +5,6 @@ with eight tasks on tiny-llama: "completed, 448 of 500 done")."""
 
 from __future__ import annotations
 
-import json
-import queue
 import threading
 import time
 from pathlib import Path
@@ -16,65 +14,7 @@ from dropbox_runner.engine.echo import EchoEngine
 from dropbox_runner.engine.feeding import Worker
 from dropbox_runner.results.log import read_fed_mark, read_marker
 
-
-class Events:
-    """The pipe to the daemon, as a list."""
-
-    def __init__(self) -> None:
-        self.seen: list[p.Message] = []
-
-    def send(self, ev: p.Message) -> None:
-        self.seen.append(ev)
-
-    offer = send
-
-
-class Commands:
-    """The daemon's side of stdin."""
-
-    def __init__(self) -> None:
-        self.commands: queue.Queue[p.Message] = queue.Queue()
-        self.logs: set = set()
-
-    def die(self) -> None:
-        raise AssertionError("the model process was to die")
-
-
-def order(tmp: Path, name: str, texts: list[str]) -> p.TaskOrder:
-    inp = tmp / f"{name}.jsonl"
-    inp.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "custom_id": f"{name}{i}",
-                    "url": "/v1/chat/completions",
-                    "body": {"messages": [{"role": "user", "content": t}]},
-                }
-            )
-            + "\n"
-            for i, t in enumerate(texts)
-        )
-    )
-    return p.TaskOrder(
-        job_id=name,
-        model="m",
-        input=str(inp),
-        log=str(tmp / f"{name}.log"),
-        total=len(texts),
-        defaults=[],
-        commit_interval_ms=50,
-        task_id=f"{name}/m",
-        group=name,
-    )
-
-
-def wait(pred, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+from helpers import Commands, Events, task_order, wait_for
 
 
 def test_a_task_with_lines_waiting_for_room_in_the_window_is_not_finished(tmp_path: Path) -> None:
@@ -91,20 +31,26 @@ def test_a_task_with_lines_waiting_for_room_in_the_window_is_not_finished(tmp_pa
         except BaseException as exc:  # the test reports it
             errors.append(exc)
 
-    b = order(tmp_path, "b", ["GATE one", "GATE two", "three"])
-    a = order(tmp_path, "a", ["only line"])
+    b = task_order(tmp_path, "b", ["GATE one", "GATE two", "three"])
+    a = task_order(tmp_path, "a", ["only line"])
     lifeline.commands.put(p.Run(b))
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    wait(lambda: read_fed_mark(Path(b.log)) >= 1, "b's two gated lines in the engine (its window full)")
+    wait_for(
+        lambda: read_fed_mark(Path(b.log)) >= 1, what="b's two gated lines in the engine (its window full)"
+    )
     lifeline.commands.put(p.Run(a))  # a's line is staged with b's third, and waits for room
-    wait(lambda: any(isinstance(e, p.Resumed) and e.task_id == "a/m" for e in events.seen), "a to start")
+    wait_for(
+        lambda: any(isinstance(e, p.Resumed) and e.task_id == "a/m" for e in events.seen), what="a to start"
+    )
     time.sleep(0.3)  # turns of the loop with a's line staged behind the full window
     assert not any(isinstance(e, p.TaskDone) and e.task_id == "a/m" for e in events.seen), (
         "a ended while its line still waited in the window"
     )
     gate.write_text("")
-    wait(lambda: sum(isinstance(e, p.TaskDone) for e in events.seen) == 2 or errors, "both tasks to end")
+    wait_for(
+        lambda: sum(isinstance(e, p.TaskDone) for e in events.seen) == 2 or errors, what="both tasks to end"
+    )
     lifeline.commands.put(p.Stop())
     thread.join(30)
     assert not errors, errors
